@@ -1,0 +1,161 @@
+//! ComputeTask: one shard attempt bound to one node (namespaced, in a member cluster).
+//! The operator owns `spec`; the node's agent owns `status`.
+
+use crate::compute_job::TaskPhase;
+use crate::schema::Quantity;
+use crate::workload::Workload;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Label on a ComputeTask naming its node, so an agent can watch only its own tasks.
+pub const NODE_LABEL: &str = "edgeloom.io/node";
+/// Label on a ComputeTask carrying its job's UID.
+pub const JOB_UID_LABEL: &str = "edgeloom.io/job-uid";
+
+/// One attempt of one shard of a ComputeJob, bound to one node.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "edgeloom.io",
+    version = "v1alpha1",
+    kind = "ComputeTask",
+    namespaced,
+    status = "ComputeTaskStatus",
+    shortname = "ct",
+    category = "edgeloom",
+    printcolumn = r#"{"name":"Job","type":"string","jsonPath":".spec.job.name"}"#,
+    printcolumn = r#"{"name":"Shard","type":"integer","jsonPath":".spec.shard"}"#,
+    printcolumn = r#"{"name":"Attempt","type":"integer","jsonPath":".spec.attempt"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Progress","type":"integer","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".spec.nodeName"
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("ComputeTask spec is immutable; the operator creates a new attempt instead"))]
+#[x_kube(validation = Rule::new("self.shard < self.shards").message("shard must be less than shards").field_path(".shard"))]
+pub struct ComputeTaskSpec {
+    /// The job this task belongs to (in the hub cluster).
+    pub job: JobReference,
+    /// The EdgePool and member cluster the task was placed through.
+    pub pool: String,
+    /// Member cluster name within the pool.
+    pub cluster: String,
+    /// Shard index, from 0.
+    #[schemars(range(max = 9_999))]
+    pub shard: u32,
+    /// Total shards of the job.
+    #[schemars(range(min = 1, max = 10_000))]
+    pub shards: u32,
+    /// Replica index for verification, from 0.
+    #[serde(default)]
+    #[schemars(range(max = 8))]
+    pub replica: u32,
+    /// Attempt number, from 1: the fencing token. Results of older attempts are never paid.
+    #[schemars(range(min = 1, max = 1_000))]
+    pub attempt: u32,
+    /// The node that must run it.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+    /// What to run.
+    pub workload: Workload,
+    /// Limits the agent enforces.
+    #[serde(default)]
+    pub limits: TaskLimits,
+}
+
+/// Identifies the ComputeJob of a task.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobReference {
+    /// Namespace of the job in the hub.
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the job.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// UID of the job.
+    #[schemars(length(min = 1, max = 64))]
+    pub uid: String,
+}
+
+/// Limits the agent enforces on the runner.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskLimits {
+    /// Wall-clock seconds before the task is killed and failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub timeout_seconds: Option<u32>,
+    /// Memory the runner may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// CPU cores (threads) the runner may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// GPUs the runner may use.
+    #[serde(default)]
+    #[schemars(range(max = 16))]
+    pub gpus: u32,
+}
+
+/// Observed state of a task, written by the node's agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComputeTaskStatus {
+    /// Pending, Running, Succeeded, Failed or Cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TaskPhase>,
+    /// Percent done.
+    #[serde(default)]
+    #[schemars(range(max = 100))]
+    pub progress: u8,
+    /// When the agent claimed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Workload metrics (accuracy, loss, samplesPerSecond, tflops, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Resources used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// sha256 (hex) of the canonical result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub result_digest: Option<String>,
+    /// The result vector, for tolerance-based verification of floating-point results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub result_vector: Vec<f64>,
+    /// Human-readable result values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub result_summary: BTreeMap<String, String>,
+    /// Why it failed, or what it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub message: Option<String>,
+}
+
+/// Resources a task used, in integer units so that rewards are computed exactly.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// CPU time, in core-milliseconds.
+    #[serde(default)]
+    pub cpu_core_millis: u64,
+    /// GPU busy time, in GPU-milliseconds.
+    #[serde(default)]
+    pub gpu_millis: u64,
+    /// Energy in millijoules, where NVML reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_millijoules: Option<u64>,
+    /// Wall-clock milliseconds.
+    #[serde(default)]
+    pub wall_millis: u64,
+}

@@ -1,0 +1,248 @@
+//! What runs: the workload of a ComputeJob, copied into each of its ComputeTasks.
+
+use crate::schema::{Quantity, dns_label, short_string_set};
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The kind of work edgeloom-runner performs (DESIGN.md §5).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum WorkloadKind {
+    /// Matrix-multiply throughput on CPU or GPU.
+    Benchmark,
+    /// A model applied to a dataset shard; result: predictions digest and accuracy.
+    Inference,
+    /// Data-parallel training of a model on shards.
+    Train,
+    /// Rounds of local training on node-local data, aggregated along a tree.
+    Federated,
+}
+
+/// A workload: kind, model, dataset and parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind == 'Benchmark' || has(self.model)").message("a model is required for Inference, Train and Federated workloads").field_path(".model"))]
+#[x_kube(validation = Rule::new("self.kind == 'Benchmark' || has(self.dataset)").message("a dataset is required for Inference, Train and Federated workloads").field_path(".dataset"))]
+#[x_kube(validation = Rule::new("self.kind != 'Federated' || !has(self.dataset) || !has(self.dataset.builtin)").message("a Federated workload trains on node-local or synthetic data, never a shipped dataset").field_path(".dataset"))]
+pub struct Workload {
+    /// Benchmark, Inference, Train or Federated.
+    pub kind: WorkloadKind,
+    /// Where the model comes from; exactly one source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSource>,
+    /// Where the data comes from; exactly one source. Data never leaves the node that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetSource>,
+    /// Hyper-parameters; every field has a default.
+    #[serde(default)]
+    pub parameters: WorkloadParameters,
+}
+
+/// A model source: exactly one of `builtin`, `configMap` or `url`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.builtin) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1").message("exactly one of builtin, configMap or url must be set"))]
+pub struct ModelSource {
+    /// A model built into edgeloom-runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinModel>,
+    /// A TorchScript model stored under a key of a ConfigMap (binaryData) in the job's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKey>,
+    /// A TorchScript model fetched over HTTP(S) by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an absolute http:// or https:// URL"))]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+    /// Optional sha256 (hex) the downloaded model must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// The models built into edgeloom-runner.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BuiltinModel {
+    /// Logistic regression.
+    Linear,
+    /// A multi-layer perceptron.
+    Mlp,
+    /// A small convolutional network.
+    Cnn,
+}
+
+/// A key of a ConfigMap.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKey {
+    /// ConfigMap name, in the job's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A dataset source: exactly one of `builtin`, `nodeLocal` or `synthetic`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.builtin) ? 1 : 0) + (has(self.nodeLocal) ? 1 : 0) + (has(self.synthetic) ? 1 : 0) == 1").message("exactly one of builtin, nodeLocal or synthetic must be set"))]
+pub struct DatasetSource {
+    /// A small real dataset shipped with edgeloom-runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinDataset>,
+    /// The name of a dataset declared in the agents' configuration; only nodes holding it
+    /// are candidates, and the data never leaves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "dns_label")]
+    pub node_local: Option<String>,
+    /// Generated data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticDataset>,
+}
+
+/// Datasets shipped with edgeloom-runner.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BuiltinDataset {
+    /// The UCI 8x8 handwritten digits (1,797 images, 10 classes).
+    Digits,
+}
+
+/// A synthetic classification dataset (Gaussian blobs), reproducible from its seed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyntheticDataset {
+    /// Number of samples.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub samples: u32,
+    /// Number of features per sample.
+    #[serde(default = "default_features")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub features: u32,
+    /// Number of classes.
+    #[serde(default = "default_classes")]
+    #[schemars(range(min = 2, max = 1_000))]
+    pub classes: u32,
+    /// Seed of the generator.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_features() -> u32 {
+    64
+}
+fn default_classes() -> u32 {
+    10
+}
+
+/// Optimisers for Train and Federated workloads.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum Optimizer {
+    /// Stochastic gradient descent with momentum.
+    #[default]
+    Sgd,
+    /// Adam.
+    Adam,
+}
+
+/// Hyper-parameters of a workload. Each has a default, so `parameters: {}` is valid.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadParameters {
+    /// Passes over the shard's data (Train).
+    #[serde(default = "default_epochs")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub epochs: u32,
+    /// Samples per step.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub batch_size: u32,
+    /// Learning rate, greater than 0 and at most 10.
+    #[serde(default = "default_learning_rate")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0").message("must be greater than 0 and at most 10"))]
+    pub learning_rate: f64,
+    /// Optimiser (Sgd or Adam).
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    /// Federated rounds.
+    #[serde(default = "default_rounds")]
+    #[schemars(range(min = 1, max = 1_000))]
+    pub rounds: u32,
+    /// Local epochs per federated round.
+    #[serde(default = "default_local_epochs")]
+    #[schemars(range(min = 1, max = 100))]
+    pub local_epochs: u32,
+    /// Side of the square matrices of the Benchmark workload.
+    #[serde(default = "default_matrix_size")]
+    #[schemars(range(min = 16, max = 32_768))]
+    pub matrix_size: u32,
+    /// Seed for weights and shuffling.
+    #[serde(default)]
+    pub seed: u64,
+    /// Fixed seeds and deterministic algorithms, so equal inputs give equal result digests.
+    #[serde(default = "default_true")]
+    pub deterministic: bool,
+}
+
+impl Default for WorkloadParameters {
+    fn default() -> Self {
+        WorkloadParameters {
+            epochs: default_epochs(),
+            batch_size: default_batch_size(),
+            learning_rate: default_learning_rate(),
+            optimizer: Optimizer::default(),
+            rounds: default_rounds(),
+            local_epochs: default_local_epochs(),
+            matrix_size: default_matrix_size(),
+            seed: 0,
+            deterministic: true,
+        }
+    }
+}
+
+fn default_epochs() -> u32 {
+    10
+}
+fn default_batch_size() -> u32 {
+    64
+}
+fn default_learning_rate() -> f64 {
+    0.05
+}
+fn default_rounds() -> u32 {
+    5
+}
+fn default_local_epochs() -> u32 {
+    1
+}
+fn default_matrix_size() -> u32 {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
+/// What one shard needs from a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.gpuMemory) || self.gpus > 0").message("gpuMemory requires gpus of at least 1").field_path(".gpuMemory"))]
+#[x_kube(validation = Rule::new("!has(self.gpuProducts) || size(self.gpuProducts) == 0 || self.gpus > 0").message("gpuProducts requires gpus of at least 1").field_path(".gpuProducts"))]
+pub struct Resources {
+    /// CPU cores (a quantity: 1, 500m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory (a quantity: 512Mi, 4Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Number of GPUs.
+    #[serde(default)]
+    #[schemars(range(max = 16))]
+    pub gpus: u32,
+    /// Minimum memory of each GPU (a quantity: 16Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<Quantity>,
+    /// Allowed GPU products as NVML names them (e.g. "NVIDIA H100 80GB HBM3"); empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "short_string_set")]
+    pub gpu_products: Vec<String>,
+}

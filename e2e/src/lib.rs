@@ -1,0 +1,12 @@
+//! edgeloom's local federated control plane and the helpers of its end-to-end tests
+//! (DESIGN.md §7): real etcd, kube-apiserver and kube-controller-manager processes built
+//! from Go modules, on 127.0.0.1 only.
+
+pub mod control_plane;
+pub mod kubeconfig;
+pub mod manifests;
+pub mod pki;
+pub mod process;
+pub mod tools;
+
+pub use control_plane::{Cluster, Config, ControlPlane, ControlPlaneError, Role};
