@@ -30,11 +30,12 @@ build() {
     echo "install-tools: building $name from $pkg (a cold build takes minutes)..."
     local start=$SECONDS
     ( cd "$moddir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$outdir/$name.tmp" "$pkg" ) &
-    local pid=$!
+    local pid=$! next=$((SECONDS + 30))
     while kill -0 "$pid" 2>/dev/null; do
-      sleep 5
-      if kill -0 "$pid" 2>/dev/null && (( (SECONDS - start) % 30 < 5 )); then
+      sleep 1
+      if (( SECONDS >= next )) && kill -0 "$pid" 2>/dev/null; then
         echo "install-tools:   still building $name ($((SECONDS - start))s)"
+        next=$((SECONDS + 30))
       fi
     done
     wait "$pid"
@@ -50,9 +51,9 @@ minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
 kv="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor}"
 kv="$kv -X k8s.io/client-go/pkg/version.gitVersion=${KUBE_VERSION} -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=${minor}"
 
-if [ ! -d "$(go env GOMODCACHE)/k8s.io/kubernetes@${KUBE_VERSION}" ]; then
-  echo "install-tools: downloading Go modules for kubernetes ${KUBE_VERSION} (about 300 MB, once)..."
-  ( cd "$tools/kube" && go mod download )
+if [ ! -x "$cache/tools/$kube_key/kubectl" ] || [ ! -x "$cache/tools/$helm_key/helm" ]; then
+  echo "install-tools: downloading Go modules for kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, helm ${HELM_VERSION} (several hundred MB on a cold machine)..."
+  ( cd "$tools/kube" && go mod download ) && ( cd "$tools/helm" && go mod download )
 fi
 build "$tools/kube" "$cache/tools/$kube_key" etcd go.etcd.io/etcd/server/v3 ""
 build "$tools/kube" "$cache/tools/$kube_key" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kv"

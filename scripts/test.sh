@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of edgeloom: formatting, lints, unit and property tests, and the
+# end-to-end tests against real kube-apiservers. Installs what the tests need first
+# (idempotent; cached outside the repository under ${EDGELOOM_CACHE:-~/.cache/edgeloom}).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n== %s\n' "$*"; }
+
+step "prerequisites (Go-built etcd, kube-apiserver, kube-controller-manager, kubectl, helm)"
+e2e/scripts/install-tools.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit, property and end-to-end tests)"
+cargo test --workspace --locked
