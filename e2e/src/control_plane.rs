@@ -567,10 +567,10 @@ async fn wait_ready(cluster: &mut Cluster) -> Result<(), ControlPlaneError> {
     let client = cluster.client().await?;
     let mut last = String::from("no answer yet");
     loop {
-        if let Some(p) = cluster.apiserver.as_mut() {
-            if let Some(status) = p.exited() {
-                return Err(not_ready(p, format!("exited with {status}")));
-            }
+        if let Some(p) = cluster.apiserver.as_mut()
+            && let Some(status) = p.exited()
+        {
+            return Err(not_ready(p, format!("exited with {status}")));
         }
         let req = http::Request::get("/readyz").body(Vec::new());
         if let Ok(req) = req {

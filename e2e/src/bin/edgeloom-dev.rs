@@ -120,7 +120,11 @@ async fn demo(plane: &ControlPlane) -> Result<()> {
         (hub, vec!["get", "computejobs", "-A"]),
         (hub, vec!["get", "crds"]),
     ] {
-        println!("\n== kubectl get {}   (cluster {})", args[1..].join(" "), cluster.name);
+        println!(
+            "\n== kubectl get {}   (cluster {})",
+            args[1..].join(" "),
+            cluster.name
+        );
         kubectl_run(&kubectl, &cluster.kubeconfig, &args)?;
     }
     for member in plane.members() {
