@@ -8,6 +8,7 @@
 pub mod compute_job;
 pub mod compute_task;
 pub mod edge_pool;
+pub mod inventory;
 pub mod schema;
 pub mod workload;
 

@@ -1,1 +1,3 @@
-//! placeholder
+//! The edgeloom operator (DESIGN.md §1, §3, §4).
+
+pub mod placement;

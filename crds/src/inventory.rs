@@ -1,0 +1,140 @@
+//! What an agent publishes about its node (DESIGN.md §1): labels and annotations on the
+//! Node object, and the heartbeat Lease. The agent writes them; the operator reads them.
+//! No extra CRD for nodes.
+
+use std::collections::BTreeMap;
+
+/// Label: `"true"` on nodes that run an edgeloom agent.
+pub const AGENT_LABEL: &str = "edgeloom.io/agent";
+/// Label: the contributor account paid for this node's work.
+pub const ACCOUNT_LABEL: &str = "edgeloom.io/account";
+/// Label: number of GPUs.
+pub const GPU_COUNT_LABEL: &str = "edgeloom.io/gpu-count";
+/// Label: memory of each GPU in MiB.
+pub const GPU_MEMORY_LABEL: &str = "edgeloom.io/gpu-memory-mib";
+/// Annotation: the GPU product as NVML names it (may contain spaces, so not a label).
+pub const GPU_PRODUCT_ANNOTATION: &str = "edgeloom.io/gpu-product";
+/// Annotation: CPU cores the agent offers.
+pub const CPU_CORES_ANNOTATION: &str = "edgeloom.io/cpu-cores";
+/// Annotation: memory the agent offers, in MiB.
+pub const MEMORY_ANNOTATION: &str = "edgeloom.io/memory-mib";
+/// Annotation: measured speed in TFLOP/s (the Benchmark workload at agent start).
+pub const TFLOPS_ANNOTATION: &str = "edgeloom.io/tflops";
+/// Annotation: comma-separated node-local datasets the node holds.
+pub const DATASETS_ANNOTATION: &str = "edgeloom.io/datasets";
+/// Annotation: the contributor's price factor (1.0 = the pool's rate), used in scoring.
+pub const PRICE_ANNOTATION: &str = "edgeloom.io/price-factor";
+
+/// Namespace in member clusters that holds ComputeTasks and agent heartbeat Leases.
+pub const SYSTEM_NAMESPACE: &str = "edgeloom-system";
+/// Label on agent heartbeat Leases (named after the node).
+pub const HEARTBEAT_LABEL: &str = "edgeloom.io/heartbeat";
+
+/// A node's offer, parsed from its labels and annotations. Missing or malformed values
+/// read as "none", so a half-configured node is simply a small one.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct NodeInventory {
+    /// Runs an agent.
+    pub agent: bool,
+    /// Contributor account.
+    pub account: Option<String>,
+    /// GPU product name.
+    pub gpu_product: Option<String>,
+    /// Number of GPUs.
+    pub gpus: u32,
+    /// Memory per GPU in MiB.
+    pub gpu_memory_mib: u64,
+    /// CPU cores offered.
+    pub cpu_cores: u32,
+    /// Memory offered in MiB.
+    pub memory_mib: u64,
+    /// Measured TFLOP/s.
+    pub tflops: f64,
+    /// Node-local datasets.
+    pub datasets: Vec<String>,
+    /// Price factor (default 1).
+    pub price_factor: f64,
+}
+
+impl NodeInventory {
+    /// Reads the inventory from a node's labels and annotations.
+    pub fn parse(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> NodeInventory {
+        let num = |map: &BTreeMap<String, String>, key: &str| map.get(key).and_then(|v| v.trim().parse::<u64>().ok());
+        let float = |key: &str| {
+            annotations
+                .get(key)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|f| f.is_finite() && *f >= 0.0)
+        };
+        NodeInventory {
+            agent: labels.get(AGENT_LABEL).is_some_and(|v| v == "true"),
+            account: labels.get(ACCOUNT_LABEL).filter(|v| !v.is_empty()).cloned(),
+            gpu_product: annotations.get(GPU_PRODUCT_ANNOTATION).filter(|v| !v.is_empty()).cloned(),
+            gpus: num(labels, GPU_COUNT_LABEL).unwrap_or(0).min(u32::MAX as u64) as u32,
+            gpu_memory_mib: num(labels, GPU_MEMORY_LABEL).unwrap_or(0),
+            cpu_cores: num(annotations, CPU_CORES_ANNOTATION).unwrap_or(0).min(u32::MAX as u64) as u32,
+            memory_mib: num(annotations, MEMORY_ANNOTATION).unwrap_or(0),
+            tflops: float(TFLOPS_ANNOTATION).unwrap_or(0.0),
+            datasets: annotations
+                .get(DATASETS_ANNOTATION)
+                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+                .unwrap_or_default(),
+            price_factor: float(PRICE_ANNOTATION).unwrap_or(1.0),
+        }
+    }
+
+    /// The labels and annotations that publish this inventory (what the agent writes).
+    pub fn to_metadata(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let mut labels = BTreeMap::new();
+        let mut annotations = BTreeMap::new();
+        labels.insert(AGENT_LABEL.to_string(), self.agent.to_string());
+        if let Some(a) = &self.account {
+            labels.insert(ACCOUNT_LABEL.to_string(), a.clone());
+        }
+        labels.insert(GPU_COUNT_LABEL.to_string(), self.gpus.to_string());
+        labels.insert(GPU_MEMORY_LABEL.to_string(), self.gpu_memory_mib.to_string());
+        if let Some(p) = &self.gpu_product {
+            annotations.insert(GPU_PRODUCT_ANNOTATION.to_string(), p.clone());
+        }
+        annotations.insert(CPU_CORES_ANNOTATION.to_string(), self.cpu_cores.to_string());
+        annotations.insert(MEMORY_ANNOTATION.to_string(), self.memory_mib.to_string());
+        annotations.insert(TFLOPS_ANNOTATION.to_string(), format!("{:.4}", self.tflops));
+        annotations.insert(DATASETS_ANNOTATION.to_string(), self.datasets.join(","));
+        annotations.insert(PRICE_ANNOTATION.to_string(), self.price_factor.to_string());
+        (labels, annotations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_metadata() {
+        let inv = NodeInventory {
+            agent: true,
+            account: Some("alice".into()),
+            gpu_product: Some("NVIDIA H100 80GB HBM3".into()),
+            gpus: 2,
+            gpu_memory_mib: 81_559,
+            cpu_cores: 16,
+            memory_mib: 65_536,
+            tflops: 1.5,
+            datasets: vec!["clinic-records".into(), "cams".into()],
+            price_factor: 0.8,
+        };
+        let (labels, annotations) = inv.to_metadata();
+        assert_eq!(NodeInventory::parse(&labels, &annotations), inv);
+    }
+
+    #[test]
+    fn malformed_values_read_as_nothing() {
+        let labels = BTreeMap::from([(GPU_COUNT_LABEL.to_string(), "many".to_string())]);
+        let annotations = BTreeMap::from([(TFLOPS_ANNOTATION.to_string(), "-3".to_string())]);
+        let inv = NodeInventory::parse(&labels, &annotations);
+        assert!(!inv.agent);
+        assert_eq!(inv.gpus, 0);
+        assert_eq!(inv.tflops, 0.0);
+        assert_eq!(inv.price_factor, 1.0);
+    }
+}

@@ -1,0 +1,646 @@
+//! Placement: which node runs each shard replica (DESIGN.md §3 step 3). Pure, no I/O.
+//!
+//! A [`Snapshot`] holds the candidate nodes with their free capacity, interned labels and
+//! a job-independent score (speed, reliability, price, cluster latency), and their order
+//! by that score. [`place`] walks the nodes in score order and takes, for each slot, the
+//! first node that passes every hard filter, preferring nodes (or clusters) the job does not
+//! use yet; so in the common case it stops after a few nodes even at 100,000 nodes.
+//! Hard filters: ready (fresh heartbeat), cluster reachable and allowed, free slot,
+//! CPU/memory/GPU count, GPU memory and product, required labels (data residency),
+//! node-local dataset, region and zone, and never two replicas of one shard on one node.
+//! With `gang`, either every slot is placed or none is.
+
+use std::collections::{HashMap, HashSet};
+
+/// An interned string (label `key=value`, GPU product, dataset, region, account).
+pub type Sym = u32;
+
+/// Interns strings into [`Sym`]s so that filters compare integers.
+#[derive(Debug, Default, Clone)]
+pub struct Interner {
+    ids: HashMap<String, Sym>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    /// The symbol of `s`, creating it.
+    pub fn intern(&mut self, s: &str) -> Sym {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
+        }
+        let id = self.names.len() as Sym;
+        self.names.push(s.to_string());
+        self.ids.insert(s.to_string(), id);
+        id
+    }
+
+    /// The symbol of `s` if it was interned. A request naming a value no node has gets
+    /// `None` and so matches nothing.
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        self.ids.get(s).copied()
+    }
+
+    /// The string of a symbol.
+    pub fn name(&self, id: Sym) -> &str {
+        self.names.get(id as usize).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// How a job's tasks spread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Spread {
+    /// No preference.
+    None,
+    /// Prefer nodes the job does not use yet.
+    #[default]
+    Node,
+    /// Prefer clusters the job does not use yet.
+    Cluster,
+}
+
+/// A candidate node.
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    /// Index of its member cluster in the snapshot.
+    pub cluster: u32,
+    /// Heartbeat fresh.
+    pub ready: bool,
+    /// Task slots left.
+    pub free_slots: u32,
+    /// CPU left, in millicores.
+    pub free_cpu_millis: u64,
+    /// Memory left, in MiB.
+    pub free_memory_mib: u64,
+    /// GPUs left.
+    pub free_gpus: u32,
+    /// Memory per GPU, MiB.
+    pub gpu_memory_mib: u64,
+    /// GPU product.
+    pub gpu_product: Option<Sym>,
+    /// Sorted `key=value` symbols of the node's labels and its cluster's labels.
+    pub labels: Vec<Sym>,
+    /// Sorted node-local datasets.
+    pub datasets: Vec<Sym>,
+    /// Region of its cluster.
+    pub region: Option<Sym>,
+    /// Zone of its cluster.
+    pub zone: Option<Sym>,
+    /// Contributor account.
+    pub account: Option<Sym>,
+    /// Job-independent desirability, higher is better (see [`score`]).
+    pub score: f64,
+}
+
+/// Everything placement may use, built once per scheduling cycle.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// Whether each cluster is reachable.
+    pub cluster_reachable: Vec<bool>,
+    /// Node indices, best score first.
+    pub order: Vec<u32>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, ordering nodes by score (ties by index, so deterministic).
+    pub fn new(nodes: Vec<Node>, cluster_reachable: Vec<bool>) -> Snapshot {
+        let mut order: Vec<u32> = (0..nodes.len() as u32).collect();
+        order.sort_by(|a, b| {
+            nodes[*b as usize]
+                .score
+                .total_cmp(&nodes[*a as usize].score)
+                .then(a.cmp(b))
+        });
+        Snapshot {
+            nodes,
+            cluster_reachable,
+            order,
+        }
+    }
+}
+
+/// Inputs of a node's job-independent score, each normalised to [0, 1].
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreInputs {
+    /// Measured speed relative to the fastest node of the snapshot.
+    pub speed: f64,
+    /// Estimated probability that a task placed there completes.
+    pub reliability: f64,
+    /// The contributor's price factor (1 = pool rate); cheaper is better.
+    pub price_factor: f64,
+    /// Closeness of the node's cluster: 1 for the lowest observed API latency.
+    pub locality: f64,
+}
+
+/// The score: 0.35 speed + 0.35 reliability + 0.15 price + 0.15 locality.
+pub fn score(s: ScoreInputs) -> f64 {
+    let price = 1.0 / (1.0 + s.price_factor.max(0.0));
+    0.35 * s.speed.clamp(0.0, 1.0)
+        + 0.35 * s.reliability.clamp(0.0, 1.0)
+        + 0.15 * (2.0 * price).clamp(0.0, 1.0)
+        + 0.15 * s.locality.clamp(0.0, 1.0)
+}
+
+/// One shard replica to place.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// Nodes this slot must not use (failed there before, or running another replica).
+    pub avoid: Vec<u32>,
+    /// Accounts this slot should avoid (other replicas' contributors); a preference.
+    pub avoid_accounts: Vec<Sym>,
+}
+
+/// What a job asks of each node.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    /// The slots to place.
+    pub slots: Vec<Slot>,
+    /// CPU per task, millicores.
+    pub cpu_millis: u64,
+    /// Memory per task, MiB.
+    pub memory_mib: u64,
+    /// GPUs per task.
+    pub gpus: u32,
+    /// Minimum memory per GPU, MiB.
+    pub gpu_memory_mib: u64,
+    /// Allowed GPU products; empty = any. `None` entries (unknown products) match nothing.
+    pub gpu_products: Vec<Option<Sym>>,
+    /// Required `key=value` labels; `None` = a label no node has.
+    pub required_labels: Vec<Option<Sym>>,
+    /// A required node-local dataset; `Some(None)` = one no node has.
+    pub dataset: Option<Option<Sym>>,
+    /// Allowed regions; empty = any.
+    pub regions: Vec<Option<Sym>>,
+    /// Allowed zones; empty = any.
+    pub zones: Vec<Option<Sym>>,
+    /// Allowed clusters (by snapshot index); empty = all.
+    pub clusters: Vec<u32>,
+    /// Spreading preference.
+    pub spread: Spread,
+    /// All slots or none.
+    pub gang: bool,
+    /// Nodes already running this job's tasks (for spreading).
+    pub used_nodes: Vec<u32>,
+}
+
+/// A hard filter that rejected a node; counted to explain an unplaceable slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Filter {
+    /// Cluster unreachable or not selected.
+    Cluster,
+    /// Heartbeat stale.
+    NotReady,
+    /// No free task slot.
+    Slots,
+    /// Not enough CPU.
+    Cpu,
+    /// Not enough memory.
+    Memory,
+    /// Not enough GPUs.
+    Gpus,
+    /// GPU memory too small.
+    GpuMemory,
+    /// GPU product not allowed.
+    GpuProduct,
+    /// Missing a required label.
+    Labels,
+    /// Does not hold the dataset.
+    Dataset,
+    /// Region or zone not allowed.
+    Topology,
+    /// Already runs (or failed) this shard.
+    Avoided,
+}
+
+impl Filter {
+    /// Words for an event or condition message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Filter::Cluster => "are in unreachable or unselected clusters",
+            Filter::NotReady => "have a stale heartbeat",
+            Filter::Slots => "have no free task slot",
+            Filter::Cpu => "lack CPU",
+            Filter::Memory => "lack memory",
+            Filter::Gpus => "lack free GPUs",
+            Filter::GpuMemory => "have too little GPU memory",
+            Filter::GpuProduct => "have another GPU product",
+            Filter::Labels => "lack a required label",
+            Filter::Dataset => "do not hold the dataset",
+            Filter::Topology => "are outside the allowed regions/zones",
+            Filter::Avoided => "already ran this shard",
+        }
+    }
+}
+
+/// Why a slot could not be placed: how many nodes each filter rejected.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Unfit {
+    /// Nodes considered.
+    pub nodes: usize,
+    /// Rejections by the first filter that failed, most first.
+    pub rejected: Vec<(Filter, usize)>,
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0/{} nodes fit", self.nodes)?;
+        for (i, (filter, n)) in self.rejected.iter().enumerate() {
+            write!(f, "{}{n} {}", if i == 0 { ": " } else { ", " }, filter.describe())?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of placing a request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// (slot index, node index) for every placed slot.
+    pub assigned: Vec<(usize, u32)>,
+    /// (slot index, why) for every slot left unplaced.
+    pub unplaced: Vec<(usize, Unfit)>,
+}
+
+fn contains_all(have: &[Sym], want: &[Option<Sym>]) -> bool {
+    want.iter().all(|w| w.is_some_and(|w| have.binary_search(&w).is_ok()))
+}
+
+fn allowed(value: Option<Sym>, allowed: &[Option<Sym>]) -> bool {
+    allowed.is_empty() || value.is_some_and(|v| allowed.contains(&Some(v)))
+}
+
+/// The first hard filter `node` fails for `req`, if any (capacity included).
+pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> {
+    let n = &snapshot.nodes[id as usize];
+    if !snapshot.cluster_reachable.get(n.cluster as usize).copied().unwrap_or(false)
+        || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster))
+    {
+        return Err(Filter::Cluster);
+    }
+    if !n.ready {
+        return Err(Filter::NotReady);
+    }
+    if !allowed(n.region, &req.regions) || !allowed(n.zone, &req.zones) {
+        return Err(Filter::Topology);
+    }
+    if !contains_all(&n.labels, &req.required_labels) {
+        return Err(Filter::Labels);
+    }
+    if let Some(ds) = req.dataset
+        && !ds.is_some_and(|d| n.datasets.binary_search(&d).is_ok())
+    {
+        return Err(Filter::Dataset);
+    }
+    if req.gpus > 0 {
+        if !req.gpu_products.is_empty() && !n.gpu_product.is_some_and(|p| req.gpu_products.contains(&Some(p))) {
+            return Err(Filter::GpuProduct);
+        }
+        if n.gpu_memory_mib < req.gpu_memory_mib {
+            return Err(Filter::GpuMemory);
+        }
+        if n.free_gpus < req.gpus {
+            return Err(Filter::Gpus);
+        }
+    }
+    if n.free_slots == 0 {
+        return Err(Filter::Slots);
+    }
+    if n.free_cpu_millis < req.cpu_millis {
+        return Err(Filter::Cpu);
+    }
+    if n.free_memory_mib < req.memory_mib {
+        return Err(Filter::Memory);
+    }
+    Ok(())
+}
+
+fn take(n: &mut Node, req: &Request) {
+    n.free_slots -= 1;
+    n.free_cpu_millis -= req.cpu_millis;
+    n.free_memory_mib -= req.memory_mib;
+    n.free_gpus -= req.gpus;
+}
+
+fn give_back(n: &mut Node, req: &Request) {
+    n.free_slots += 1;
+    n.free_cpu_millis += req.cpu_millis;
+    n.free_memory_mib += req.memory_mib;
+    n.free_gpus += req.gpus;
+}
+
+/// Places the request's slots on the snapshot, consuming capacity for what it places.
+pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
+    let mut used_nodes: HashSet<u32> = req.used_nodes.iter().copied().collect();
+    let mut used_clusters: HashSet<u32> = used_nodes
+        .iter()
+        .filter_map(|id| snapshot.nodes.get(*id as usize).map(|n| n.cluster))
+        .collect();
+    // Nodes and accounts taken by each shard within this call.
+    let mut shard_nodes: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut shard_accounts: HashMap<u32, Vec<Sym>> = HashMap::new();
+    let mut outcome = Outcome::default();
+
+    for (slot_index, slot) in req.slots.iter().enumerate() {
+        let taken = shard_nodes.get(&slot.shard).cloned().unwrap_or_default();
+        let mut accounts = slot.avoid_accounts.clone();
+        accounts.extend(shard_accounts.get(&slot.shard).into_iter().flatten());
+        let eligible = |id: u32| !slot.avoid.contains(&id) && !taken.contains(&id);
+        let mut chosen = None;
+        // Pass 0 honours every preference; pass 1 drops them (hard filters stay).
+        for pass in 0..2 {
+            for &id in &snapshot.order {
+                if !eligible(id) || check(snapshot, id, req).is_err() {
+                    continue;
+                }
+                if pass == 0 {
+                    let n = &snapshot.nodes[id as usize];
+                    let spread_ok = match req.spread {
+                        Spread::None => true,
+                        Spread::Node => !used_nodes.contains(&id),
+                        Spread::Cluster => !used_clusters.contains(&n.cluster),
+                    };
+                    let account_ok = n.account.is_none_or(|a| !accounts.contains(&a));
+                    if !spread_ok || !account_ok {
+                        continue;
+                    }
+                }
+                chosen = Some(id);
+                break;
+            }
+            if chosen.is_some() {
+                break;
+            }
+        }
+        match chosen {
+            Some(id) => {
+                let node = &mut snapshot.nodes[id as usize];
+                take(node, req);
+                used_nodes.insert(id);
+                used_clusters.insert(node.cluster);
+                shard_nodes.entry(slot.shard).or_default().push(id);
+                if let Some(a) = node.account {
+                    shard_accounts.entry(slot.shard).or_default().push(a);
+                }
+                outcome.assigned.push((slot_index, id));
+            }
+            None => {
+                let unfit = explain(snapshot, req, |id| eligible(id));
+                outcome.unplaced.push((slot_index, unfit));
+            }
+        }
+    }
+    if req.gang && !outcome.unplaced.is_empty() && !outcome.assigned.is_empty() {
+        for (_, id) in outcome.assigned.drain(..) {
+            give_back(&mut snapshot.nodes[id as usize], req);
+        }
+        // Every slot is unplaced; the ones that did fit carry the first failure's reason.
+        let reason = outcome.unplaced[0].1.clone();
+        outcome.unplaced = (0..req.slots.len()).map(|i| (i, reason.clone())).collect();
+    }
+    outcome
+}
+
+/// Counts, over all nodes, the first filter each fails (nodes the slot avoids count as
+/// [`Filter::Avoided`]).
+fn explain(snapshot: &Snapshot, req: &Request, eligible: impl Fn(u32) -> bool) -> Unfit {
+    let mut counts: HashMap<Filter, usize> = HashMap::new();
+    for id in 0..snapshot.nodes.len() as u32 {
+        let filter = match check(snapshot, id, req) {
+            Err(f) => f,
+            Ok(()) if !eligible(id) => Filter::Avoided,
+            Ok(()) => continue,
+        };
+        *counts.entry(filter).or_default() += 1;
+    }
+    let mut rejected: Vec<(Filter, usize)> = counts.into_iter().collect();
+    rejected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Unfit {
+        nodes: snapshot.nodes.len(),
+        rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(cluster: u32, score: f64) -> Node {
+        Node {
+            cluster,
+            ready: true,
+            free_slots: 1,
+            free_cpu_millis: 4000,
+            free_memory_mib: 8192,
+            score,
+            ..Node::default()
+        }
+    }
+
+    fn slots(n: u32) -> Vec<Slot> {
+        (0..n)
+            .map(|shard| Slot {
+                shard,
+                ..Slot::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn best_scored_fitting_node_wins() {
+        let mut snap = Snapshot::new(vec![node(0, 0.2), node(0, 0.9), node(0, 0.5)], vec![true]);
+        let out = place(&mut snap, &Request { slots: slots(1), ..Request::default() });
+        assert_eq!(out.assigned, vec![(0, 1)]);
+        assert_eq!(snap.nodes[1].free_slots, 0);
+    }
+
+    #[test]
+    fn spread_by_cluster_prefers_new_clusters() {
+        let nodes = vec![node(0, 0.9), node(0, 0.8), node(1, 0.1)];
+        let mut snap = Snapshot::new(nodes, vec![true, true]);
+        snap.nodes[0].free_slots = 2;
+        let req = Request {
+            slots: slots(2),
+            spread: Spread::Cluster,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let clusters: HashSet<u32> = out.assigned.iter().map(|(_, id)| snap.nodes[*id as usize].cluster).collect();
+        assert_eq!(clusters.len(), 2);
+    }
+
+    #[test]
+    fn gang_places_all_or_nothing_and_returns_capacity() {
+        let mut snap = Snapshot::new(vec![node(0, 0.9), node(0, 0.8)], vec![true]);
+        let req = Request {
+            slots: slots(3),
+            gang: true,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        assert!(out.assigned.is_empty());
+        assert_eq!(out.unplaced.len(), 3);
+        assert!(snap.nodes.iter().all(|n| n.free_slots == 1), "capacity given back");
+    }
+
+    #[test]
+    fn unfit_explains_the_blocking_filters() {
+        let mut a = node(0, 0.9);
+        a.ready = false;
+        let b = node(1, 0.8);
+        let mut snap = Snapshot::new(vec![a, b, node(0, 0.1)], vec![true, false]);
+        let req = Request {
+            slots: slots(1),
+            gpus: 1,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let text = out.unplaced[0].1.to_string();
+        assert_eq!(text, "0/3 nodes fit: 1 are in unreachable or unselected clusters, 1 have a stale heartbeat, 1 lack free GPUs");
+    }
+
+    #[test]
+    fn replicas_prefer_distinct_accounts() {
+        let mut interner = Interner::default();
+        let alice = interner.intern("alice");
+        let bob = interner.intern("bob");
+        let mut nodes = vec![node(0, 0.9), node(0, 0.8), node(0, 0.1)];
+        nodes[0].account = Some(alice);
+        nodes[1].account = Some(alice);
+        nodes[2].account = Some(bob);
+        let mut snap = Snapshot::new(nodes, vec![true]);
+        let req = Request {
+            slots: vec![
+                Slot { shard: 0, replica: 0, ..Slot::default() },
+                Slot { shard: 0, replica: 1, ..Slot::default() },
+            ],
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let accounts: Vec<_> = out.assigned.iter().map(|(_, id)| snap.nodes[*id as usize].account).collect();
+        assert_eq!(accounts, vec![Some(alice), Some(bob)]);
+    }
+
+    prop_compose! {
+        fn arb_node(clusters: u32, syms: u32)(
+            cluster in 0..clusters,
+            ready in prop::bool::weighted(0.85),
+            free_slots in 0u32..3,
+            free_cpu_millis in 0u64..4000,
+            free_memory_mib in 0u64..4096,
+            free_gpus in 0u32..3,
+            gpu_memory_mib in 0u64..3,
+            gpu_product in prop::option::of(0..syms),
+            labels in prop::collection::btree_set(0..syms, 0..3),
+            datasets in prop::collection::btree_set(0..syms, 0..2),
+            region in prop::option::of(0..syms),
+            account in prop::option::of(0..syms),
+            score in 0.0f64..1.0,
+        ) -> Node {
+            Node {
+                cluster, ready, free_slots, free_cpu_millis, free_memory_mib, free_gpus,
+                gpu_memory_mib: gpu_memory_mib * 8192, gpu_product,
+                labels: labels.into_iter().collect(), datasets: datasets.into_iter().collect(),
+                region, zone: None, account, score,
+            }
+        }
+    }
+
+    prop_compose! {
+        fn arb_request(syms: u32, nodes: u32)(
+            shards in 1u32..5,
+            replicas in 1u32..3,
+            avoid in prop::collection::vec(0..nodes, 0..3),
+            cpu_millis in 0u64..2000,
+            memory_mib in 0u64..2048,
+            gpus in 0u32..2,
+            gpu_memory_mib in 0u64..2,
+            gpu_products in prop::collection::vec(prop::option::of(0..syms), 0..2),
+            required_labels in prop::collection::vec(prop::option::of(0..syms), 0..2),
+            dataset in prop::option::of(prop::option::of(0..syms)),
+            regions in prop::collection::vec(prop::option::of(0..syms), 0..2),
+            spread in prop_oneof![Just(Spread::None), Just(Spread::Node), Just(Spread::Cluster)],
+            gang in any::<bool>(),
+            used_nodes in prop::collection::vec(0..nodes, 0..3),
+        ) -> Request {
+            let slots = (0..shards)
+                .flat_map(|shard| (0..replicas).map(move |replica| (shard, replica)))
+                .map(|(shard, replica)| Slot { shard, replica, avoid: avoid.clone(), avoid_accounts: vec![] })
+                .collect();
+            Request {
+                slots, cpu_millis, memory_mib, gpus, gpu_memory_mib: gpu_memory_mib * 8192,
+                gpu_products, required_labels, dataset, regions, zones: vec![], clusters: vec![],
+                spread, gang, used_nodes,
+            }
+        }
+    }
+
+    fn arb_case() -> impl Strategy<Value = (Vec<Node>, Vec<bool>, Request)> {
+        (prop::collection::vec(arb_node(3, 4), 1..25), prop::collection::vec(prop::bool::weighted(0.8), 3))
+            .prop_flat_map(|(nodes, reach)| {
+                let n = nodes.len() as u32;
+                (Just(nodes), Just(reach), arb_request(4, n))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn placement_never_violates_a_hard_constraint((nodes, reach, req) in arb_case()) {
+            let mut snap = Snapshot::new(nodes, reach);
+            let mut replay = snap.clone();
+            let out = place(&mut snap, &req);
+            // Re-apply the assignments in order on the original: each must pass every
+            // filter at the moment it was made (so capacity is never over-committed).
+            let mut sorted = out.assigned.clone();
+            sorted.sort();
+            for (slot, id) in &sorted {
+                prop_assert_eq!(check(&replay, *id, &req), Ok(()), "slot {} on node {}", slot, id);
+                prop_assert!(!req.slots[*slot].avoid.contains(id));
+                take(&mut replay.nodes[*id as usize], &req);
+            }
+            // Replicas of one shard never share a node.
+            let mut seen = HashSet::new();
+            for (slot, id) in &out.assigned {
+                prop_assert!(seen.insert((req.slots[*slot].shard, *id)), "two replicas of shard {} on node {}", req.slots[*slot].shard, id);
+            }
+            // Every slot is accounted for exactly once.
+            prop_assert_eq!(out.assigned.len() + out.unplaced.len(), req.slots.len());
+        }
+
+        #[test]
+        fn gang_is_all_or_nothing((nodes, reach, mut req) in arb_case()) {
+            req.gang = true;
+            let mut snap = Snapshot::new(nodes, reach);
+            let before: Vec<u32> = snap.nodes.iter().map(|n| n.free_slots).collect();
+            let out = place(&mut snap, &req);
+            prop_assert!(out.assigned.is_empty() || out.assigned.len() == req.slots.len());
+            if out.assigned.is_empty() {
+                let after: Vec<u32> = snap.nodes.iter().map(|n| n.free_slots).collect();
+                prop_assert_eq!(before, after, "a failed gang consumes nothing");
+            }
+        }
+
+        #[test]
+        fn an_unplaced_slot_really_had_no_node((nodes, reach, mut req) in arb_case()) {
+            req.gang = false;
+            let mut snap = Snapshot::new(nodes, reach);
+            let out = place(&mut snap, &req);
+            for (slot_index, _) in &out.unplaced {
+                let slot = &req.slots[*slot_index];
+                let same_shard: Vec<u32> = out.assigned.iter()
+                    .filter(|(s, _)| req.slots[*s].shard == slot.shard)
+                    .map(|(_, id)| *id).collect();
+                for id in 0..snap.nodes.len() as u32 {
+                    let fits = check(&snap, id, &req).is_ok() && !slot.avoid.contains(&id) && !same_shard.contains(&id);
+                    prop_assert!(!fits, "slot {} left unplaced although node {} fits", slot_index, id);
+                }
+            }
+        }
+    }
+}
