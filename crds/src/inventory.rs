@@ -58,8 +58,13 @@ pub struct NodeInventory {
 
 impl NodeInventory {
     /// Reads the inventory from a node's labels and annotations.
-    pub fn parse(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> NodeInventory {
-        let num = |map: &BTreeMap<String, String>, key: &str| map.get(key).and_then(|v| v.trim().parse::<u64>().ok());
+    pub fn parse(
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+    ) -> NodeInventory {
+        let num = |map: &BTreeMap<String, String>, key: &str| {
+            map.get(key).and_then(|v| v.trim().parse::<u64>().ok())
+        };
         let float = |key: &str| {
             annotations
                 .get(key)
@@ -69,15 +74,28 @@ impl NodeInventory {
         NodeInventory {
             agent: labels.get(AGENT_LABEL).is_some_and(|v| v == "true"),
             account: labels.get(ACCOUNT_LABEL).filter(|v| !v.is_empty()).cloned(),
-            gpu_product: annotations.get(GPU_PRODUCT_ANNOTATION).filter(|v| !v.is_empty()).cloned(),
-            gpus: num(labels, GPU_COUNT_LABEL).unwrap_or(0).min(u32::MAX as u64) as u32,
+            gpu_product: annotations
+                .get(GPU_PRODUCT_ANNOTATION)
+                .filter(|v| !v.is_empty())
+                .cloned(),
+            gpus: num(labels, GPU_COUNT_LABEL)
+                .unwrap_or(0)
+                .min(u32::MAX as u64) as u32,
             gpu_memory_mib: num(labels, GPU_MEMORY_LABEL).unwrap_or(0),
-            cpu_cores: num(annotations, CPU_CORES_ANNOTATION).unwrap_or(0).min(u32::MAX as u64) as u32,
+            cpu_cores: num(annotations, CPU_CORES_ANNOTATION)
+                .unwrap_or(0)
+                .min(u32::MAX as u64) as u32,
             memory_mib: num(annotations, MEMORY_ANNOTATION).unwrap_or(0),
             tflops: float(TFLOPS_ANNOTATION).unwrap_or(0.0),
             datasets: annotations
                 .get(DATASETS_ANNOTATION)
-                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default(),
             price_factor: float(PRICE_ANNOTATION).unwrap_or(1.0),
         }
@@ -92,7 +110,10 @@ impl NodeInventory {
             labels.insert(ACCOUNT_LABEL.to_string(), a.clone());
         }
         labels.insert(GPU_COUNT_LABEL.to_string(), self.gpus.to_string());
-        labels.insert(GPU_MEMORY_LABEL.to_string(), self.gpu_memory_mib.to_string());
+        labels.insert(
+            GPU_MEMORY_LABEL.to_string(),
+            self.gpu_memory_mib.to_string(),
+        );
         if let Some(p) = &self.gpu_product {
             annotations.insert(GPU_PRODUCT_ANNOTATION.to_string(), p.clone());
         }

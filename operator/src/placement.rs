@@ -42,7 +42,10 @@ impl Interner {
 
     /// The string of a symbol.
     pub fn name(&self, id: Sym) -> &str {
-        self.names.get(id as usize).map(String::as_str).unwrap_or("")
+        self.names
+            .get(id as usize)
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -250,7 +253,12 @@ impl std::fmt::Display for Unfit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "0/{} nodes fit", self.nodes)?;
         for (i, (filter, n)) in self.rejected.iter().enumerate() {
-            write!(f, "{}{n} {}", if i == 0 { ": " } else { ", " }, filter.describe())?;
+            write!(
+                f,
+                "{}{n} {}",
+                if i == 0 { ": " } else { ", " },
+                filter.describe()
+            )?;
         }
         Ok(())
     }
@@ -266,7 +274,8 @@ pub struct Outcome {
 }
 
 fn contains_all(have: &[Sym], want: &[Option<Sym>]) -> bool {
-    want.iter().all(|w| w.is_some_and(|w| have.binary_search(&w).is_ok()))
+    want.iter()
+        .all(|w| w.is_some_and(|w| have.binary_search(&w).is_ok()))
 }
 
 fn allowed(value: Option<Sym>, allowed: &[Option<Sym>]) -> bool {
@@ -276,7 +285,11 @@ fn allowed(value: Option<Sym>, allowed: &[Option<Sym>]) -> bool {
 /// The first hard filter `node` fails for `req`, if any (capacity included).
 pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> {
     let n = &snapshot.nodes[id as usize];
-    if !snapshot.cluster_reachable.get(n.cluster as usize).copied().unwrap_or(false)
+    if !snapshot
+        .cluster_reachable
+        .get(n.cluster as usize)
+        .copied()
+        .unwrap_or(false)
         || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster))
     {
         return Err(Filter::Cluster);
@@ -296,7 +309,11 @@ pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> 
         return Err(Filter::Dataset);
     }
     if req.gpus > 0 {
-        if !req.gpu_products.is_empty() && !n.gpu_product.is_some_and(|p| req.gpu_products.contains(&Some(p))) {
+        if !req.gpu_products.is_empty()
+            && !n
+                .gpu_product
+                .is_some_and(|p| req.gpu_products.contains(&Some(p)))
+        {
             return Err(Filter::GpuProduct);
         }
         if n.gpu_memory_mib < req.gpu_memory_mib {
@@ -453,7 +470,13 @@ mod tests {
     #[test]
     fn best_scored_fitting_node_wins() {
         let mut snap = Snapshot::new(vec![node(0, 0.2), node(0, 0.9), node(0, 0.5)], vec![true]);
-        let out = place(&mut snap, &Request { slots: slots(1), ..Request::default() });
+        let out = place(
+            &mut snap,
+            &Request {
+                slots: slots(1),
+                ..Request::default()
+            },
+        );
         assert_eq!(out.assigned, vec![(0, 1)]);
         assert_eq!(snap.nodes[1].free_slots, 0);
     }
@@ -469,7 +492,11 @@ mod tests {
             ..Request::default()
         };
         let out = place(&mut snap, &req);
-        let clusters: HashSet<u32> = out.assigned.iter().map(|(_, id)| snap.nodes[*id as usize].cluster).collect();
+        let clusters: HashSet<u32> = out
+            .assigned
+            .iter()
+            .map(|(_, id)| snap.nodes[*id as usize].cluster)
+            .collect();
         assert_eq!(clusters.len(), 2);
     }
 
@@ -484,7 +511,10 @@ mod tests {
         let out = place(&mut snap, &req);
         assert!(out.assigned.is_empty());
         assert_eq!(out.unplaced.len(), 3);
-        assert!(snap.nodes.iter().all(|n| n.free_slots == 1), "capacity given back");
+        assert!(
+            snap.nodes.iter().all(|n| n.free_slots == 1),
+            "capacity given back"
+        );
     }
 
     #[test]
@@ -500,7 +530,10 @@ mod tests {
         };
         let out = place(&mut snap, &req);
         let text = out.unplaced[0].1.to_string();
-        assert_eq!(text, "0/3 nodes fit: 1 are in unreachable or unselected clusters, 1 have a stale heartbeat, 1 lack free GPUs");
+        assert_eq!(
+            text,
+            "0/3 nodes fit: 1 are in unreachable or unselected clusters, 1 have a stale heartbeat, 1 lack free GPUs"
+        );
     }
 
     #[test]
@@ -515,13 +548,25 @@ mod tests {
         let mut snap = Snapshot::new(nodes, vec![true]);
         let req = Request {
             slots: vec![
-                Slot { shard: 0, replica: 0, ..Slot::default() },
-                Slot { shard: 0, replica: 1, ..Slot::default() },
+                Slot {
+                    shard: 0,
+                    replica: 0,
+                    ..Slot::default()
+                },
+                Slot {
+                    shard: 0,
+                    replica: 1,
+                    ..Slot::default()
+                },
             ],
             ..Request::default()
         };
         let out = place(&mut snap, &req);
-        let accounts: Vec<_> = out.assigned.iter().map(|(_, id)| snap.nodes[*id as usize].account).collect();
+        let accounts: Vec<_> = out
+            .assigned
+            .iter()
+            .map(|(_, id)| snap.nodes[*id as usize].account)
+            .collect();
         assert_eq!(accounts, vec![Some(alice), Some(bob)]);
     }
 
@@ -580,7 +625,10 @@ mod tests {
     }
 
     fn arb_case() -> impl Strategy<Value = (Vec<Node>, Vec<bool>, Request)> {
-        (prop::collection::vec(arb_node(3, 4), 1..25), prop::collection::vec(prop::bool::weighted(0.8), 3))
+        (
+            prop::collection::vec(arb_node(3, 4), 1..25),
+            prop::collection::vec(prop::bool::weighted(0.8), 3),
+        )
             .prop_flat_map(|(nodes, reach)| {
                 let n = nodes.len() as u32;
                 (Just(nodes), Just(reach), arb_request(4, n))

@@ -1,0 +1,623 @@
+//! A job's life as a pure function (DESIGN.md §3, §4): from the job and the ComputeTasks
+//! seen in every member cluster, decide the phase, which shard replicas need a node and
+//! with which attempt number (the fencing token), which tasks to cancel, and the status.
+//!
+//! Rules:
+//! - Each (shard, replica) slot's current task is its highest attempt. Only the current
+//!   attempt's result counts; an older attempt that is still running is cancelled, and a
+//!   late result from it is never taken.
+//! - A failed current task is retried with attempt+1 on another node while the slot's
+//!   failures are at most `maxRetries`; then the job fails with the task's message.
+//! - A current task whose node is lost (stale heartbeat, or its cluster unreachable past
+//!   the pool's timeout) is re-placed with attempt+1; that does not count as a failure.
+//! - Attempt numbers never repeat: a new attempt is above every attempt seen in the
+//!   clusters and every attempt recorded in the job's status.
+//! - Deadline and gang timeout fail the job with the reason; a finished job cancels all
+//!   of its unfinished tasks.
+
+use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
+use edgeloom_crds::{JobPhase, TaskPhase};
+use jiff::{SignedDuration, Timestamp};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Seconds a gang job waits for room when it names no `gangTimeoutSeconds`.
+pub const DEFAULT_GANG_TIMEOUT_SECONDS: u32 = 300;
+
+/// A ComputeTask as the job's lifecycle sees it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct TaskView {
+    /// Member key ("pool/cluster").
+    pub member: String,
+    /// Member cluster name (for status).
+    pub cluster: String,
+    /// Object name.
+    pub name: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Node it is bound to.
+    pub node: String,
+    /// Phase reported by the agent (None: not yet claimed).
+    pub phase: Option<TaskPhase>,
+    /// Percent done.
+    pub progress: u8,
+    /// Claimed at.
+    pub started_at: Option<Timestamp>,
+    /// Finished at.
+    pub finished_at: Option<Timestamp>,
+    /// Result digest.
+    pub digest: Option<String>,
+    /// Workload metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Agent's message.
+    pub message: Option<String>,
+    /// Its node's heartbeat is stale or its cluster unreachable past the pool's timeout.
+    pub node_lost: bool,
+}
+
+impl TaskView {
+    fn terminal(&self) -> bool {
+        matches!(
+            self.phase,
+            Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
+        )
+    }
+}
+
+/// A slot that needs a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Need {
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// Attempt number to create.
+    pub attempt: u32,
+    /// Nodes ("member", "node") it must not use: where it failed or was lost before.
+    pub avoid: Vec<(String, String)>,
+}
+
+/// A task to cancel (delete) in a member cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cancel {
+    /// Member key.
+    pub member: String,
+    /// Task name.
+    pub name: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// What the job's state is and what to do about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// New phase.
+    pub phase: JobPhase,
+    /// Machine-readable reason for the phase (e.g. DeadlineExceeded).
+    pub reason: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Slots to place.
+    pub needs: Vec<Need>,
+    /// Tasks to cancel.
+    pub cancel: Vec<Cancel>,
+    /// Per-slot status, in (shard, replica) order.
+    pub shards: Vec<ShardStatus>,
+    /// "done/total" shards.
+    pub progress: String,
+    /// Tasks per cluster, e.g. "edge-a:2,edge-b:2".
+    pub placement: Option<String>,
+    /// Mean of each metric over the current succeeded tasks.
+    pub metrics: BTreeMap<String, f64>,
+    /// Combined result once succeeded.
+    pub result: Option<ResultSummary>,
+    /// Slots re-placed in this decision because their node was lost.
+    pub replaced_lost: usize,
+    /// Slots retried in this decision after a failure.
+    pub retried: usize,
+}
+
+/// The job as the lifecycle sees it.
+#[derive(Clone, Debug)]
+pub struct JobView<'a> {
+    /// Its spec.
+    pub spec: &'a ComputeJobSpec,
+    /// When it was created.
+    pub created: Timestamp,
+    /// When its first task was placed.
+    pub start_time: Option<Timestamp>,
+    /// Previous phase.
+    pub phase: Option<JobPhase>,
+    /// Previous per-slot status (for attempt numbers of tasks no longer visible).
+    pub recorded: &'a [ShardStatus],
+    /// Why the scheduler could not place it, if it tried and failed.
+    pub unschedulable: Option<String>,
+}
+
+fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    t.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+}
+
+/// Decides the job's state at `now`.
+pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision {
+    let spec = job.spec;
+    let replicas = spec
+        .verification
+        .as_ref()
+        .map(|v| v.replicas.max(1))
+        .unwrap_or(1);
+    let mut by_slot: BTreeMap<(u32, u32), Vec<&TaskView>> = BTreeMap::new();
+    for t in tasks {
+        if t.shard < spec.shards && t.replica < replicas {
+            by_slot.entry((t.shard, t.replica)).or_default().push(t);
+        }
+    }
+    let recorded: BTreeMap<(u32, u32), u32> = job
+        .recorded
+        .iter()
+        .map(|s| ((s.index, s.replica), s.attempt))
+        .collect();
+
+    let finished = matches!(job.phase, Some(JobPhase::Succeeded | JobPhase::Failed));
+    let mut needs = Vec::new();
+    let mut cancel = Vec::new();
+    let mut shards = Vec::new();
+    let mut failed_reason: Option<(&'static str, String)> = None;
+    let mut done_shards = vec![true; spec.shards as usize];
+    let mut placement: BTreeMap<String, u32> = BTreeMap::new();
+    let mut metric_sums: BTreeMap<String, (f64, u32)> = BTreeMap::new();
+    let mut digests: Vec<String> = Vec::new();
+    let (mut replaced_lost, mut retried) = (0, 0);
+
+    for shard in 0..spec.shards {
+        for replica in 0..replicas {
+            let mut slot_tasks = by_slot.remove(&(shard, replica)).unwrap_or_default();
+            slot_tasks.sort_by_key(|t| t.attempt);
+            let current = slot_tasks.last().copied();
+            let max_attempt = current
+                .map(|t| t.attempt)
+                .unwrap_or(0)
+                .max(recorded.get(&(shard, replica)).copied().unwrap_or(0));
+            for stale in slot_tasks
+                .iter()
+                .filter(|t| Some(t.attempt) < current.map(|c| c.attempt))
+            {
+                if !stale.terminal() {
+                    cancel.push(Cancel {
+                        member: stale.member.clone(),
+                        name: stale.name.clone(),
+                        reason: "Superseded",
+                    });
+                }
+            }
+            let failures = slot_tasks
+                .iter()
+                .filter(|t| t.phase == Some(TaskPhase::Failed))
+                .count() as u32;
+            let avoid: Vec<(String, String)> = slot_tasks
+                .iter()
+                .filter(|t| t.phase == Some(TaskPhase::Failed) || t.node_lost)
+                .map(|t| (t.member.clone(), t.node.clone()))
+                .collect();
+            let mut status = ShardStatus {
+                index: shard,
+                replica,
+                attempt: max_attempt.max(1),
+                cluster: String::new(),
+                node: String::new(),
+                phase: TaskPhase::Pending,
+                progress: 0,
+                started_at: None,
+                finished_at: None,
+                result_digest: None,
+                message: None,
+            };
+            let mut need = |attempt: u32, avoid: Vec<(String, String)>| {
+                needs.push(Need {
+                    shard,
+                    replica,
+                    attempt,
+                    avoid,
+                })
+            };
+            match current {
+                Some(t) => {
+                    status.attempt = t.attempt;
+                    status.cluster = t.cluster.clone();
+                    status.node = t.node.clone();
+                    status.phase = t.phase.unwrap_or(TaskPhase::Pending);
+                    status.progress = t.progress.min(100);
+                    status.started_at = to_time(t.started_at);
+                    status.finished_at = to_time(t.finished_at);
+                    status.result_digest = t.digest.clone();
+                    status.message = t.message.clone();
+                    *placement.entry(t.cluster.clone()).or_default() += 1;
+                    match t.phase {
+                        Some(TaskPhase::Succeeded) => {
+                            for (k, v) in &t.metrics {
+                                let e = metric_sums.entry(k.clone()).or_default();
+                                e.0 += v;
+                                e.1 += 1;
+                            }
+                            if replica == 0 {
+                                digests.push(t.digest.clone().unwrap_or_default());
+                            }
+                        }
+                        Some(TaskPhase::Failed) => {
+                            done_shards[shard as usize] = false;
+                            if failures > spec.max_retries {
+                                failed_reason.get_or_insert((
+                                    "ShardFailed",
+                                    format!(
+                                        "shard {shard} replica {replica} failed {failures} time(s) (maxRetries {}): {}",
+                                        spec.max_retries,
+                                        t.message.as_deref().unwrap_or("no message")
+                                    ),
+                                ));
+                            } else {
+                                retried += 1;
+                                need(max_attempt + 1, avoid);
+                            }
+                        }
+                        _ if t.node_lost => {
+                            done_shards[shard as usize] = false;
+                            status.message = Some(format!("node {} lost; re-placing", t.node));
+                            replaced_lost += 1;
+                            need(max_attempt + 1, avoid);
+                        }
+                        Some(TaskPhase::Cancelled) => {
+                            done_shards[shard as usize] = false;
+                            need(max_attempt + 1, avoid);
+                        }
+                        _ => done_shards[shard as usize] = false,
+                    }
+                }
+                None => {
+                    done_shards[shard as usize] = false;
+                    status.message = job.unschedulable.clone();
+                    // A recorded attempt whose task vanished is never reused.
+                    need(max_attempt + 1, avoid);
+                }
+            }
+            shards.push(status);
+        }
+    }
+
+    let done = done_shards.iter().filter(|d| **d).count();
+    let any_task = !tasks.is_empty();
+    let (mut phase, mut reason, mut message) = if let Some((reason, message)) = failed_reason {
+        (JobPhase::Failed, reason, message)
+    } else if done == spec.shards as usize {
+        (
+            JobPhase::Succeeded,
+            "Completed",
+            format!("all {} shard(s) succeeded", spec.shards),
+        )
+    } else if any_task {
+        (
+            JobPhase::Running,
+            "Running",
+            format!("{done}/{} shard(s) done", spec.shards),
+        )
+    } else {
+        (
+            JobPhase::Pending,
+            "Waiting",
+            job.unschedulable
+                .clone()
+                .unwrap_or_else(|| "waiting for placement".into()),
+        )
+    };
+    if phase != JobPhase::Succeeded && phase != JobPhase::Failed {
+        if let (Some(start), Some(deadline)) = (job.start_time, spec.deadline_seconds)
+            && now > start + SignedDuration::from_secs(deadline as i64)
+        {
+            (phase, reason, message) = (
+                JobPhase::Failed,
+                "DeadlineExceeded",
+                format!(
+                    "{done}/{} shard(s) done when the {deadline}s deadline passed",
+                    spec.shards
+                ),
+            );
+        } else if spec.placement.gang == Some(true) && !any_task {
+            let timeout = spec
+                .placement
+                .gang_timeout_seconds
+                .unwrap_or(DEFAULT_GANG_TIMEOUT_SECONDS);
+            if now > job.created + SignedDuration::from_secs(timeout as i64) {
+                (phase, reason, message) = (
+                    JobPhase::Failed,
+                    "Unschedulable",
+                    format!(
+                        "gang of {} task(s) could not be placed within {timeout}s: {}",
+                        spec.shards * replicas,
+                        job.unschedulable.as_deref().unwrap_or("no room")
+                    ),
+                );
+            }
+        }
+    }
+    // A finished job (now or before) places nothing and cancels what still runs.
+    if finished || matches!(phase, JobPhase::Succeeded | JobPhase::Failed) {
+        if finished {
+            phase = job.phase.unwrap_or(phase);
+        }
+        needs.clear();
+        (replaced_lost, retried) = (0, 0);
+        for t in tasks.iter().filter(|t| !t.terminal()) {
+            if !cancel
+                .iter()
+                .any(|c| c.name == t.name && c.member == t.member)
+            {
+                cancel.push(Cancel {
+                    member: t.member.clone(),
+                    name: t.name.clone(),
+                    reason: "JobFinished",
+                });
+            }
+        }
+    }
+    let metrics = metric_sums
+        .into_iter()
+        .map(|(k, (s, n))| (k, s / n as f64))
+        .collect::<BTreeMap<_, _>>();
+    let result = (phase == JobPhase::Succeeded).then(|| {
+        let mut h = Sha256::new();
+        for d in &digests {
+            h.update(d.as_bytes());
+            h.update(b"\n");
+        }
+        ResultSummary {
+            digest: Some(hex::encode(h.finalize())),
+            summary: metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:.4}")))
+                .collect(),
+        }
+    });
+    Decision {
+        phase,
+        reason,
+        message,
+        needs,
+        cancel,
+        shards,
+        progress: format!("{done}/{}", spec.shards),
+        placement: (!placement.is_empty()).then(|| {
+            placement
+                .iter()
+                .map(|(c, n)| format!("{c}:{n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        metrics,
+        result,
+        replaced_lost,
+        retried,
+    }
+}
+
+/// The deterministic name of a task: `<first 8 of job uid>-<shard>-<replica>-<attempt>`.
+/// Creating the same attempt twice (after a restart) finds the first one.
+pub fn task_name(job_uid: &str, shard: u32, replica: u32, attempt: u32) -> String {
+    let prefix: String = job_uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect();
+    format!(
+        "{}-{shard}-{replica}-{attempt}",
+        prefix.to_ascii_lowercase()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloom_crds::workload::{Workload, WorkloadKind};
+
+    fn spec(shards: u32) -> ComputeJobSpec {
+        serde_json::from_value(serde_json::json!({
+            "workload": {"kind": "Benchmark"}, "shards": shards, "maxRetries": 1
+        }))
+        .expect("spec")
+    }
+
+    fn t0() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().expect("time")
+    }
+
+    fn task(shard: u32, attempt: u32, node: &str, phase: Option<TaskPhase>) -> TaskView {
+        TaskView {
+            member: "edge/edge-a".into(),
+            cluster: "edge-a".into(),
+            name: task_name("abcdef123456", shard, 0, attempt),
+            shard,
+            attempt,
+            node: node.into(),
+            phase,
+            digest: (phase == Some(TaskPhase::Succeeded)).then(|| format!("d{shard}")),
+            ..TaskView::default()
+        }
+    }
+
+    fn view(spec: &ComputeJobSpec) -> JobView<'_> {
+        JobView {
+            spec,
+            created: t0(),
+            start_time: None,
+            phase: None,
+            recorded: &[],
+            unschedulable: None,
+        }
+    }
+
+    #[test]
+    fn a_new_job_needs_every_slot_at_attempt_one() {
+        let s = spec(3);
+        let d = decide(&view(&s), &[], t0());
+        assert_eq!(d.phase, JobPhase::Pending);
+        assert_eq!(
+            d.needs
+                .iter()
+                .map(|n| (n.shard, n.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 1), (1, 1), (2, 1)]
+        );
+        assert_eq!(d.progress, "0/3");
+    }
+
+    #[test]
+    fn running_then_succeeded_with_a_combined_digest() {
+        let s = spec(2);
+        let running = [
+            task(0, 1, "n0", Some(TaskPhase::Running)),
+            task(1, 1, "n1", None),
+        ];
+        let d = decide(&view(&s), &running, t0());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert!(d.needs.is_empty());
+        assert_eq!(d.placement.as_deref(), Some("edge-a:2"));
+        let mut done = [
+            task(0, 1, "n0", Some(TaskPhase::Succeeded)),
+            task(1, 1, "n1", Some(TaskPhase::Succeeded)),
+        ];
+        done[0].metrics.insert("accuracy".into(), 0.9);
+        done[1].metrics.insert("accuracy".into(), 1.0);
+        let d = decide(&view(&s), &done, t0());
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert_eq!(d.metrics["accuracy"], 0.95);
+        assert_eq!(d.progress, "2/2");
+        assert_eq!(d.result.and_then(|r| r.digest).map(|d| d.len()), Some(64));
+    }
+
+    #[test]
+    fn a_failure_is_retried_elsewhere_then_fails_the_job() {
+        let s = spec(1); // maxRetries 1
+        let mut first = task(0, 1, "n0", Some(TaskPhase::Failed));
+        first.message = Some("corrupt model".into());
+        let d = decide(&view(&s), std::slice::from_ref(&first), t0());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert_eq!(
+            d.needs,
+            [Need {
+                shard: 0,
+                replica: 0,
+                attempt: 2,
+                avoid: vec![("edge/edge-a".into(), "n0".into())]
+            }]
+        );
+        assert_eq!(d.retried, 1);
+        let second = task(0, 2, "n1", Some(TaskPhase::Failed));
+        let d = decide(&view(&s), &[first, second], t0());
+        assert_eq!(d.phase, JobPhase::Failed);
+        assert_eq!(d.reason, "ShardFailed");
+        assert!(d.needs.is_empty());
+    }
+
+    #[test]
+    fn a_lost_node_is_replaced_and_its_late_result_never_counts() {
+        let s = spec(1);
+        let mut lost = task(0, 1, "n0", Some(TaskPhase::Running));
+        lost.node_lost = true;
+        let d = decide(&view(&s), std::slice::from_ref(&lost), t0());
+        assert_eq!(d.needs.len(), 1);
+        assert_eq!(d.needs[0].attempt, 2);
+        assert_eq!(d.replaced_lost, 1);
+        // Attempt 2 runs; attempt 1 is now stale and cancelled.
+        let mut old = lost.clone();
+        old.node_lost = false;
+        let new = task(0, 2, "n1", Some(TaskPhase::Running));
+        let d = decide(&view(&s), &[old.clone(), new.clone()], t0());
+        assert_eq!(
+            d.cancel,
+            [Cancel {
+                member: "edge/edge-a".into(),
+                name: old.name.clone(),
+                reason: "Superseded"
+            }]
+        );
+        // The old attempt reports success late: the job is still running attempt 2.
+        let late = task(0, 1, "n0", Some(TaskPhase::Succeeded));
+        let d = decide(&view(&s), &[late, new], t0());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert_eq!(d.shards[0].attempt, 2);
+        assert!(d.result.is_none());
+    }
+
+    #[test]
+    fn a_recorded_attempt_is_never_reused() {
+        let s = spec(1);
+        let recorded = [ShardStatus {
+            index: 0,
+            replica: 0,
+            attempt: 4,
+            cluster: "edge-b".into(),
+            node: "gone".into(),
+            phase: TaskPhase::Running,
+            progress: 0,
+            started_at: None,
+            finished_at: None,
+            result_digest: None,
+            message: None,
+        }];
+        let mut v = view(&s);
+        v.recorded = &recorded;
+        assert_eq!(decide(&v, &[], t0()).needs[0].attempt, 5);
+    }
+
+    #[test]
+    fn deadline_and_gang_timeout_fail_with_the_reason() {
+        let mut s = spec(2);
+        s.deadline_seconds = Some(60);
+        let mut v = view(&s);
+        v.start_time = Some(t0());
+        let running = [task(0, 1, "n0", Some(TaskPhase::Running))];
+        let d = decide(&v, &running, t0() + SignedDuration::from_secs(61));
+        assert_eq!((d.phase, d.reason), (JobPhase::Failed, "DeadlineExceeded"));
+        assert_eq!(d.cancel.len(), 1, "the running task is cancelled");
+
+        let mut g = spec(2);
+        g.placement.gang = Some(true);
+        g.placement.gang_timeout_seconds = Some(30);
+        let mut v = view(&g);
+        v.unschedulable = Some("0/4 nodes fit: 4 lack free GPUs".into());
+        assert_eq!(
+            decide(&v, &[], t0() + SignedDuration::from_secs(29)).phase,
+            JobPhase::Pending
+        );
+        let d = decide(&v, &[], t0() + SignedDuration::from_secs(31));
+        assert_eq!((d.phase, d.reason), (JobPhase::Failed, "Unschedulable"));
+        assert!(d.message.contains("4 lack free GPUs"), "{}", d.message);
+    }
+
+    #[test]
+    fn replicas_are_separate_slots() {
+        let mut s = spec(2);
+        s.workload = Workload {
+            kind: WorkloadKind::Benchmark,
+            model: None,
+            dataset: None,
+            parameters: Default::default(),
+        };
+        s.verification =
+            Some(serde_json::from_value(serde_json::json!({"replicas": 2})).expect("verification"));
+        let d = decide(&view(&s), &[], t0());
+        assert_eq!(d.needs.len(), 4);
+        assert_eq!(d.shards.len(), 4);
+    }
+
+    #[test]
+    fn task_names_are_deterministic_and_valid() {
+        assert_eq!(task_name("6F1C-2b3d-4e5f", 3, 1, 2), "6f1c2b3d-3-1-2");
+        assert_eq!(
+            task_name("6F1C-2b3d-4e5f", 3, 1, 2),
+            task_name("6F1C-2b3d-4e5f", 3, 1, 2)
+        );
+    }
+}
