@@ -1,0 +1,388 @@
+//! The fleet: one connection per member cluster of every EdgePool, each with reflectors of
+//! its agent Nodes (metadata only), heartbeat Leases and ComputeTasks, and a probe that
+//! measures reachability and API latency. The pool controller adds, updates and removes
+//! members; the job controller and the scheduler read them.
+
+use edgeloom_crds::ComputeJob;
+use edgeloom_crds::compute_task::ComputeTask;
+use edgeloom_crds::edge_pool::{EdgePoolSpec, MemberCluster};
+use edgeloom_crds::inventory::{AGENT_LABEL, SYSTEM_NAMESPACE};
+use futures::{StreamExt, channel::mpsc};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, ObjectMeta, PartialObjectMeta, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Why a member cluster cannot be connected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The kubeconfig does not parse or names no usable cluster.
+    #[error("kubeconfig is invalid: {0}")]
+    Kubeconfig(String),
+    /// A client could not be built from it.
+    #[error("cannot build a client: {0}")]
+    Client(String),
+}
+
+impl ConnectError {
+    /// Bounded category for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ConnectError::Kubeconfig(_) => "kubeconfig",
+            ConnectError::Client(_) => "client",
+        }
+    }
+}
+
+/// Reachability of a member cluster, updated by its probe.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    /// The last probe succeeded.
+    pub reachable: bool,
+    /// When a probe last succeeded.
+    pub last_seen: Option<Timestamp>,
+    /// Since when probes fail (None while reachable).
+    pub unreachable_since: Option<Timestamp>,
+    /// Round-trip time of the last successful probe.
+    pub latency: Option<Duration>,
+    /// The last probe's error.
+    pub error: Option<String>,
+    /// The ComputeTask store has completed its first list.
+    pub tasks_synced: bool,
+    /// The Node store has completed its first list.
+    pub nodes_synced: bool,
+}
+
+/// One member cluster of one pool.
+pub struct Member {
+    /// "pool/cluster".
+    pub key: String,
+    /// Pool name.
+    pub pool: String,
+    /// The member's entry in the pool spec.
+    pub spec: MemberCluster,
+    /// The pool's spec (heartbeat timeout, slots per node, node selector).
+    pub pool_spec: RwLock<Arc<EdgePoolSpec>>,
+    /// Client for the member's API server.
+    pub client: kube::Client,
+    /// Agent nodes (metadata only: labels and annotations carry the inventory).
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    /// Heartbeat Leases in the system namespace.
+    pub leases: Store<Lease>,
+    /// ComputeTasks in the system namespace.
+    pub tasks: Store<ComputeTask>,
+    /// Reachability, written by the probe and the sync watcher.
+    pub health: Arc<RwLock<Health>>,
+    fingerprint: u64,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.abort();
+        }
+    }
+}
+
+impl Member {
+    /// The ComputeTask API in the member's system namespace.
+    pub fn tasks_api(&self) -> Api<ComputeTask> {
+        Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE)
+    }
+
+    /// A snapshot of its health.
+    pub fn health(&self) -> Health {
+        self.health.read().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The pool's spec as last seen.
+    pub fn pool_spec(&self) -> Arc<EdgePoolSpec> {
+        self.pool_spec
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The pool's heartbeat timeout.
+    pub fn timeout(&self) -> SignedDuration {
+        SignedDuration::from_secs(self.pool_spec().heartbeat_timeout_seconds as i64)
+    }
+
+    /// Unreachable for longer than the pool's heartbeat timeout: its tasks count as lost.
+    pub fn lost(&self, now: Timestamp) -> bool {
+        self.health()
+            .unreachable_since
+            .is_some_and(|since| now > since + self.timeout())
+    }
+
+    /// The node's heartbeat is fresh (its Lease was renewed within the timeout).
+    pub fn node_ready(&self, node: &str, now: Timestamp) -> bool {
+        let key = ObjectRef::new(node).within(SYSTEM_NAMESPACE);
+        self.leases
+            .get(&key)
+            .and_then(|l| {
+                l.spec
+                    .as_ref()
+                    .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+                    .map(|t| t.0)
+            })
+            .is_some_and(|renewed| now <= renewed + self.timeout())
+    }
+}
+
+/// Every member cluster of every pool.
+pub struct Fleet {
+    members: RwLock<BTreeMap<String, Arc<Member>>>,
+    job_trigger: mpsc::UnboundedSender<ObjectRef<ComputeJob>>,
+}
+
+/// A stable fingerprint of what a member connection depends on.
+pub fn fingerprint(spec: &MemberCluster, kubeconfig: Option<&str>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    spec.name.hash(&mut h);
+    spec.local.hash(&mut h);
+    kubeconfig.hash(&mut h);
+    h.finish()
+}
+
+impl Fleet {
+    /// An empty fleet; task changes are sent to `job_trigger` as the owning job's reference.
+    pub fn new(job_trigger: mpsc::UnboundedSender<ObjectRef<ComputeJob>>) -> Fleet {
+        Fleet {
+            members: RwLock::new(BTreeMap::new()),
+            job_trigger,
+        }
+    }
+
+    /// All members, by key.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The members of one pool.
+    pub fn pool_members(&self, pool: &str) -> Vec<Arc<Member>> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.pool == pool)
+            .collect()
+    }
+
+    /// Removes members of `pool` whose cluster is not in `keep`, and all members of pools
+    /// not in `pools` when given.
+    pub fn retain(&self, pool: &str, keep: &[String]) {
+        if let Ok(mut m) = self.members.write() {
+            m.retain(|_, member| member.pool != pool || keep.contains(&member.spec.name));
+        }
+    }
+
+    /// Removes every member of a deleted pool.
+    pub fn remove_pool(&self, pool: &str) {
+        self.retain(pool, &[]);
+    }
+
+    /// Connects (or keeps) the member `spec` of `pool`. `hub` serves `local: true` members;
+    /// `kubeconfig` is the Secret's text for remote ones. A member whose credentials did not
+    /// change keeps its connection and caches.
+    pub async fn ensure(
+        &self,
+        pool: &str,
+        pool_spec: Arc<EdgePoolSpec>,
+        spec: &MemberCluster,
+        hub: &kube::Client,
+        kubeconfig: Option<&str>,
+    ) -> Result<Arc<Member>, ConnectError> {
+        let key = format!("{pool}/{}", spec.name);
+        let fp = fingerprint(spec, kubeconfig);
+        if let Some(existing) = self.members.read().ok().and_then(|m| m.get(&key).cloned())
+            && existing.fingerprint == fp
+        {
+            if let Ok(mut s) = existing.pool_spec.write() {
+                *s = pool_spec;
+            }
+            return Ok(existing);
+        }
+        let client = if spec.local {
+            hub.clone()
+        } else {
+            client_from_kubeconfig(kubeconfig.unwrap_or_default()).await?
+        };
+        let member = Arc::new(self.connect(key.clone(), pool, pool_spec, spec.clone(), client, fp));
+        if let Ok(mut m) = self.members.write() {
+            m.insert(key, member.clone());
+        }
+        Ok(member)
+    }
+
+    fn connect(
+        &self,
+        key: String,
+        pool: &str,
+        pool_spec: Arc<EdgePoolSpec>,
+        spec: MemberCluster,
+        client: kube::Client,
+        fingerprint: u64,
+    ) -> Member {
+        let health = Arc::new(RwLock::new(Health::default()));
+        let mut workers = Vec::new();
+
+        let (nodes, node_writer) = reflector::store();
+        let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
+        let node_cfg = watcher::Config::default().labels(&format!("{AGENT_LABEL}=true"));
+        let node_stream = watcher(node_api, node_cfg)
+            .default_backoff()
+            .reflect(node_writer);
+        workers.push(tokio::spawn(drain(node_stream, key.clone(), "nodes")));
+
+        let (leases, lease_writer) = reflector::store();
+        let lease_api: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        let lease_stream = watcher(lease_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(lease_writer);
+        workers.push(tokio::spawn(drain(lease_stream, key.clone(), "leases")));
+
+        let (tasks, task_writer) = reflector::store();
+        let task_api: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        let trigger = self.job_trigger.clone();
+        let task_stream = watcher(task_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(task_writer)
+            .touched_objects();
+        let task_key = key.clone();
+        workers.push(tokio::spawn(async move {
+            futures::pin_mut!(task_stream);
+            while let Some(item) = task_stream.next().await {
+                match item {
+                    Ok(task) => {
+                        let job = &task.spec.job;
+                        let _ = trigger
+                            .unbounded_send(ObjectRef::new(&job.name).within(&job.namespace));
+                    }
+                    Err(e) => tracing::debug!(member = %task_key, error = %e, "task watch error"),
+                }
+            }
+        }));
+
+        let member_health = health.clone();
+        let (tasks_ready, nodes_ready) = (tasks.clone(), nodes.clone());
+        workers.push(tokio::spawn(async move {
+            if tasks_ready.wait_until_ready().await.is_ok()
+                && let Ok(mut h) = member_health.write()
+            {
+                h.tasks_synced = true;
+            }
+            if nodes_ready.wait_until_ready().await.is_ok()
+                && let Ok(mut h) = member_health.write()
+            {
+                h.nodes_synced = true;
+            }
+        }));
+        workers.push(tokio::spawn(probe(
+            client.clone(),
+            health.clone(),
+            key.clone(),
+        )));
+
+        Member {
+            key,
+            pool: pool.to_string(),
+            spec,
+            pool_spec: RwLock::new(pool_spec),
+            client,
+            nodes,
+            leases,
+            tasks,
+            health,
+            fingerprint,
+            workers,
+        }
+    }
+}
+
+async fn drain<S, T, E>(stream: S, member: String, what: &'static str)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        if let Err(e) = item {
+            tracing::debug!(%member, what, error = %e, "watch error");
+        }
+    }
+}
+
+/// Probes the member every 2 s (2 s timeout): reachability and latency. On the first
+/// success it makes sure the system namespace exists.
+async fn probe(client: kube::Client, health: Arc<RwLock<Health>>, member: String) {
+    let mut namespace_ready = false;
+    loop {
+        let start = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(2), client.apiserver_version()).await;
+        let now = Timestamp::now();
+        let ok = matches!(result, Ok(Ok(_)));
+        if let Ok(mut h) = health.write() {
+            let was = h.reachable;
+            h.reachable = ok;
+            if ok {
+                h.last_seen = Some(now);
+                h.unreachable_since = None;
+                h.latency = Some(start.elapsed());
+                h.error = None;
+            } else {
+                h.unreachable_since.get_or_insert(now);
+                h.error = Some(match result {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer within 2s".into(),
+                });
+            }
+            if was != ok {
+                tracing::info!(%member, reachable = ok, "member cluster reachability changed");
+            }
+        }
+        if ok && !namespace_ready {
+            namespace_ready = ensure_namespace(&client).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn ensure_namespace(client: &kube::Client) -> bool {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(SYSTEM_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 409 => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot create the system namespace yet");
+            false
+        }
+    }
+}
+
+/// A client from a kubeconfig's text (its current context).
+pub async fn client_from_kubeconfig(text: &str) -> Result<kube::Client, ConnectError> {
+    let kc = kube::config::Kubeconfig::from_yaml(text)
+        .map_err(|e| ConnectError::Kubeconfig(e.to_string()))?;
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kc, &options)
+        .await
+        .map_err(|e| ConnectError::Kubeconfig(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| ConnectError::Client(e.to_string()))
+}

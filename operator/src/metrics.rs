@@ -1,0 +1,156 @@
+//! Prometheus metrics of the operator (DESIGN.md §6). Labels are bounded: controller
+//! names, error categories, task phases, and the configured pool/cluster names (a
+//! deliberate exception to "no object names in labels": member clusters are operator
+//! configuration, few and stable, and alerts must name the unreachable one).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The operator's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by controller.
+    pub reconciles: IntCounterVec,
+    /// Reconcile errors by controller and category.
+    pub reconcile_errors: IntCounterVec,
+    /// Reconcile duration by controller.
+    pub reconcile_duration: HistogramVec,
+    /// Jobs waiting for placement.
+    pub queue_depth: IntGauge,
+    /// Time to place one job's waiting slots.
+    pub placement_duration: Histogram,
+    /// Tasks created.
+    pub tasks_created: IntCounter,
+    /// Current tasks by phase.
+    pub tasks: IntGaugeVec,
+    /// Re-placements by reason (failed, node_lost).
+    pub retries: IntCounterVec,
+    /// 1 if the member cluster answered its last probe.
+    pub member_reachable: IntGaugeVec,
+    /// Ready (fresh heartbeat) agent nodes per member cluster.
+    pub member_ready_nodes: IntGaugeVec,
+    /// 1 while this replica is the leader.
+    pub leader: IntGauge,
+    /// Jobs finished, by phase.
+    pub jobs_finished: IntCounterVec,
+}
+
+/// Errors registering metrics (a programming error: duplicate names).
+pub type MetricsError = prometheus::Error;
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_reconcile_total",
+                "Reconciles by controller",
+            ),
+            &["controller"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_reconcile_errors_total",
+                "Reconcile errors by controller and category",
+            ),
+            &["controller", "category"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "edgeloom_operator_reconcile_duration_seconds",
+                "Reconcile duration",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            &["controller"],
+        )?;
+        let queue_depth = IntGauge::new(
+            "edgeloom_operator_queue_depth",
+            "Jobs waiting for placement",
+        )?;
+        let placement_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "edgeloom_operator_placement_duration_seconds",
+                "Time to place one job",
+            )
+            .buckets(vec![0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0]),
+        )?;
+        let tasks_created = IntCounter::new(
+            "edgeloom_operator_tasks_created_total",
+            "ComputeTasks created",
+        )?;
+        let tasks = IntGaugeVec::new(
+            Opts::new("edgeloom_operator_tasks", "Current ComputeTasks by phase"),
+            &["phase"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_task_retries_total",
+                "Shard re-placements by reason",
+            ),
+            &["reason"],
+        )?;
+        let member_reachable = IntGaugeVec::new(
+            Opts::new(
+                "edgeloom_operator_member_cluster_reachable",
+                "1 if the member cluster answers",
+            ),
+            &["pool", "cluster"],
+        )?;
+        let member_ready_nodes = IntGaugeVec::new(
+            Opts::new(
+                "edgeloom_operator_member_ready_nodes",
+                "Agent nodes with a fresh heartbeat",
+            ),
+            &["pool", "cluster"],
+        )?;
+        let leader = IntGauge::new("edgeloom_operator_leader", "1 while this replica leads")?;
+        let jobs_finished = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_jobs_finished_total",
+                "Jobs that reached Succeeded or Failed",
+            ),
+            &["phase"],
+        )?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(placement_duration.clone()))?;
+        registry.register(Box::new(tasks_created.clone()))?;
+        registry.register(Box::new(tasks.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(member_reachable.clone()))?;
+        registry.register(Box::new(member_ready_nodes.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(jobs_finished.clone()))?;
+        Ok(Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            queue_depth,
+            placement_duration,
+            tasks_created,
+            tasks,
+            retries,
+            member_reachable,
+            member_ready_nodes,
+            leader,
+            jobs_finished,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
