@@ -1,9 +1,16 @@
 //! The edgeloom operator (DESIGN.md §1, §3, §4).
 
+pub mod conditions;
+pub mod context;
 pub mod fleet;
+pub mod http;
+pub mod job_controller;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
+pub mod pool_controller;
 pub mod quantity;
 pub mod queue;
+pub mod run;
 pub mod scheduler;

@@ -1,0 +1,543 @@
+//! The ComputeJob controller: read the job and its tasks in every member cluster, decide
+//! ([`crate::lifecycle`]), cancel what must stop, submit what needs a node to the
+//! scheduler, and write status by server-side apply. A finalizer removes the job's tasks
+//! from every member cluster, waiting for unreachable ones, before the job goes away.
+
+use crate::conditions;
+use crate::context::{Context, FIELD_MANAGER, JOB_FINALIZER};
+use crate::fleet::Member;
+use crate::lifecycle::{self, JobView, TaskView};
+use crate::scheduler::{Work, selector_matches};
+use edgeloom_crds::compute_job::{ComputeJobStatus, ShardStatus};
+use edgeloom_crds::compute_task::JOB_UID_LABEL;
+use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of the job controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing to the hub failed.
+    #[error("hub API: {0}")]
+    Hub(#[source] kube::Error),
+    /// Tasks remain in member clusters that cannot be reached yet.
+    #[error("{0} task(s) remain in unreachable member clusters: {1}")]
+    CleanupPending(usize, String),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Bounded category for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Hub(_) => "hub_api",
+            Error::CleanupPending(..) => "cleanup_pending",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Runs the controller until the stream ends. `trigger` carries job references from task
+/// changes in member clusters.
+pub async fn run(
+    ctx: Arc<Context>,
+    trigger: futures::channel::mpsc::UnboundedReceiver<ObjectRef<ComputeJob>>,
+) {
+    let jobs: Api<ComputeJob> = Api::all(ctx.client.clone());
+    Controller::new(jobs, kube::runtime::watcher::Config::default())
+        .reconcile_on(trigger)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&["computejob", error.category()])
+        .inc();
+    tracing::warn!(job = %job.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[tracing::instrument(skip_all, fields(job = %job.name_any(), ns = job.namespace().unwrap_or_default()))]
+async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["computejob"])
+        .inc();
+    let ns = job.namespace().unwrap_or_default();
+    let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, JOB_FINALIZER, job, |event| async {
+        match event {
+            Finalizer::Apply(job) => apply(job, &ctx).await,
+            Finalizer::Cleanup(job) => cleanup(job, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&["computejob"])
+        .observe(start.elapsed().as_secs_f64());
+    result
+}
+
+/// The member clusters a job may use: those of its pools (by name, selector or all).
+fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
+    let placement = &job.spec.placement;
+    let pools: Vec<String> = ctx
+        .pools
+        .state()
+        .iter()
+        .filter(|p| {
+            let name = p.name_any();
+            if !placement.pools.is_empty() {
+                placement.pools.contains(&name)
+            } else if let Some(sel) = &placement.pool_selector {
+                selector_matches(sel, p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+            } else {
+                true
+            }
+        })
+        .map(|p| p.name_any())
+        .collect();
+    pools
+        .iter()
+        .flat_map(|p| ctx.fleet.pool_members(p))
+        .collect()
+}
+
+/// The job's tasks in every member's cache.
+fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
+    let mut views = Vec::new();
+    for m in ctx.fleet.members() {
+        let lost_cluster = m.lost(now);
+        for t in m.tasks.state().iter().filter(|t| t.spec.job.uid == uid) {
+            let status = t.status.clone().unwrap_or_default();
+            let terminal = matches!(
+                status.phase,
+                Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
+            );
+            views.push(TaskView {
+                member: m.key.clone(),
+                cluster: m.spec.name.clone(),
+                name: t.name_any(),
+                shard: t.spec.shard,
+                replica: t.spec.replica,
+                attempt: t.spec.attempt,
+                node: t.spec.node_name.clone(),
+                phase: status.phase,
+                progress: status.progress,
+                started_at: status.started_at.map(|t| t.0),
+                finished_at: status.finished_at.map(|t| t.0),
+                digest: status.result_digest,
+                metrics: status.metrics,
+                message: status.message,
+                node_lost: !terminal && (lost_cluster || !m.node_ready(&t.spec.node_name, now)),
+            });
+        }
+    }
+    views
+}
+
+async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    let ns = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    let old = job.status.clone().unwrap_or_default();
+    let members = members_for(&job, ctx);
+    // Never decide on a cold cache: a reachable member whose tasks are not listed yet
+    // could hold this job's tasks (e.g. right after an operator restart).
+    if members
+        .iter()
+        .any(|m| !m.health().tasks_synced && !m.lost(now))
+    {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let views = task_views(&uid, ctx, now);
+    let created = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
+    let start_time = old
+        .start_time
+        .as_ref()
+        .map(|t| t.0)
+        .or_else(|| (!views.is_empty()).then_some(now));
+    let decision = lifecycle::decide(
+        &JobView {
+            spec: &job.spec,
+            created,
+            start_time,
+            phase: old.phase,
+            recorded: &old.shards,
+            unschedulable: ctx.scheduler.unfit(&ns, &name),
+        },
+        &views,
+        now,
+    );
+
+    for c in &decision.cancel {
+        if let Some(m) = ctx.fleet.members().into_iter().find(|m| m.key == c.member) {
+            match m
+                .tasks_api()
+                .delete(&c.name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(task = %c.name, member = %c.member, reason = c.reason, "cancelled task")
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => tracing::debug!(task = %c.name, error = %e, "cancel failed; will retry"),
+            }
+        }
+    }
+
+    if decision.needs.is_empty() {
+        ctx.scheduler.withdraw(&ns, &name);
+    } else {
+        let current: Vec<&TaskView> = views
+            .iter()
+            .filter(|v| {
+                !v.node_lost
+                    && decision.shards.iter().any(|s| {
+                        s.index == v.shard && s.replica == v.replica && s.attempt == v.attempt
+                    })
+            })
+            .collect();
+        let mut replicas: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+        for v in &current {
+            replicas
+                .entry(v.shard)
+                .or_default()
+                .push((v.member.clone(), v.node.clone()));
+        }
+        ctx.scheduler.submit(Work {
+            namespace: ns.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            priority: job.spec.priority,
+            created: created.as_second(),
+            spec: Arc::new(job.spec.clone()),
+            needs: decision.needs.clone(),
+            used: current
+                .iter()
+                .map(|v| (v.member.clone(), v.node.clone()))
+                .collect(),
+            replicas,
+            members: members.iter().map(|m| m.key.clone()).collect(),
+            gang: job.spec.placement.gang == Some(true) && views.is_empty(),
+        });
+    }
+    ctx.metrics
+        .retries
+        .with_label_values(&["failed"])
+        .inc_by(decision.retried as u64);
+    ctx.metrics
+        .retries
+        .with_label_values(&["node_lost"])
+        .inc_by(decision.replaced_lost as u64);
+
+    // Status.
+    let generation = job.metadata.generation;
+    let mut conds = old.conditions.clone();
+    let placed = decision.shards.iter().all(|s| !s.node.is_empty());
+    let unfit = ctx.scheduler.unfit(&ns, &name);
+    match (&unfit, placed) {
+        (_, true) => conditions::set(
+            &mut conds,
+            "Scheduled",
+            true,
+            "Placed",
+            &decision.placement.clone().unwrap_or_default(),
+            generation,
+            now,
+        ),
+        (Some(why), false) => conditions::set(
+            &mut conds,
+            "Scheduled",
+            false,
+            "Unschedulable",
+            why,
+            generation,
+            now,
+        ),
+        (None, false) => conditions::set(
+            &mut conds,
+            "Scheduled",
+            false,
+            "Waiting",
+            "waiting for placement",
+            generation,
+            now,
+        ),
+    }
+    let finished = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
+    conditions::set(
+        &mut conds,
+        "Complete",
+        decision.phase == JobPhase::Succeeded,
+        decision.reason,
+        &decision.message,
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut conds,
+        "Failed",
+        decision.phase == JobPhase::Failed,
+        decision.reason,
+        &decision.message,
+        generation,
+        now,
+    );
+    let status = ComputeJobStatus {
+        phase: Some(decision.phase),
+        conditions: conds,
+        observed_generation: generation,
+        progress: Some(decision.progress.clone()),
+        placement: decision.placement.clone(),
+        shards: decision.shards.clone(),
+        metrics: decision.metrics.clone(),
+        result: decision.result.clone().or(old.result.clone()),
+        rewards: old.rewards.clone(),
+        start_time: start_time.map(Time),
+        completion_time: old
+            .completion_time
+            .clone()
+            .or_else(|| finished.then_some(Time(now))),
+    };
+    if Some(&status) != job.status.as_ref() {
+        let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "edgeloom.io/v1alpha1",
+            "kind": "ComputeJob",
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Hub)?;
+        publish_events(&job, &old, &status, &unfit, ctx).await;
+        if finished && !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+            ctx.metrics
+                .jobs_finished
+                .with_label_values(&[phase_label(decision.phase)])
+                .inc();
+        }
+    }
+    Ok(match decision.phase {
+        JobPhase::Succeeded | JobPhase::Failed if decision.cancel.is_empty() => {
+            Action::requeue(Duration::from_secs(300))
+        }
+        _ => Action::requeue(Duration::from_secs(2)),
+    })
+}
+
+fn phase_label(p: JobPhase) -> &'static str {
+    match p {
+        JobPhase::Pending => "Pending",
+        JobPhase::Running => "Running",
+        JobPhase::Succeeded => "Succeeded",
+        JobPhase::Failed => "Failed",
+    }
+}
+
+/// Events from what changed between the old and the new status.
+async fn publish_events(
+    job: &ComputeJob,
+    old: &ComputeJobStatus,
+    new: &ComputeJobStatus,
+    unfit: &Option<String>,
+    ctx: &Context,
+) {
+    let mut events = Vec::new();
+    let key = |s: &ShardStatus| (s.index, s.replica);
+    let before: BTreeMap<(u32, u32), &ShardStatus> =
+        old.shards.iter().map(|s| (key(s), s)).collect();
+    for s in new.shards.iter().filter(|s| !s.node.is_empty()) {
+        match before.get(&key(s)) {
+            Some(prev) if prev.attempt == s.attempt && !prev.node.is_empty() => {}
+            Some(prev) if !prev.node.is_empty() => events.push((
+                EventType::Warning,
+                "Replaced",
+                format!(
+                    "shard {} replica {} re-placed as attempt {} on {}/{} (attempt {} on {}/{}: {})",
+                    s.index,
+                    s.replica,
+                    s.attempt,
+                    s.cluster,
+                    s.node,
+                    prev.attempt,
+                    prev.cluster,
+                    prev.node,
+                    prev.message.as_deref().unwrap_or(prev_phase(prev))
+                ),
+            )),
+            _ => events.push((
+                EventType::Normal,
+                "Placed",
+                format!("shard {} replica {} attempt {} on {}/{}", s.index, s.replica, s.attempt, s.cluster, s.node),
+            )),
+        }
+    }
+    let old_unfit = conditions::get(&old.conditions, "Scheduled")
+        .filter(|c| c.reason == "Unschedulable")
+        .map(|c| c.message.clone());
+    if let Some(why) = unfit
+        && old_unfit.as_ref() != Some(why)
+    {
+        events.push((EventType::Warning, "Unschedulable", why.clone()));
+    }
+    if new.phase != old.phase {
+        let message = conditions::get(
+            &new.conditions,
+            if new.phase == Some(JobPhase::Failed) {
+                "Failed"
+            } else {
+                "Complete"
+            },
+        )
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+        match new.phase {
+            Some(JobPhase::Succeeded) => events.push((EventType::Normal, "Succeeded", message)),
+            Some(JobPhase::Failed) => events.push((EventType::Warning, "Failed", message)),
+            _ => {}
+        }
+    }
+    let reference = job.object_ref(&());
+    for (type_, reason, note) in events {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::debug!(error = %e, "publishing event failed");
+        }
+    }
+}
+
+fn prev_phase(s: &ShardStatus) -> &'static str {
+    match s.phase {
+        TaskPhase::Failed => "failed",
+        TaskPhase::Cancelled => "cancelled",
+        _ => "lost",
+    }
+}
+
+/// Deletes the job's tasks everywhere; unreachable members that still hold some keep the
+/// finalizer (the error requeues) until they answer or their pool is removed.
+async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    ctx.scheduler.withdraw(&ns, &name);
+    let now = Timestamp::now();
+    let mut pending = Vec::new();
+    for m in ctx.fleet.members() {
+        let cached: Vec<String> = m
+            .tasks
+            .state()
+            .iter()
+            .filter(|t| t.spec.job.uid == uid)
+            .map(|t| t.name_any())
+            .collect();
+        let api = m.tasks_api();
+        let listed = if m.health().reachable {
+            api.list(&ListParams::default().labels(&format!("{JOB_UID_LABEL}={uid}")))
+                .await
+                .map(|l| {
+                    l.items
+                        .iter()
+                        .map(ResourceExt::name_any)
+                        .collect::<Vec<_>>()
+                })
+                .ok()
+        } else {
+            None
+        };
+        let mut names = listed.clone().unwrap_or_default();
+        names.extend(cached);
+        names.sort();
+        names.dedup();
+        for task in names {
+            match api.delete(&task, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(_) => pending.push(format!("{}/{task}", m.key)),
+            }
+        }
+        if listed.is_none() && !m.health().reachable {
+            tracing::info!(member = %m.key, job = %name, unreachable_for = ?m.health().unreachable_since.map(|s| now - s), "member unreachable during cleanup");
+        }
+    }
+    if !pending.is_empty() {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "CleanupPending".into(),
+            note: Some(format!(
+                "waiting for unreachable member clusters to delete: {}",
+                pending.join(", ")
+            )),
+            action: "Cleanup".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&ev, &job.object_ref(&())).await;
+        return Err(Error::CleanupPending(pending.len(), pending.join(", ")));
+    }
+    tracing::info!(job = %name, "tasks removed from every member cluster");
+    Ok(Action::await_change())
+}
+
+/// Tasks of all members by phase, for the tasks gauge.
+pub fn count_tasks(ctx: &Context) -> BTreeMap<&'static str, i64> {
+    let mut counts = BTreeMap::from([
+        ("Pending", 0),
+        ("Running", 0),
+        ("Succeeded", 0),
+        ("Failed", 0),
+        ("Cancelled", 0),
+    ]);
+    for m in ctx.fleet.members() {
+        for t in m.tasks.state() {
+            let phase = match t.status.as_ref().and_then(|s| s.phase) {
+                None | Some(TaskPhase::Pending) => "Pending",
+                Some(TaskPhase::Running) => "Running",
+                Some(TaskPhase::Succeeded) => "Succeeded",
+                Some(TaskPhase::Failed) => "Failed",
+                Some(TaskPhase::Cancelled) => "Cancelled",
+            };
+            *counts.entry(phase).or_default() += 1;
+        }
+    }
+    counts
+}

@@ -1,0 +1,339 @@
+//! The EdgePool controller: connect every member cluster (kubeconfig Secret or the hub
+//! itself), and write reachability, node readiness and capacity to status. A bad or
+//! missing kubeconfig is a condition on the pool, not a crash loop; a changed Secret
+//! reconnects the member.
+
+use crate::conditions;
+use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
+use crate::scheduler::selector_matches;
+use edgeloom_crds::EdgePool;
+use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus};
+use edgeloom_crds::inventory::NodeInventory;
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of the pool controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing to the hub failed.
+    #[error("hub API: {0}")]
+    Hub(#[source] kube::Error),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Hub(_) => "hub_api",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Runs the controller; pools are reconciled when they or a Secret in the operator's
+/// namespace change, and every 5 s to refresh reachability and capacity.
+pub async fn run(ctx: Arc<Context>, pools: Controller<EdgePool>) {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let store = ctx.pools.clone();
+    pools
+        .watches(
+            secrets,
+            kube::runtime::watcher::Config::default(),
+            move |secret: Secret| {
+                let name = secret.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        p.spec
+                            .clusters
+                            .iter()
+                            .any(|c| c.kubeconfig_secret.as_ref().is_some_and(|s| s.name == name))
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn error_policy(pool: Arc<EdgePool>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&["edgepool", error.category()])
+        .inc();
+    tracing::warn!(pool = %pool.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[tracing::instrument(skip_all, fields(pool = %pool.name_any()))]
+async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["edgepool"])
+        .inc();
+    let api: Api<EdgePool> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, POOL_FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(pool) => apply(pool, &ctx).await,
+            Finalizer::Cleanup(pool) => {
+                ctx.fleet.remove_pool(&pool.name_any());
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics
+        .reconcile_duration
+        .with_label_values(&["edgepool"])
+        .observe(start.elapsed().as_secs_f64());
+    result
+}
+
+/// The kubeconfig text of a remote member, or why it cannot be had.
+async fn kubeconfig(ctx: &Context, name: &str, key: &str) -> Result<String, String> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(format!("Secret {}/{name} not found", ctx.namespace)),
+        Err(e) => return Err(format!("reading Secret {}/{name}: {e}", ctx.namespace)),
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+        .ok_or_else(|| format!("Secret {}/{name} has no key {key}", ctx.namespace))?;
+    String::from_utf8(bytes)
+        .map_err(|_| format!("Secret {}/{name} key {key} is not UTF-8", ctx.namespace))
+}
+
+async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    let name = pool.name_any();
+    let pool_spec = Arc::new(pool.spec.clone());
+    let old = pool.status.clone().unwrap_or_default();
+    let mut clusters = Vec::new();
+    let mut capacity = Capacity::default();
+    let mut problems = Vec::new();
+    for spec in &pool.spec.clusters {
+        let text = match &spec.kubeconfig_secret {
+            Some(s) if !spec.local => match kubeconfig(ctx, &s.name, &s.key).await {
+                Ok(t) => Some(t),
+                Err(msg) => {
+                    problems.push(format!("{}: {msg}", spec.name));
+                    clusters.push(ClusterStatus {
+                        name: spec.name.clone(),
+                        reachable: false,
+                        message: Some(msg),
+                        ..Default::default()
+                    });
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let member = match ctx
+            .fleet
+            .ensure(&name, pool_spec.clone(), spec, &ctx.client, text.as_deref())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = e.to_string();
+                problems.push(format!("{}: {msg}", spec.name));
+                ctx.metrics
+                    .reconcile_errors
+                    .with_label_values(&["edgepool", e.category()])
+                    .inc();
+                clusters.push(ClusterStatus {
+                    name: spec.name.clone(),
+                    reachable: false,
+                    message: Some(msg),
+                    ..Default::default()
+                });
+                continue;
+            }
+        };
+        let health = member.health();
+        let mut status = ClusterStatus {
+            name: spec.name.clone(),
+            reachable: health.reachable,
+            message: health.error.clone(),
+            last_seen: health.last_seen.map(Time),
+            ..Default::default()
+        };
+        for meta in member.nodes.state() {
+            let labels = meta.metadata.labels.clone().unwrap_or_default();
+            if let Some(sel) = &pool.spec.node_selector
+                && !selector_matches(sel, &labels)
+            {
+                continue;
+            }
+            status.nodes += 1;
+            capacity.nodes += 1;
+            let node = meta.name_any();
+            if health.reachable && member.node_ready(&node, now) {
+                status.ready_nodes += 1;
+                capacity.ready_nodes += 1;
+                let inv = NodeInventory::parse(
+                    &labels,
+                    &meta.metadata.annotations.clone().unwrap_or_default(),
+                );
+                capacity.gpus += inv.gpus;
+                if let Some(p) = &inv.gpu_product {
+                    *capacity.gpus_by_product.entry(p.clone()).or_default() += inv.gpus;
+                }
+                capacity.gpu_memory_mib += inv.gpu_memory_mib * inv.gpus as u64;
+                capacity.cpu_cores += inv.cpu_cores;
+                capacity.tflops += inv.tflops;
+            }
+        }
+        if !health.reachable && health.last_seen.is_some()
+            || !health.reachable && health.unreachable_since.is_some()
+        {
+            problems.push(format!(
+                "{}: unreachable: {}",
+                spec.name,
+                health.error.clone().unwrap_or_default()
+            ));
+        }
+        ctx.metrics
+            .member_reachable
+            .with_label_values(&[&name, &spec.name])
+            .set(health.reachable as i64);
+        ctx.metrics
+            .member_ready_nodes
+            .with_label_values(&[&name, &spec.name])
+            .set(status.ready_nodes as i64);
+        clusters.push(status);
+    }
+    let names: Vec<String> = pool.spec.clusters.iter().map(|c| c.name.clone()).collect();
+    ctx.fleet.retain(&name, &names);
+    capacity.tflops = (capacity.tflops * 1000.0).round() / 1000.0;
+
+    let reachable = clusters.iter().filter(|c| c.reachable).count();
+    let mut conds = old.conditions.clone();
+    let generation = pool.metadata.generation;
+    let all = reachable == clusters.len();
+    conditions::set(
+        &mut conds,
+        "ClustersReachable",
+        all,
+        if all { "AllReachable" } else { "Unreachable" },
+        &if all {
+            format!("{reachable}/{} member clusters reachable", clusters.len())
+        } else {
+            problems.join("; ")
+        },
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut conds,
+        "Ready",
+        capacity.ready_nodes > 0,
+        if capacity.ready_nodes > 0 {
+            "NodesReady"
+        } else {
+            "NoReadyNodes"
+        },
+        &format!(
+            "{} of {} agent nodes have a fresh heartbeat",
+            capacity.ready_nodes, capacity.nodes
+        ),
+        generation,
+        now,
+    );
+    let status = EdgePoolStatus {
+        conditions: conds,
+        observed_generation: generation,
+        reachable: Some(format!("{reachable}/{}", clusters.len())),
+        clusters,
+        capacity: Some(capacity),
+        rewards: old.rewards.clone(),
+    };
+    // last_seen moves every probe; write only when something else changed or every ~30 s.
+    let changed = {
+        let strip = |s: &EdgePoolStatus| {
+            let mut s = s.clone();
+            for c in &mut s.clusters {
+                c.last_seen = None;
+            }
+            s
+        };
+        strip(&status) != strip(&old)
+            || old
+                .clusters
+                .iter()
+                .filter_map(|c| c.last_seen.as_ref())
+                .all(|t| now.as_second() - t.0.as_second() > 30)
+    };
+    if changed {
+        for (new, was) in status
+            .clusters
+            .iter()
+            .map(|c| (c, old.clusters.iter().find(|o| o.name == c.name)))
+        {
+            let flipped = was.is_some_and(|w| w.reachable != new.reachable)
+                || (was.is_none() && !new.reachable);
+            if flipped {
+                let (type_, reason) = if new.reachable {
+                    (EventType::Normal, "ClusterReachable")
+                } else {
+                    (EventType::Warning, "ClusterUnreachable")
+                };
+                let ev = Event {
+                    type_,
+                    reason: reason.into(),
+                    note: Some(format!(
+                        "{}: {}",
+                        new.name,
+                        new.message.clone().unwrap_or_else(|| "reachable".into())
+                    )),
+                    action: "Probe".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&ev, &pool.object_ref(&())).await;
+            }
+        }
+        let api: Api<EdgePool> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({"apiVersion": "edgeloom.io/v1alpha1", "kind": "EdgePool", "status": status});
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Hub)?;
+    }
+    Ok(Action::requeue(Duration::from_secs(3)))
+}

@@ -1,0 +1,145 @@
+//! Wiring: the hub client, metrics endpoint, leader election, fleet, scheduler and the two
+//! controllers. `main` parses flags and calls [`run`].
+
+use crate::context::Context;
+use crate::fleet::Fleet;
+use crate::http;
+use crate::job_controller;
+use crate::leader::Election;
+use crate::metrics::Metrics;
+use crate::pool_controller;
+use crate::scheduler::Scheduler;
+use anyhow::{Context as _, Result};
+use edgeloom_crds::EdgePool;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Settings of one operator process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Kubeconfig of the hub; default: in-cluster or $KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
+    /// The operator's namespace (kubeconfig Secrets, leader Lease).
+    pub namespace: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// Address of /metrics, /healthz, /readyz.
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader among replicas.
+    pub leader_elect: bool,
+    /// Lease duration of the election.
+    pub lease_duration: Duration,
+    /// Longest time between scheduling cycles.
+    pub scheduler_interval: Duration,
+}
+
+async fn hub_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+    Ok(match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            kube::Client::try_from(config)?
+        }
+        None => kube::Client::try_default()
+            .await
+            .context("no kubeconfig and not in a cluster")?,
+    })
+}
+
+/// Runs the operator until Ctrl-C/SIGTERM (Ok) or lost leadership (Err).
+pub async fn run(settings: Settings) -> Result<()> {
+    let client = hub_client(settings.kubeconfig.as_ref()).await?;
+    let metrics = Metrics::new().context("registering metrics")?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.metrics_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(http::serve(
+        listener,
+        http::Health {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    ));
+    client
+        .apiserver_version()
+        .await
+        .context("the hub API server does not answer")?;
+    ready.store(true, Ordering::Relaxed);
+
+    let election = Election {
+        namespace: settings.namespace.clone(),
+        name: "edgeloom-operator".into(),
+        identity: settings.identity.clone(),
+        lease_duration: settings.lease_duration,
+        retry_period: settings.lease_duration / 5,
+    };
+    if settings.leader_elect {
+        election.acquire(&client).await;
+    }
+    metrics.leader.set(1);
+
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+    let fleet = Arc::new(Fleet::new(trigger_tx));
+    let scheduler = Arc::new(Scheduler::default());
+    let pools = Controller::new(
+        Api::<EdgePool>::all(client.clone()),
+        kube::runtime::watcher::Config::default(),
+    );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "edgeloom-operator".into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        namespace: settings.namespace.clone(),
+        fleet: fleet.clone(),
+        scheduler: scheduler.clone(),
+        metrics: metrics.clone(),
+        recorder,
+        pools: pools.store(),
+        identity: settings.identity.clone(),
+    });
+    tokio::spawn(scheduler.run(
+        fleet,
+        metrics.clone(),
+        settings.identity.clone(),
+        settings.scheduler_interval,
+    ));
+    let gauges = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            for (phase, n) in job_controller::count_tasks(&gauges) {
+                gauges.metrics.tasks.with_label_values(&[phase]).set(n);
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let controllers = futures::future::join(
+        pool_controller::run(ctx.clone(), pools),
+        job_controller::run(ctx.clone(), trigger_rx),
+    );
+    if settings.leader_elect {
+        tokio::select! {
+            _ = controllers => Ok(()),
+            _ = election.hold(&client) => {
+                metrics.leader.set(0);
+                anyhow::bail!("lost leadership; exiting so that a fresh process rejoins as a follower")
+            }
+        }
+    } else {
+        controllers.await;
+        Ok(())
+    }
+}
