@@ -3,10 +3,13 @@
 //! from Go modules, on 127.0.0.1 only.
 
 pub mod control_plane;
+pub mod federation;
 pub mod kubeconfig;
 pub mod manifests;
 pub mod pki;
 pub mod process;
+pub mod sim_agent;
 pub mod tools;
+pub mod wait;
 
 pub use control_plane::{Cluster, Config, ControlPlane, ControlPlaneError, Role};

@@ -1,0 +1,178 @@
+//! A complete local federation for operator tests: the control plane, the CRDs in every
+//! cluster, the member kubeconfigs as Secrets in the hub, an EdgePool over the members,
+//! simulated agents on every member node, and operator processes.
+
+use crate::control_plane::{Config, ControlPlane, ControlPlaneError, free_port};
+use crate::manifests;
+use crate::process::Process;
+use crate::sim_agent::{SimAgents, SimNode};
+use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ObjectMeta, PostParams};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// A running federation.
+pub struct Federation {
+    /// Simulated agents per member cluster name.
+    pub agents: BTreeMap<String, SimAgents>,
+    /// The clusters (dropped last).
+    pub plane: ControlPlane,
+    /// Admin client of the hub.
+    pub hub: kube::Client,
+}
+
+/// Errors setting up a federation.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// The control plane failed.
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+    /// Applying something failed.
+    #[error(transparent)]
+    Manifest(#[from] manifests::ManifestError),
+    /// An API call failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// A process failed to start.
+    #[error("starting {0}: {1}")]
+    Spawn(String, std::io::Error),
+}
+
+async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube::Error> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Federation {
+    /// Starts `members` with `nodes` simulated nodes each, whose tasks take `work`.
+    pub async fn start(
+        members: &[&str],
+        nodes: u32,
+        work: Duration,
+    ) -> Result<Federation, FederationError> {
+        let plane = ControlPlane::start(Config {
+            members: members.iter().map(|m| m.to_string()).collect(),
+            nodes_per_member: nodes,
+            ..Config::default()
+        })
+        .await?;
+        let hub = plane.hub().client().await?;
+        for c in plane.clusters() {
+            manifests::install_crds(&c.client().await?).await?;
+        }
+        ensure_namespace(&hub, SYSTEM_NAMESPACE).await?;
+        let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
+        let mut agents = BTreeMap::new();
+        for m in plane.members() {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(format!("{}-kubeconfig", m.name)),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([(
+                    "kubeconfig".to_string(),
+                    ByteString(m.kubeconfig_yaml()?.into_bytes()),
+                )])),
+                ..Default::default()
+            };
+            secrets.create(&PostParams::default(), &secret).await?;
+            let sims = m
+                .nodes
+                .iter()
+                .map(|n| SimNode::cpu(n, &format!("acct-{n}")))
+                .collect();
+            agents.insert(
+                m.name.clone(),
+                SimAgents::start(m.client().await?, sims, work).await?,
+            );
+        }
+        Ok(Federation { agents, plane, hub })
+    }
+
+    /// Applies an EdgePool `name` over every member with the given heartbeat timeout and
+    /// task slots per node.
+    pub async fn apply_pool(
+        &self,
+        name: &str,
+        heartbeat_timeout: u32,
+        slots: u32,
+    ) -> Result<(), FederationError> {
+        let clusters: Vec<serde_json::Value> = self
+            .plane
+            .members()
+            .map(|m| serde_json::json!({"name": m.name, "kubeconfigSecret": {"name": format!("{}-kubeconfig", m.name)}, "region": format!("region-{}", m.name)}))
+            .collect();
+        let pool = serde_json::json!({
+            "apiVersion": "edgeloom.io/v1alpha1", "kind": "EdgePool",
+            "metadata": {"name": name},
+            "spec": {"clusters": clusters, "heartbeatTimeoutSeconds": heartbeat_timeout, "maxTasksPerNode": slots,
+                     "rewards": {"perGpuSecond": "0.001", "perCpuCoreSecond": "0.0001", "unit": "credits"}}
+        });
+        let text = serde_json::to_string(&pool).unwrap_or_default();
+        manifests::apply_all(&self.hub, &text, "default", false).await?;
+        Ok(())
+    }
+
+    /// A fresh namespace in the hub for a test's jobs.
+    pub async fn namespace(&self, name: &str) -> Result<String, FederationError> {
+        ensure_namespace(&self.hub, name).await?;
+        Ok(name.to_string())
+    }
+
+    /// Starts an edgeloom-operator process (binary `bin`) against the hub.
+    pub fn operator(&self, bin: &Path, identity: &str) -> Result<Operator, FederationError> {
+        let port = free_port()?;
+        let log = self.plane.dir().join(format!("operator-{identity}.log"));
+        let args = vec![
+            format!("--kubeconfig={}", self.plane.hub().kubeconfig.display()),
+            format!("--namespace={SYSTEM_NAMESPACE}"),
+            format!("--identity={identity}"),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+            "--lease-duration-seconds=4".into(),
+            "--scheduler-interval-ms=200".into(),
+        ];
+        let process = Process::spawn(&format!("operator[{identity}]"), bin, &args, &log)
+            .map_err(|e| FederationError::Spawn(bin.display().to_string(), e))?;
+        Ok(Operator {
+            process,
+            port,
+            identity: identity.into(),
+        })
+    }
+}
+
+/// A running operator process.
+pub struct Operator {
+    /// The process.
+    pub process: Process,
+    /// Port of /metrics.
+    pub port: u16,
+    /// Its identity.
+    pub identity: String,
+}
+
+impl Operator {
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// The end of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+}

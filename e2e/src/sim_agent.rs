@@ -1,0 +1,233 @@
+//! A simulated node agent for operator tests, until the real agent runs in e2e: it
+//! publishes each node's inventory, renews its heartbeat Lease, claims the node's
+//! ComputeTasks and completes them after a delay with a deterministic digest. Nodes can be
+//! "killed" (heartbeat and work stop) and made to fail their tasks.
+
+use edgeloom_crds::TaskPhase;
+use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL};
+use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Field manager of the simulated agent.
+pub const MANAGER: &str = "edgeloom-sim-agent";
+
+/// Behaviour of a simulated node.
+#[derive(Clone, Debug)]
+pub struct SimNode {
+    /// Node name.
+    pub name: String,
+    /// What it offers.
+    pub inventory: NodeInventory,
+}
+
+impl SimNode {
+    /// A CPU node with 4 cores, 8 GiB and the given account.
+    pub fn cpu(name: &str, account: &str) -> SimNode {
+        SimNode {
+            name: name.into(),
+            inventory: NodeInventory {
+                agent: true,
+                account: Some(account.into()),
+                cpu_cores: 4,
+                memory_mib: 8192,
+                tflops: 0.1,
+                ..NodeInventory::default()
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Control {
+    dead: HashSet<String>,
+    failing: HashSet<String>,
+}
+
+/// Agents for some nodes of one member cluster, driven by one background task.
+pub struct SimAgents {
+    control: Arc<Mutex<Control>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimAgents {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// The digest a simulated agent reports for a shard: equal for equal (job, shard).
+pub fn digest(job_uid: &str, shard: u32) -> String {
+    hex::encode(Sha256::digest(format!("{job_uid}/{shard}")))
+}
+
+impl SimAgents {
+    /// Publishes inventories and starts heartbeats and the task loop; each task takes
+    /// `work` to finish.
+    pub async fn start(
+        client: kube::Client,
+        nodes: Vec<SimNode>,
+        work: Duration,
+    ) -> Result<SimAgents, kube::Error> {
+        let ns_api: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(SYSTEM_NAMESPACE.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match ns_api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+        let node_api: Api<Node> = Api::all(client.clone());
+        for n in &nodes {
+            let (labels, annotations) = n.inventory.to_metadata();
+            let patch = serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.name, "labels": labels, "annotations": annotations}
+            });
+            node_api
+                .patch(
+                    &n.name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await?;
+        }
+        let control = Arc::new(Mutex::new(Control::default()));
+        let handle = tokio::spawn(run(client, nodes, work, control.clone()));
+        Ok(SimAgents { control, handle })
+    }
+
+    /// Stops a node's heartbeat and work, as a crash or network loss would.
+    pub fn kill(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.dead.insert(node.to_string());
+        }
+    }
+
+    /// Makes a node fail every task it runs.
+    pub fn fail(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.failing.insert(node.to_string());
+        }
+    }
+}
+
+async fn run(
+    client: kube::Client,
+    nodes: Vec<SimNode>,
+    work: Duration,
+    control: Arc<Mutex<Control>>,
+) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let tasks: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let mut started: BTreeMap<String, std::time::Instant> = BTreeMap::new();
+    loop {
+        let (dead, failing) = match control.lock() {
+            Ok(c) => (c.dead.clone(), c.failing.clone()),
+            Err(_) => return,
+        };
+        let now = Timestamp::now();
+        for n in nodes.iter().filter(|n| !dead.contains(&n.name)) {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(n.name.clone()),
+                    labels: Some(BTreeMap::from([(
+                        "edgeloom.io/heartbeat".to_string(),
+                        "agent".to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(n.name.clone()),
+                    renew_time: Some(MicroTime(now)),
+                    lease_duration_seconds: Some(10),
+                    ..Default::default()
+                }),
+            };
+            let mut patch = serde_json::to_value(&lease).unwrap_or_default();
+            patch["apiVersion"] = "coordination.k8s.io/v1".into();
+            patch["kind"] = "Lease".into();
+            let _ = leases
+                .patch(
+                    &n.name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await;
+        }
+        if let Ok(list) = tasks.list(&Default::default()).await {
+            for t in list.items {
+                let node = t
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(NODE_LABEL))
+                    .cloned()
+                    .unwrap_or_default();
+                if dead.contains(&node) || !nodes.iter().any(|n| n.name == node) {
+                    continue;
+                }
+                let name = t.metadata.name.clone().unwrap_or_default();
+                let phase = t.status.as_ref().and_then(|s| s.phase);
+                let status = match phase {
+                    None | Some(TaskPhase::Pending) => {
+                        started.insert(name.clone(), std::time::Instant::now());
+                        Some(ComputeTaskStatus {
+                            phase: Some(TaskPhase::Running),
+                            started_at: Some(Time(now)),
+                            ..Default::default()
+                        })
+                    }
+                    Some(TaskPhase::Running) => {
+                        let since = *started
+                            .entry(name.clone())
+                            .or_insert_with(std::time::Instant::now);
+                        (since.elapsed() >= work).then(|| {
+                            let mut s = t.status.clone().unwrap_or_default();
+                            s.finished_at = Some(Time(now));
+                            s.progress = 100;
+                            if failing.contains(&node) {
+                                s.phase = Some(TaskPhase::Failed);
+                                s.message = Some(format!("simulated failure on {node}"));
+                            } else {
+                                s.phase = Some(TaskPhase::Succeeded);
+                                s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard));
+                                s.metrics = BTreeMap::from([(
+                                    "accuracy".to_string(),
+                                    0.9 + t.spec.shard as f64 * 0.01,
+                                )]);
+                            }
+                            s
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(status) = status {
+                    let patch = serde_json::json!({
+                        "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask", "status": status
+                    });
+                    let _ = tasks
+                        .patch_status(
+                            &name,
+                            &PatchParams::apply(MANAGER).force(),
+                            &Patch::Apply(&patch),
+                        )
+                        .await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
