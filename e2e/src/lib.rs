@@ -8,6 +8,7 @@ pub mod kubeconfig;
 pub mod manifests;
 pub mod pki;
 pub mod process;
+pub mod scrape;
 pub mod sim_agent;
 pub mod tools;
 pub mod wait;

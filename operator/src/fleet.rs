@@ -54,10 +54,9 @@ pub struct Health {
     pub latency: Option<Duration>,
     /// The last probe's error.
     pub error: Option<String>,
-    /// The ComputeTask store has completed its first list.
-    pub tasks_synced: bool,
-    /// The Node store has completed its first list.
-    pub nodes_synced: bool,
+    /// The Node, Lease and ComputeTask caches have all completed their first list;
+    /// until then nothing is decided from them (a cold cache looks like lost nodes).
+    pub synced: bool,
 }
 
 /// One member cluster of one pool.
@@ -274,17 +273,14 @@ impl Fleet {
         }));
 
         let member_health = health.clone();
-        let (tasks_ready, nodes_ready) = (tasks.clone(), nodes.clone());
+        let (tasks_ready, nodes_ready, leases_ready) =
+            (tasks.clone(), nodes.clone(), leases.clone());
         workers.push(tokio::spawn(async move {
-            if tasks_ready.wait_until_ready().await.is_ok()
-                && let Ok(mut h) = member_health.write()
-            {
-                h.tasks_synced = true;
-            }
-            if nodes_ready.wait_until_ready().await.is_ok()
-                && let Ok(mut h) = member_health.write()
-            {
-                h.nodes_synced = true;
+            let synced = tasks_ready.wait_until_ready().await.is_ok()
+                && nodes_ready.wait_until_ready().await.is_ok()
+                && leases_ready.wait_until_ready().await.is_ok();
+            if synced && let Ok(mut h) = member_health.write() {
+                h.synced = true;
             }
         }));
         workers.push(tokio::spawn(probe(

@@ -166,12 +166,9 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let uid = job.uid().unwrap_or_default();
     let old = job.status.clone().unwrap_or_default();
     let members = members_for(&job, ctx);
-    // Never decide on a cold cache: a reachable member whose tasks are not listed yet
-    // could hold this job's tasks (e.g. right after an operator restart).
-    if members
-        .iter()
-        .any(|m| !m.health().tasks_synced && !m.lost(now))
-    {
+    // Never decide on a cold cache: right after an operator restart a member whose tasks
+    // or heartbeats are not listed yet would look empty or dead.
+    if members.iter().any(|m| !m.health().synced && !m.lost(now)) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let views = task_views(&uid, ctx, now);
@@ -295,24 +292,31 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         ),
     }
     let finished = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
-    conditions::set(
-        &mut conds,
-        "Complete",
-        decision.phase == JobPhase::Succeeded,
-        decision.reason,
-        &decision.message,
-        generation,
-        now,
-    );
-    conditions::set(
-        &mut conds,
-        "Failed",
-        decision.phase == JobPhase::Failed,
-        decision.reason,
-        &decision.message,
-        generation,
-        now,
-    );
+    // A finished job keeps the verdict it was given.
+    if !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+        let (ok, failed) = (
+            decision.phase == JobPhase::Succeeded,
+            decision.phase == JobPhase::Failed,
+        );
+        conditions::set(
+            &mut conds,
+            "Complete",
+            ok,
+            decision.reason,
+            &decision.message,
+            generation,
+            now,
+        );
+        conditions::set(
+            &mut conds,
+            "Failed",
+            failed,
+            decision.reason,
+            &decision.message,
+            generation,
+            now,
+        );
+    }
     let status = ComputeJobStatus {
         phase: Some(decision.phase),
         conditions: conds,

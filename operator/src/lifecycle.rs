@@ -12,8 +12,9 @@
 //!   the pool's timeout) is re-placed with attempt+1; that does not count as a failure.
 //! - Attempt numbers never repeat: a new attempt is above every attempt seen in the
 //!   clusters and every attempt recorded in the job's status.
-//! - Deadline and gang timeout fail the job with the reason; a finished job cancels all
-//!   of its unfinished tasks.
+//! - Deadline and gang timeout fail the job with the reason (a gang only once the
+//!   scheduler has actually found it unplaceable); a finished job cancels all of its
+//!   unfinished tasks.
 
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};
@@ -156,9 +157,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             by_slot.entry((t.shard, t.replica)).or_default().push(t);
         }
     }
+    // Only slots that were bound to a node record a real attempt (unplaced slots show 0).
     let recorded: BTreeMap<(u32, u32), u32> = job
         .recorded
         .iter()
+        .filter(|s| !s.node.is_empty())
         .map(|s| ((s.index, s.replica), s.attempt))
         .collect();
 
@@ -206,7 +209,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             let mut status = ShardStatus {
                 index: shard,
                 replica,
-                attempt: max_attempt.max(1),
+                attempt: max_attempt,
                 cluster: String::new(),
                 node: String::new(),
                 phase: TaskPhase::Pending,
@@ -324,7 +327,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     spec.shards
                 ),
             );
-        } else if spec.placement.gang == Some(true) && !any_task {
+        } else if spec.placement.gang == Some(true) && !any_task && job.unschedulable.is_some() {
             let timeout = spec
                 .placement
                 .gang_timeout_seconds
@@ -336,7 +339,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     format!(
                         "gang of {} task(s) could not be placed within {timeout}s: {}",
                         spec.shards * replicas,
-                        job.unschedulable.as_deref().unwrap_or("no room")
+                        job.unschedulable.as_deref().unwrap_or_default()
                     ),
                 );
             }
@@ -551,6 +554,16 @@ mod tests {
     }
 
     #[test]
+    fn an_unplaced_slot_in_status_is_not_an_attempt() {
+        let s = spec(1);
+        let first = decide(&view(&s), &[], t0());
+        assert_eq!(first.shards[0].attempt, 0, "no attempt yet");
+        let mut v = view(&s);
+        v.recorded = &first.shards;
+        assert_eq!(decide(&v, &[], t0()).needs[0].attempt, 1);
+    }
+
+    #[test]
     fn a_recorded_attempt_is_never_reused() {
         let s = spec(1);
         let recorded = [ShardStatus {
@@ -586,6 +599,12 @@ mod tests {
         g.placement.gang = Some(true);
         g.placement.gang_timeout_seconds = Some(30);
         let mut v = view(&g);
+        let late = t0() + SignedDuration::from_secs(31);
+        assert_eq!(
+            decide(&v, &[], late).phase,
+            JobPhase::Pending,
+            "no verdict from the scheduler yet"
+        );
         v.unschedulable = Some("0/4 nodes fit: 4 lack free GPUs".into());
         assert_eq!(
             decide(&v, &[], t0() + SignedDuration::from_secs(29)).phase,

@@ -6,7 +6,8 @@ use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use edgeloom_e2e::federation::Federation;
-use edgeloom_e2e::{manifests, wait};
+use edgeloom_e2e::{manifests, scrape, wait};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams};
 use std::path::Path;
@@ -141,4 +142,442 @@ async fn a_job_spread_over_two_member_clusters_completes() {
         "{events:?}"
     );
     assert!(events.iter().any(|(r, _)| r == "Succeeded"), "{events:?}");
+}
+
+async fn wait_all_running(fed: &Federation, ns: &str, name: &str, n: usize) -> ComputeJob {
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), ns);
+    wait::until(
+        &format!("{n} running shard(s) of {name}"),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let j = api.get(name).await.map_err(|e| e.to_string())?;
+                let shards = j.status.clone().unwrap_or_default().shards;
+                let running = shards
+                    .iter()
+                    .filter(|s| s.phase == TaskPhase::Running)
+                    .count();
+                if running >= n {
+                    Ok(j)
+                } else {
+                    Err(format!("{running} running: {shards:?}"))
+                }
+            }
+        },
+    )
+    .await
+}
+
+async fn all_tasks(fed: &Federation, uid: &str) -> Vec<ComputeTask> {
+    let mut all = Vec::new();
+    for m in fed.plane.members() {
+        all.extend(tasks_in(fed, &m.name, uid).await);
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("gang").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml(
+            "gang",
+            6,
+            "  placement:\n    gang: true\n    gangTimeoutSeconds: 5\n",
+        ),
+    )
+    .await;
+    let failed = wait_phase(&fed, &ns, "gang", JobPhase::Failed, Duration::from_secs(60)).await;
+    let status = failed.status.expect("status");
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed condition");
+    assert_eq!(cond.reason, "Unschedulable");
+    assert!(
+        cond.message.contains("within 5s") && cond.message.contains("0/4 nodes fit"),
+        "{}",
+        cond.message
+    );
+    assert!(
+        all_tasks(&fed, &failed.metadata.uid.expect("uid"))
+            .await
+            .is_empty(),
+        "a failed gang creates no task"
+    );
+    let events = events_of(&fed, &ns, "gang").await;
+    assert!(
+        events.iter().any(|(r, _)| r == "Unschedulable"),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|(r, _)| r == "Failed"), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(8))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 5, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("heartbeat").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("hb", 1, "")).await;
+    let running = wait_all_running(&fed, &ns, "hb", 1).await;
+    let first = running.status.expect("status").shards[0].clone();
+    assert_eq!(first.attempt, 1);
+    fed.agents[&first.cluster].kill(&first.node);
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "hb",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!(shard.attempt, 2, "re-placed with attempt + 1");
+    assert_ne!(
+        (shard.cluster.clone(), shard.node.clone()),
+        (first.cluster.clone(), first.node.clone())
+    );
+    let tasks = all_tasks(&fed, &done.metadata.uid.clone().expect("uid")).await;
+    let summary: Vec<(u32, Option<TaskPhase>)> = tasks
+        .iter()
+        .map(|t| (t.spec.attempt, t.status.as_ref().and_then(|s| s.phase)))
+        .collect();
+    assert_eq!(
+        summary,
+        [(2, Some(TaskPhase::Succeeded))],
+        "the lost attempt was cancelled; one completion"
+    );
+    let events = events_of(&fed, &ns, "hb").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "Replaced" && m.contains("attempt 2")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_member_apiserver_fails_over_and_is_cleaned_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(12))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 5, 2).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("failover").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("fo", 2, "  placement:\n    spread: Cluster\n"),
+    )
+    .await;
+    let running = wait_all_running(&fed, &ns, "fo", 2).await;
+    let uid = running.metadata.uid.clone().expect("uid");
+    assert_eq!(
+        running.status.clone().expect("status").placement.as_deref(),
+        Some("edge-a:1,edge-b:1")
+    );
+    fed.plane.kill_apiserver("edge-a").expect("kill");
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "fo",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let status = done.status.expect("status");
+    assert_eq!(
+        status.placement.as_deref(),
+        Some("edge-b:2"),
+        "{:?}",
+        status.shards
+    );
+    let moved = status
+        .shards
+        .iter()
+        .find(|s| s.attempt == 2)
+        .expect("one shard re-placed");
+    assert_eq!(moved.cluster, "edge-b");
+    fed.plane
+        .restart_apiserver("edge-a")
+        .await
+        .expect("restart");
+    // When edge-a answers again, its stale attempt is cancelled (or finished late and is
+    // ignored): nothing of the job keeps running there, and the result stands.
+    wait::until(
+        "edge-a holds no unfinished task of the job",
+        Duration::from_secs(60),
+        || {
+            let fed = &fed;
+            let uid = uid.clone();
+            async move {
+                let left: Vec<String> = tasks_in(fed, "edge-a", &uid)
+                    .await
+                    .into_iter()
+                    .filter(|t| {
+                        !matches!(
+                            t.status.as_ref().and_then(|s| s.phase),
+                            Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
+                        )
+                    })
+                    .map(|t| t.metadata.name.unwrap_or_default())
+                    .collect();
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{left:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let after = job(&fed, &ns, "fo").await.status.expect("status");
+    assert_eq!(
+        after.placement.as_deref(),
+        Some("edge-b:2"),
+        "a late result never replaces the accepted attempt"
+    );
+    assert_eq!(after.phase, Some(JobPhase::Succeeded));
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(5))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let mut op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("restart").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("rs", 4, "")).await;
+    let uid = wait::until("the job's uid", Duration::from_secs(10), || async {
+        job(&fed, &ns, "rs")
+            .await
+            .metadata
+            .uid
+            .ok_or_else(|| "no uid".to_string())
+    })
+    .await;
+    wait::until("a first task", Duration::from_secs(60), || {
+        let (fed, uid) = (&fed, uid.clone());
+        async move {
+            let n = all_tasks(fed, &uid).await.len();
+            if n > 0 { Ok(()) } else { Err("none".into()) }
+        }
+    })
+    .await;
+    op.kill();
+    let _op2 = fed
+        .operator(operator_bin(), "op-2")
+        .expect("operator restarted");
+    wait_phase(
+        &fed,
+        &ns,
+        "rs",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    let mut names: Vec<(u32, u32)> = all_tasks(&fed, &uid)
+        .await
+        .iter()
+        .map(|t| (t.spec.shard, t.spec.attempt))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [(0, 1), (1, 1), (2, 1), (3, 1)],
+        "exactly one attempt per shard"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_job_cleans_every_member_even_one_that_was_unreachable() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(300))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("delete").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("del", 4, "  placement:\n    spread: Cluster\n"),
+    )
+    .await;
+    let running = wait_all_running(&fed, &ns, "del", 4).await;
+    let uid = running.metadata.uid.clone().expect("uid");
+    assert_eq!(tasks_in(&fed, "edge-b", &uid).await.len(), 2);
+    fed.plane.kill_apiserver("edge-b").expect("kill");
+    let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    jobs.delete("del", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait::until("edge-a cleaned", Duration::from_secs(30), || {
+        let (fed, uid) = (&fed, uid.clone());
+        async move {
+            let n = tasks_in(fed, "edge-a", &uid).await.len();
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} left"))
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = jobs
+        .get_opt("del")
+        .await
+        .expect("get")
+        .expect("the finalizer holds the job while edge-b is unreachable");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    fed.plane
+        .restart_apiserver("edge-b")
+        .await
+        .expect("restart");
+    wait::until("the job to be gone", Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        async move {
+            match jobs.get_opt("del").await {
+                Ok(None) => Ok(()),
+                other => Err(format!(
+                    "{:?}",
+                    other.map(|j| j.map(|j| j.metadata.finalizers))
+                )),
+            }
+        }
+    })
+    .await;
+    assert!(
+        tasks_in(&fed, "edge-b", &uid).await.is_empty(),
+        "edge-b cleaned after it came back"
+    );
+    let events = events_of(&fed, &ns, "del").await;
+    assert!(
+        events.iter().any(|(r, _)| r == "CleanupPending"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn of_two_operator_replicas_only_the_leader_acts() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 2).await.expect("pool");
+    let mut a = fed.operator(operator_bin(), "op-a").expect("operator a");
+    let mut b = fed.operator(operator_bin(), "op-b").expect("operator b");
+    let leases: Api<Lease> = Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let leader = wait::until("a leader", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("edgeloom-operator")
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+                .ok_or_else(|| "no holder".to_string())
+        }
+    })
+    .await;
+    let ns = fed.namespace("leader").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("one", 2, "")).await;
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "one",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let creators: Vec<String> = all_tasks(&fed, &done.metadata.uid.expect("uid"))
+        .await
+        .iter()
+        .filter_map(|t| {
+            t.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("edgeloom.io/created-by"))
+                .cloned()
+        })
+        .collect();
+    assert_eq!(
+        creators,
+        vec![leader.clone(); 2],
+        "every task was created by the leader"
+    );
+    let (leading, following) = if leader == "op-a" {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    let gauge = |body: String| {
+        body.lines()
+            .find(|l| l.starts_with("edgeloom_operator_leader "))
+            .map(str::to_string)
+    };
+    let follower_metrics = scrape::get(following.port, "/metrics")
+        .await
+        .expect("follower /metrics")
+        .1;
+    assert_eq!(
+        gauge(follower_metrics).as_deref(),
+        Some("edgeloom_operator_leader 0")
+    );
+    let leader_metrics = scrape::get(leading.port, "/metrics")
+        .await
+        .expect("leader /metrics")
+        .1;
+    assert_eq!(
+        gauge(leader_metrics).as_deref(),
+        Some("edgeloom_operator_leader 1")
+    );
+    assert_eq!(
+        scrape::get(following.port, "/readyz")
+            .await
+            .expect("readyz")
+            .0,
+        200
+    );
+    let follower = following.identity.clone();
+    leading.kill();
+    apply(&fed, &ns, &job_yaml("two", 1, "")).await;
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "two",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let creators: Vec<String> = all_tasks(&fed, &done.metadata.uid.expect("uid"))
+        .await
+        .iter()
+        .filter_map(|t| {
+            t.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("edgeloom.io/created-by"))
+                .cloned()
+        })
+        .collect();
+    assert_eq!(creators, vec![follower], "the follower took over");
 }
