@@ -304,7 +304,7 @@ pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> 
         return Err(Filter::Labels);
     }
     if let Some(ds) = req.dataset
-        && !ds.is_some_and(|d| n.datasets.binary_search(&d).is_ok())
+        && ds.is_none_or(|d| n.datasets.binary_search(&d).is_err())
     {
         return Err(Filter::Dataset);
     }
@@ -405,7 +405,7 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 outcome.assigned.push((slot_index, id));
             }
             None => {
-                let unfit = explain(snapshot, req, |id| eligible(id));
+                let unfit = explain(snapshot, req, eligible);
                 outcome.unplaced.push((slot_index, unfit));
             }
         }

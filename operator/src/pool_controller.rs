@@ -217,9 +217,7 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                 capacity.tflops += inv.tflops;
             }
         }
-        if !health.reachable && health.last_seen.is_some()
-            || !health.reachable && health.unreachable_since.is_some()
-        {
+        if !health.reachable && (health.last_seen.is_some() || health.unreachable_since.is_some()) {
             problems.push(format!(
                 "{}: unreachable: {}",
                 spec.name,

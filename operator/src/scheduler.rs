@@ -171,7 +171,7 @@ impl Scheduler {
                 let member = members.iter().find(|m| m.key == member_key).cloned();
                 let task = build_task(&work, need, &member_key, &node_name, identity);
                 async move {
-                    let Some(member) = member else { return None };
+                    let member = member?;
                     let name = task.metadata.name.clone().unwrap_or_default();
                     match member.tasks_api().create(&PostParams::default(), &task).await {
                         Ok(_) => Some((true, member_key, node_name, name)),
