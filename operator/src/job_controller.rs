@@ -384,31 +384,47 @@ async fn publish_events(
     let key = |s: &ShardStatus| (s.index, s.replica);
     let before: BTreeMap<(u32, u32), &ShardStatus> =
         old.shards.iter().map(|s| (key(s), s)).collect();
+    // One event per kind and reconcile (the recorder folds same-reason events into a series).
+    let mut placed = Vec::new();
+    let mut replaced = Vec::new();
     for s in new.shards.iter().filter(|s| !s.node.is_empty()) {
         match before.get(&key(s)) {
             Some(prev) if prev.attempt == s.attempt && !prev.node.is_empty() => {}
-            Some(prev) if !prev.node.is_empty() => events.push((
-                EventType::Warning,
-                "Replaced",
-                format!(
-                    "shard {} replica {} re-placed as attempt {} on {}/{} (attempt {} on {}/{}: {})",
-                    s.index,
-                    s.replica,
-                    s.attempt,
-                    s.cluster,
-                    s.node,
-                    prev.attempt,
-                    prev.cluster,
-                    prev.node,
-                    prev.message.as_deref().unwrap_or(prev_phase(prev))
-                ),
+            Some(prev) if !prev.node.is_empty() => replaced.push(format!(
+                "shard {}/{} attempt {} on {}/{} (attempt {} on {}/{} {})",
+                s.index,
+                s.replica,
+                s.attempt,
+                s.cluster,
+                s.node,
+                prev.attempt,
+                prev.cluster,
+                prev.node,
+                prev.message.as_deref().unwrap_or(prev_phase(prev))
             )),
-            _ => events.push((
-                EventType::Normal,
-                "Placed",
-                format!("shard {} replica {} attempt {} on {}/{}", s.index, s.replica, s.attempt, s.cluster, s.node),
+            _ => placed.push(format!(
+                "shard {}/{} attempt {} on {}/{}",
+                s.index, s.replica, s.attempt, s.cluster, s.node
             )),
         }
+    }
+    if !placed.is_empty() {
+        events.push((
+            EventType::Normal,
+            "Placed",
+            format!("{} task(s): {}", placed.len(), placed.join("; ")),
+        ));
+    }
+    if !replaced.is_empty() {
+        events.push((
+            EventType::Warning,
+            "Replaced",
+            format!(
+                "{} task(s) re-placed: {}",
+                replaced.len(),
+                replaced.join("; ")
+            ),
+        ));
     }
     let old_unfit = conditions::get(&old.conditions, "Scheduled")
         .filter(|c| c.reason == "Unschedulable")

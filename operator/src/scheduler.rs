@@ -148,6 +148,16 @@ impl Scheduler {
             .collect();
         for Waiting { key: work, .. } in queue::order(waiting) {
             let job_key = format!("{}/{}", work.namespace, work.name);
+            // No verdict before the job's member caches are filled: an empty cache is not
+            // an empty cluster.
+            let cold = work.members.is_empty()
+                || members
+                    .iter()
+                    .filter(|m| work.members.contains(&m.key))
+                    .any(|m| !m.health().synced && !m.lost(now));
+            if cold {
+                continue;
+            }
             let started = Instant::now();
             let (request, slots) = world.request(&work);
             let outcome = placement::place(&mut world.snapshot, &request);
@@ -494,15 +504,6 @@ impl World {
             },
             gang: work.gang,
             used_nodes: work.used.iter().filter_map(lookup).collect(),
-        };
-        // A job whose pools have no member yet may use no cluster at all.
-        let request = if work.members.is_empty() {
-            Request {
-                clusters: vec![u32::MAX],
-                ..request
-            }
-        } else {
-            request
         };
         (request, work.needs.clone())
     }

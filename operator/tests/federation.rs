@@ -142,6 +142,45 @@ async fn a_job_spread_over_two_member_clusters_completes() {
         "{events:?}"
     );
     assert!(events.iter().any(|(r, _)| r == "Succeeded"), "{events:?}");
+
+    // The kubectl plugin shows the same, from the real API.
+    let plugin = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-edgeloom"))
+            .arg("--kubeconfig")
+            .arg(&fed.plane.hub().kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl-edgeloom runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let status = plugin(&["status"]);
+    assert!(status.contains("2/2") && status.contains("4/4"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("spread") && l.contains("Succeeded")),
+        "{status}"
+    );
+    let described = plugin(&["describe", "job", "spread", "-n", &ns]);
+    assert!(
+        described.contains("Phase:       Succeeded  (4/4)"),
+        "{described}"
+    );
+    assert_eq!(
+        described
+            .lines()
+            .filter(|l| l.contains("Succeeded") && l.contains("edge-"))
+            .count(),
+        4,
+        "{described}"
+    );
+    assert!(described.contains("Placed"), "{described}");
+    eprintln!("{status}\n{described}");
 }
 
 async fn wait_all_running(fed: &Federation, ns: &str, name: &str, n: usize) -> ComputeJob {

@@ -1,0 +1,218 @@
+//! What `kubectl edgeloom` prints: pools and jobs at a glance, and one job in detail.
+//! Pure formatting of objects already fetched.
+
+use edgeloom_crds::compute_job::JobPhase;
+use edgeloom_crds::{ComputeJob, EdgePool};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Event;
+use kube::ResourceExt;
+use std::fmt::Write;
+
+fn age(t: Option<Timestamp>, now: Timestamp) -> String {
+    let Some(t) = t else { return "-".into() };
+    let s = (now.as_second() - t.as_second()).max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows.first().map(Vec::len).unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn phase(p: Option<JobPhase>) -> String {
+    p.map(|p| format!("{p:?}")).unwrap_or_else(|| "-".into())
+}
+
+/// `kubectl edgeloom status`.
+pub fn status(pools: &[EdgePool], jobs: &[ComputeJob], now: Timestamp) -> String {
+    let mut out = String::from("POOLS\n");
+    let mut rows = vec![
+        [
+            "NAME", "CLUSTERS", "READY", "GPUS", "TFLOPS", "RECEIPTS", "AGE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for p in pools {
+        let s = p.status.clone().unwrap_or_default();
+        let cap = s.capacity.clone().unwrap_or_default();
+        rows.push(vec![
+            p.name_any(),
+            s.reachable.clone().unwrap_or_else(|| "-".into()),
+            format!("{}/{}", cap.ready_nodes, cap.nodes),
+            cap.gpus.to_string(),
+            format!("{:.3}", cap.tflops),
+            s.rewards.map(|r| r.receipts).unwrap_or(0).to_string(),
+            age(p.metadata.creation_timestamp.as_ref().map(|t| t.0), now),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    for p in pools {
+        for c in p.status.clone().unwrap_or_default().clusters {
+            let state = if c.reachable {
+                "reachable".to_string()
+            } else {
+                format!("UNREACHABLE: {}", c.message.unwrap_or_default())
+            };
+            let _ = writeln!(
+                out,
+                "  {}/{}: {}, {}/{} nodes ready",
+                p.name_any(),
+                c.name,
+                state,
+                c.ready_nodes,
+                c.nodes
+            );
+        }
+    }
+    out.push_str("\nJOBS\n");
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "PHASE",
+            "PROGRESS",
+            "PLACEMENT",
+            "REWARDS",
+            "AGE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for j in jobs {
+        let s = j.status.clone().unwrap_or_default();
+        rows.push(vec![
+            j.namespace().unwrap_or_default(),
+            j.name_any(),
+            phase(s.phase),
+            s.progress.unwrap_or_else(|| "-".into()),
+            s.placement.unwrap_or_else(|| "-".into()),
+            s.rewards
+                .and_then(|r| r.total)
+                .unwrap_or_else(|| "-".into()),
+            age(j.metadata.creation_timestamp.as_ref().map(|t| t.0), now),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+/// `kubectl edgeloom describe job NAME`.
+pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> String {
+    let s = job.status.clone().unwrap_or_default();
+    let spec = &job.spec;
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:        {}", job.name_any());
+    let _ = writeln!(out, "Namespace:   {}", job.namespace().unwrap_or_default());
+    let _ = writeln!(
+        out,
+        "Workload:    {:?}, {} shard(s), priority {}, maxRetries {}",
+        spec.workload.kind, spec.shards, spec.priority, spec.max_retries
+    );
+    let _ = writeln!(
+        out,
+        "Phase:       {}  ({})",
+        phase(s.phase),
+        s.progress.clone().unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "Placement:   {}",
+        s.placement.clone().unwrap_or_else(|| "-".into())
+    );
+    if let Some(r) = &s.result {
+        let _ = writeln!(out, "Result:      {}", r.digest.clone().unwrap_or_default());
+        for (k, v) in &r.summary {
+            let _ = writeln!(out, "  {k}: {v}");
+        }
+    }
+    out.push_str("Conditions:\n");
+    for c in &s.conditions {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:<6} {:<16} {}",
+            c.type_, c.status, c.reason, c.message
+        );
+    }
+    out.push_str("Shards:\n");
+    let mut rows = vec![
+        [
+            "SHARD", "REPLICA", "ATTEMPT", "CLUSTER", "NODE", "PHASE", "PROGRESS", "DIGEST",
+            "MESSAGE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for sh in &s.shards {
+        rows.push(vec![
+            sh.index.to_string(),
+            sh.replica.to_string(),
+            sh.attempt.to_string(),
+            if sh.cluster.is_empty() {
+                "-".into()
+            } else {
+                sh.cluster.clone()
+            },
+            if sh.node.is_empty() {
+                "-".into()
+            } else {
+                sh.node.clone()
+            },
+            format!("{:?}", sh.phase),
+            format!("{}%", sh.progress),
+            sh.result_digest
+                .as_deref()
+                .map(|d| d.chars().take(12).collect())
+                .unwrap_or_else(|| "-".into()),
+            sh.message.clone().unwrap_or_default(),
+        ]);
+    }
+    for line in table(&rows).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    out.push_str("Events:\n");
+    let mut evs: Vec<&Event> = events.iter().collect();
+    evs.sort_by_key(|e| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.last_timestamp.as_ref().map(|t| t.0))
+    });
+    for e in evs {
+        let when = e
+            .event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.last_timestamp.as_ref().map(|t| t.0));
+        let _ = writeln!(
+            out,
+            "  {:<5} {:<8} {:<14} {}",
+            age(when, now),
+            e.type_.clone().unwrap_or_default(),
+            e.reason.clone().unwrap_or_default(),
+            e.message.clone().unwrap_or_default()
+        );
+    }
+    out
+}
