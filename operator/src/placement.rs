@@ -103,6 +103,12 @@ pub struct Snapshot {
     pub cluster_reachable: Vec<bool>,
     /// Node indices, best score first.
     pub order: Vec<u32>,
+    /// Position of each node in `order`.
+    position: Vec<u32>,
+    /// Every node before this position in `order` can take no task in this snapshot (no
+    /// free slot, not ready, or its cluster unreachable): the best nodes fill first, so
+    /// without it each slot would re-scan a growing prefix of useless nodes.
+    first_free: usize,
 }
 
 impl Snapshot {
@@ -115,11 +121,36 @@ impl Snapshot {
                 .total_cmp(&nodes[*a as usize].score)
                 .then(a.cmp(b))
         });
+        let mut position = vec![0; nodes.len()];
+        for (pos, id) in order.iter().enumerate() {
+            position[*id as usize] = pos as u32;
+        }
         Snapshot {
             nodes,
             cluster_reachable,
             order,
+            position,
+            first_free: 0,
         }
+    }
+
+    /// Advances past the prefix of nodes that can take no task; returns the start.
+    fn skip_full(&mut self) -> usize {
+        while let Some(&id) = self.order.get(self.first_free) {
+            let n = &self.nodes[id as usize];
+            let usable = n.free_slots > 0
+                && n.ready
+                && self
+                    .cluster_reachable
+                    .get(n.cluster as usize)
+                    .copied()
+                    .unwrap_or(false);
+            if usable {
+                break;
+            }
+            self.first_free += 1;
+        }
+        self.first_free
     }
 }
 
@@ -367,9 +398,10 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         accounts.extend(shard_accounts.get(&slot.shard).into_iter().flatten());
         let eligible = |id: u32| !slot.avoid.contains(&id) && !taken.contains(&id);
         let mut chosen = None;
+        let start = snapshot.skip_full();
         // Pass 0 honours every preference; pass 1 drops them (hard filters stay).
         for pass in 0..2 {
-            for &id in &snapshot.order {
+            for &id in &snapshot.order[start..] {
                 if !eligible(id) || check(snapshot, id, req).is_err() {
                     continue;
                 }
@@ -413,6 +445,9 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
     if req.gang && !outcome.unplaced.is_empty() && !outcome.assigned.is_empty() {
         for (_, id) in outcome.assigned.drain(..) {
             give_back(&mut snapshot.nodes[id as usize], req);
+            snapshot.first_free = snapshot
+                .first_free
+                .min(snapshot.position[id as usize] as usize);
         }
         // Every slot is unplaced; the ones that did fit carry the first failure's reason.
         let reason = outcome.unplaced[0].1.clone();
