@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 e2e/scripts/install-tools.sh
 echo "== building edgeloom (first build takes a few minutes)"
-cargo build --locked -p edgeloom-e2e --bin edgeloom-dev
+cargo build --locked -p edgeloom-e2e -p edgeloom-operator --bins
 exec target/debug/edgeloom-dev demo "$@"

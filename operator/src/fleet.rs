@@ -3,16 +3,17 @@
 //! measures reachability and API latency. The pool controller adds, updates and removes
 //! members; the job controller and the scheduler read them.
 
+use crate::cache::{self, Cache, NodeEntry, TaskEntry};
 use edgeloom_crds::ComputeJob;
 use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::edge_pool::{EdgePoolSpec, MemberCluster};
 use edgeloom_crds::inventory::{AGENT_LABEL, SYSTEM_NAMESPACE};
-use futures::{StreamExt, channel::mpsc};
+use futures::channel::mpsc;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ObjectMeta, PartialObjectMeta, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -54,9 +55,6 @@ pub struct Health {
     pub latency: Option<Duration>,
     /// The last probe's error.
     pub error: Option<String>,
-    /// The Node, Lease and ComputeTask caches have all completed their first list;
-    /// until then nothing is decided from them (a cold cache looks like lost nodes).
-    pub synced: bool,
 }
 
 /// One member cluster of one pool.
@@ -71,12 +69,12 @@ pub struct Member {
     pub pool_spec: RwLock<Arc<EdgePoolSpec>>,
     /// Client for the member's API server.
     pub client: kube::Client,
-    /// Agent nodes (metadata only: labels and annotations carry the inventory).
-    pub nodes: Store<PartialObjectMeta<Node>>,
-    /// Heartbeat Leases in the system namespace.
-    pub leases: Store<Lease>,
+    /// Agent nodes: labels and inventory.
+    pub nodes: Arc<Cache<NodeEntry>>,
+    /// Heartbeat Leases in the system namespace: last renewal per node.
+    pub leases: Arc<Cache<Option<Timestamp>>>,
     /// ComputeTasks in the system namespace.
-    pub tasks: Store<ComputeTask>,
+    pub tasks: Arc<Cache<TaskEntry>>,
     /// Reachability, written by the probe and the sync watcher.
     pub health: Arc<RwLock<Health>>,
     fingerprint: u64,
@@ -95,6 +93,12 @@ impl Member {
     /// The ComputeTask API in the member's system namespace.
     pub fn tasks_api(&self) -> Api<ComputeTask> {
         Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE)
+    }
+
+    /// The Node, Lease and ComputeTask caches have all completed their first list; until
+    /// then nothing is decided from them (a cold cache looks like lost nodes).
+    pub fn synced(&self) -> bool {
+        self.nodes.ready() && self.leases.ready() && self.tasks.ready()
     }
 
     /// A snapshot of its health.
@@ -124,15 +128,9 @@ impl Member {
 
     /// The node's heartbeat is fresh (its Lease was renewed within the timeout).
     pub fn node_ready(&self, node: &str, now: Timestamp) -> bool {
-        let key = ObjectRef::new(node).within(SYSTEM_NAMESPACE);
         self.leases
-            .get(&key)
-            .and_then(|l| {
-                l.spec
-                    .as_ref()
-                    .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
-                    .map(|t| t.0)
-            })
+            .get(node)
+            .and_then(|renewed| *renewed)
             .is_some_and(|renewed| now <= renewed + self.timeout())
     }
 }
@@ -235,54 +233,48 @@ impl Fleet {
         let health = Arc::new(RwLock::new(Health::default()));
         let mut workers = Vec::new();
 
-        let (nodes, node_writer) = reflector::store();
+        // Only agent nodes, and only their metadata.
+        let nodes: Arc<Cache<NodeEntry>> = Arc::default();
         let node_api: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
         let node_cfg = watcher::Config::default().labels(&format!("{AGENT_LABEL}=true"));
-        let node_stream = watcher(node_api, node_cfg)
-            .default_backoff()
-            .reflect(node_writer);
-        workers.push(tokio::spawn(drain(node_stream, key.clone(), "nodes")));
+        let stream = watcher(node_api, node_cfg).default_backoff();
+        workers.push(tokio::spawn(cache::feed(
+            stream,
+            nodes.clone(),
+            cache::node,
+            |_| {},
+            key.clone(),
+            "nodes",
+        )));
 
-        let (leases, lease_writer) = reflector::store();
+        let leases: Arc<Cache<Option<Timestamp>>> = Arc::default();
         let lease_api: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-        let lease_stream = watcher(lease_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(lease_writer);
-        workers.push(tokio::spawn(drain(lease_stream, key.clone(), "leases")));
+        let stream = watcher(lease_api, watcher::Config::default()).default_backoff();
+        workers.push(tokio::spawn(cache::feed(
+            stream,
+            leases.clone(),
+            cache::lease,
+            |_| {},
+            key.clone(),
+            "leases",
+        )));
 
-        let (tasks, task_writer) = reflector::store();
+        let tasks: Arc<Cache<TaskEntry>> = Arc::default();
         let task_api: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        let stream = watcher(task_api, watcher::Config::default()).default_backoff();
         let trigger = self.job_trigger.clone();
-        let task_stream = watcher(task_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(task_writer)
-            .touched_objects();
-        let task_key = key.clone();
-        workers.push(tokio::spawn(async move {
-            futures::pin_mut!(task_stream);
-            while let Some(item) = task_stream.next().await {
-                match item {
-                    Ok(task) => {
-                        let job = &task.spec.job;
-                        let _ = trigger
-                            .unbounded_send(ObjectRef::new(&job.name).within(&job.namespace));
-                    }
-                    Err(e) => tracing::debug!(member = %task_key, error = %e, "task watch error"),
-                }
-            }
-        }));
+        let touched = move |t: &TaskEntry| {
+            let _ = trigger.unbounded_send(ObjectRef::new(&t.job_name).within(&t.job_namespace));
+        };
+        workers.push(tokio::spawn(cache::feed(
+            stream,
+            tasks.clone(),
+            cache::task,
+            touched,
+            key.clone(),
+            "tasks",
+        )));
 
-        let member_health = health.clone();
-        let (tasks_ready, nodes_ready, leases_ready) =
-            (tasks.clone(), nodes.clone(), leases.clone());
-        workers.push(tokio::spawn(async move {
-            let synced = tasks_ready.wait_until_ready().await.is_ok()
-                && nodes_ready.wait_until_ready().await.is_ok()
-                && leases_ready.wait_until_ready().await.is_ok();
-            if synced && let Ok(mut h) = member_health.write() {
-                h.synced = true;
-            }
-        }));
         workers.push(tokio::spawn(probe(
             client.clone(),
             health.clone(),
@@ -301,19 +293,6 @@ impl Fleet {
             health,
             fingerprint,
             workers,
-        }
-    }
-}
-
-async fn drain<S, T, E>(stream: S, member: String, what: &'static str)
-where
-    S: futures::Stream<Item = Result<T, E>>,
-    E: std::fmt::Display,
-{
-    futures::pin_mut!(stream);
-    while let Some(item) = stream.next().await {
-        if let Err(e) = item {
-            tracing::debug!(%member, what, error = %e, "watch error");
         }
     }
 }

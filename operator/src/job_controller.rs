@@ -131,20 +131,17 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
     let mut views = Vec::new();
     for m in ctx.fleet.members() {
         let lost_cluster = m.lost(now);
-        for t in m.tasks.state().iter().filter(|t| t.spec.job.uid == uid) {
-            let status = t.status.clone().unwrap_or_default();
-            let terminal = matches!(
-                status.phase,
-                Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
-            );
+        for t in m.tasks.state().iter().filter(|t| *t.job_uid == *uid) {
+            let terminal = t.terminal();
+            let status = t.status.as_deref().cloned().unwrap_or_default();
             views.push(TaskView {
                 member: m.key.clone(),
                 cluster: m.spec.name.clone(),
-                name: t.name_any(),
-                shard: t.spec.shard,
-                replica: t.spec.replica,
-                attempt: t.spec.attempt,
-                node: t.spec.node_name.clone(),
+                name: t.name.to_string(),
+                shard: t.shard,
+                replica: t.replica,
+                attempt: t.attempt,
+                node: t.node.to_string(),
                 phase: status.phase,
                 progress: status.progress,
                 started_at: status.started_at.map(|t| t.0),
@@ -152,7 +149,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 digest: status.result_digest,
                 metrics: status.metrics,
                 message: status.message,
-                node_lost: !terminal && (lost_cluster || !m.node_ready(&t.spec.node_name, now)),
+                node_lost: !terminal && (lost_cluster || !m.node_ready(&t.node, now)),
             });
         }
     }
@@ -168,7 +165,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let members = members_for(&job, ctx);
     // Never decide on a cold cache: right after an operator restart a member whose tasks
     // or heartbeats are not listed yet would look empty or dead.
-    if members.iter().any(|m| !m.health().synced && !m.lost(now)) {
+    if members.iter().any(|m| !m.synced() && !m.lost(now)) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let views = task_views(&uid, ctx, now);
@@ -488,8 +485,8 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             .tasks
             .state()
             .iter()
-            .filter(|t| t.spec.job.uid == uid)
-            .map(|t| t.name_any())
+            .filter(|t| *t.job_uid == *uid)
+            .map(|t| t.name.to_string())
             .collect();
         let api = m.tasks_api();
         let listed = if m.health().reachable {

@@ -1,5 +1,6 @@
 //! The edgeloom operator (DESIGN.md §1, §3, §4).
 
+pub mod cache;
 pub mod cli;
 pub mod conditions;
 pub mod context;

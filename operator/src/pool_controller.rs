@@ -8,7 +8,6 @@ use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus};
-use edgeloom_crds::inventory::NodeInventory;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -191,23 +190,18 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             last_seen: health.last_seen.map(Time),
             ..Default::default()
         };
-        for meta in member.nodes.state() {
-            let labels = meta.metadata.labels.clone().unwrap_or_default();
+        for entry in member.nodes.state() {
             if let Some(sel) = &pool.spec.node_selector
-                && !selector_matches(sel, &labels)
+                && !selector_matches(sel, &entry.label_map())
             {
                 continue;
             }
             status.nodes += 1;
             capacity.nodes += 1;
-            let node = meta.name_any();
-            if health.reachable && member.node_ready(&node, now) {
+            if health.reachable && member.node_ready(&entry.name, now) {
                 status.ready_nodes += 1;
                 capacity.ready_nodes += 1;
-                let inv = NodeInventory::parse(
-                    &labels,
-                    &meta.metadata.annotations.clone().unwrap_or_default(),
-                );
+                let inv = &entry.inventory;
                 capacity.gpus += inv.gpus;
                 if let Some(p) = &inv.gpu_product {
                     *capacity.gpus_by_product.entry(p.clone()).or_default() += inv.gpus;

@@ -154,7 +154,7 @@ impl Scheduler {
                 || members
                     .iter()
                     .filter(|m| work.members.contains(&m.key))
-                    .any(|m| !m.health().synced && !m.lost(now));
+                    .any(|m| !m.synced() && !m.lost(now));
             if cold {
                 continue;
             }
@@ -233,15 +233,9 @@ impl Scheduler {
         };
         f.retain(|key, v| {
             let name = key.rsplit('/').next().unwrap_or_default();
-            let cached = members.iter().any(|m| {
-                m.key == v.member
-                    && m.tasks
-                        .get(
-                            &kube::runtime::reflector::ObjectRef::new(name)
-                                .within(edgeloom_crds::inventory::SYSTEM_NAMESPACE),
-                        )
-                        .is_some()
-            });
+            let cached = members
+                .iter()
+                .any(|m| m.key == v.member && m.tasks.get(name).is_some());
             !cached && v.since.elapsed() < Duration::from_secs(30)
         });
         f.values().cloned().collect()
@@ -302,14 +296,6 @@ pub struct World {
     member_index: HashMap<String, u32>,
 }
 
-/// Resources held by a task that is not finished.
-fn active(task: &ComputeTask) -> bool {
-    !matches!(
-        task.status.as_ref().and_then(|s| s.phase),
-        Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
-    )
-}
-
 impl World {
     /// Builds the snapshot from the members' caches at `now`.
     fn build(members: &[Arc<Member>], now: Timestamp, in_flight: &[InFlight]) -> World {
@@ -330,13 +316,13 @@ impl World {
             let mut used: HashMap<String, (u32, u64, u64, u32)> = HashMap::new();
             let mut history: HashMap<String, (u32, u32)> = HashMap::new();
             for t in m.tasks.state() {
-                let node = t.spec.node_name.clone();
-                if active(&t) {
+                let node = t.node.to_string();
+                if !t.terminal() {
                     let e = used.entry(node).or_default();
                     e.0 += 1;
-                    e.1 += quantity::millicores(t.spec.limits.cpu.as_ref());
-                    e.2 += quantity::mebibytes(t.spec.limits.memory.as_ref());
-                    e.3 += t.spec.limits.gpus;
+                    e.1 += t.cpu_millis;
+                    e.2 += t.memory_mib;
+                    e.3 += t.gpus;
                 } else {
                     let e = history.entry(node).or_default();
                     match t.status.as_ref().and_then(|s| s.phase) {
@@ -355,21 +341,20 @@ impl World {
             }
             let region = m.spec.region.as_deref().map(|r| interner.intern(r));
             let zone = m.spec.zone.as_deref().map(|z| interner.intern(z));
-            for meta in m.nodes.state() {
-                let name = meta.metadata.name.clone().unwrap_or_default();
-                let labels = meta.metadata.labels.clone().unwrap_or_default();
+            for entry in m.nodes.state() {
+                let name = entry.name.to_string();
                 if let Some(sel) = selector
-                    && !selector_matches(sel, &labels)
+                    && !selector_matches(sel, &entry.label_map())
                 {
                     continue;
                 }
-                let annotations = meta.metadata.annotations.clone().unwrap_or_default();
-                let inv = NodeInventory::parse(&labels, &annotations);
+                let inv = entry.inventory.clone();
                 let (slots, cpu, mem, gpus) = used.get(&name).copied().unwrap_or_default();
-                let mut label_syms: Vec<u32> = labels
-                    .iter()
-                    .chain(m.spec.labels.iter())
-                    .map(|(k, v)| interner.intern(&format!("{k}={v}")))
+                let pairs = entry.labels.iter().map(|(k, v)| format!("{k}={v}"));
+                let cluster_pairs = m.spec.labels.iter().map(|(k, v)| format!("{k}={v}"));
+                let mut label_syms: Vec<u32> = pairs
+                    .chain(cluster_pairs)
+                    .map(|kv| interner.intern(&kv))
                     .collect();
                 label_syms.sort_unstable();
                 label_syms.dedup();

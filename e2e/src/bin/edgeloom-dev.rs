@@ -2,14 +2,19 @@
 //!
 //! - `edgeloom-dev up` starts a hub and member clusters, installs the CRDs and waits for
 //!   Ctrl-C, printing the kubeconfigs to use.
-//! - `edgeloom-dev demo` starts them, applies the examples in manifests/, shows them with
-//!   the real kubectl and tears everything down.
+//! - `edgeloom-dev demo` starts a hub and two edge clusters with simulated agents, runs the
+//!   real edgeloom-operator, applies example jobs, shows them being placed across both
+//!   clusters with the real kubectl and the kubectl-edgeloom plugin, and tears down.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use edgeloom_crds::{ComputeJob, JobPhase};
+use edgeloom_e2e::federation::Federation;
 use edgeloom_e2e::{Config, ControlPlane, manifests, tools};
+use kube::api::Api;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +39,7 @@ struct Cli {
 enum Cmd {
     /// Start the clusters and keep them running until Ctrl-C.
     Up,
-    /// Start the clusters, apply manifests/, show `kubectl get`, tear down.
+    /// The federated demo: clusters, operator, example jobs placed across members.
     Demo,
 }
 
@@ -48,6 +53,9 @@ async fn main() -> Result<()> {
         dir: cli.dir,
         ..Config::default()
     };
+    if let Cmd::Demo = cli.command {
+        return demo(cli.nodes).await;
+    }
     let plane = ControlPlane::start(config)
         .await
         .context("starting the control plane")?;
@@ -57,10 +65,7 @@ async fn main() -> Result<()> {
             .await
             .with_context(|| format!("installing CRDs in {}", cluster.name))?;
     }
-    match cli.command {
-        Cmd::Up => up(&plane).await,
-        Cmd::Demo => demo(&plane).await,
-    }
+    up(&plane).await
 }
 
 fn member_name(i: u32) -> String {
@@ -90,63 +95,83 @@ async fn up(plane: &ControlPlane) -> Result<()> {
     Ok(())
 }
 
-async fn demo(plane: &ControlPlane) -> Result<()> {
+/// The demo: the federation, the operator, example jobs placed across both edge clusters.
+async fn demo(nodes: u32) -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let hub = plane.hub();
-    let client = hub.client().await?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo.join("manifests"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    println!("\n== applying the examples in manifests/ to the hub");
-    for file in &files {
-        let text = std::fs::read_to_string(file)?;
-        let objs = manifests::apply_all(&client, &text, "default", false)
-            .await
-            .with_context(|| format!("applying {}", file.display()))?;
-        for o in objs {
-            println!(
-                "  {} {}/{} applied",
-                o.types.map(|t| t.kind).unwrap_or_default(),
-                o.metadata.namespace.unwrap_or_default(),
-                o.metadata.name.unwrap_or_default()
+    let operator = std::env::current_exe()?.with_file_name("edgeloom-operator");
+    let plugin = std::env::current_exe()?.with_file_name("kubectl-edgeloom");
+    for bin in [&operator, &plugin] {
+        if !bin.is_file() {
+            bail!(
+                "{} not found: cargo build -p edgeloom-operator",
+                bin.display()
             );
         }
     }
+    println!("== starting a hub and 2 edge clusters, {nodes} simulated agent nodes each");
+    println!("   (simulated agents stand in for edgeloom-agent until it runs in e2e)");
+    let fed = Federation::start(&["edge-a", "edge-b"], nodes, Duration::from_secs(4)).await?;
+    let hub = fed.plane.hub();
     let kubectl = tools::tool("kubectl")?;
-    for (cluster, args) in [
-        (hub, vec!["get", "edgepools"]),
-        (hub, vec!["get", "computejobs", "-A"]),
-        (hub, vec!["get", "crds"]),
-    ] {
-        println!(
-            "\n== kubectl get {}   (cluster {})",
-            args[1..].join(" "),
-            cluster.name
-        );
-        kubectl_run(&kubectl, &cluster.kubeconfig, &args)?;
+    println!(
+        "\n== applying manifests/edgepool-edge.yaml (kubeconfig Secrets for both members are in edgeloom-system)"
+    );
+    let pool = std::fs::read_to_string(repo.join("manifests/edgepool-edge.yaml"))?;
+    manifests::apply_all(&fed.hub, &pool, "default", false).await?;
+    println!("== starting edgeloom-operator");
+    let _operator = fed.operator(&operator, "demo")?;
+    let ns = fed.namespace("demo").await?;
+    for example in ["job-train-digits.yaml", "job-benchmark.yaml"] {
+        println!("== kubectl apply -n {ns} -f manifests/{example}");
+        let text = std::fs::read_to_string(repo.join("manifests").join(example))?;
+        manifests::apply_all(&fed.hub, &text, &ns, false).await?;
     }
-    for member in plane.members() {
+    let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        println!("\n== kubectl get cj -n {ns}");
+        kubectl_run(&kubectl, &hub.kubeconfig, &["get", "cj", "-n", &ns])?;
+        let list = jobs.list(&Default::default()).await?;
+        let done = list.items.iter().all(|j| {
+            matches!(
+                j.status.as_ref().and_then(|s| s.phase),
+                Some(JobPhase::Succeeded | JobPhase::Failed)
+            )
+        });
+        if done {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the demo jobs did not finish within 180s");
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    println!("\n== kubectl get ep");
+    kubectl_run(&kubectl, &hub.kubeconfig, &["get", "ep"])?;
+    println!("\n== kubectl edgeloom status");
+    kubectl_run(&plugin, &hub.kubeconfig, &["status"])?;
+    println!("\n== kubectl edgeloom describe job train-digits -n {ns}");
+    kubectl_run(
+        &plugin,
+        &hub.kubeconfig,
+        &["describe", "job", "train-digits", "-n", &ns],
+    )?;
+    for member in fed.plane.members() {
         println!(
-            "\n== kubectl --context {} get nodes -L edgeloom.io/cluster",
+            "\n== kubectl get ct -n edgeloom-system   (cluster {})",
             member.name
         );
         kubectl_run(
             &kubectl,
             &member.kubeconfig,
-            &["get", "nodes", "-L", "edgeloom.io/cluster"],
+            &["get", "ct", "-n", "edgeloom-system"],
         )?;
     }
-    println!("\n== rejected at admission: manifests/invalid/ (one example)");
-    let bad = repo.join("manifests/invalid/job-negative-shards.yaml");
-    let text = std::fs::read_to_string(&bad)?;
-    match manifests::apply_all(&client, &text, "default", true).await {
-        Ok(_) => bail!("{} was accepted", bad.display()),
-        Err(e) => println!(
-            "  {}: {e}",
-            bad.file_name().unwrap_or_default().to_string_lossy()
-        ),
+    println!("\n== rejected at admission: manifests/invalid/job-negative-shards.yaml");
+    let bad = std::fs::read_to_string(repo.join("manifests/invalid/job-negative-shards.yaml"))?;
+    match manifests::apply_all(&fed.hub, &bad, &ns, true).await {
+        Ok(_) => bail!("an invalid manifest was accepted"),
+        Err(e) => println!("  {e}"),
     }
     println!("\ndemo done; tearing down");
     Ok(())

@@ -1,0 +1,267 @@
+//! Compact caches of member-cluster objects. The operator keeps, per member, only what it
+//! reads: a node's labels and inventory, a Lease's renew time, and a task's placement and
+//! status. Fed by the same watchers as kube-runtime's reflector (relists included), but a
+//! Kubernetes object costs several KiB in memory (every `ObjectMeta` and label map), and
+//! at 10,000 nodes and tasks that is what dominated the operator's footprint.
+
+use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus};
+use edgeloom_crds::inventory::NodeInventory;
+use futures::{Stream, StreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::PartialObjectMeta;
+use kube::runtime::watcher;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// A name-keyed cache of projections of one kind.
+pub struct Cache<V> {
+    map: RwLock<HashMap<Box<str>, Arc<V>>>,
+    ready: AtomicBool,
+}
+
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Cache {
+            map: RwLock::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<V> Cache<V> {
+    /// The entry for `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<V>> {
+        self.map.read().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    /// Every entry.
+    pub fn state(&self) -> Vec<Arc<V>> {
+        self.map
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Entries.
+    pub fn len(&self) -> usize {
+        self.map.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first full list has been applied.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Applies a watcher's events to `cache` through `project` (name and value, or `None` to
+/// skip an object), calling `touched` with each applied or deleted object's value.
+pub async fn feed<K, V, S>(
+    stream: S,
+    cache: Arc<Cache<V>>,
+    project: impl Fn(&K) -> Option<(String, V)>,
+    touched: impl Fn(&V),
+    member: String,
+    what: &'static str,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    futures::pin_mut!(stream);
+    let mut buffer: Option<HashMap<Box<str>, Arc<V>>> = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => buffer = Some(HashMap::new()),
+            Ok(watcher::Event::InitApply(obj)) => {
+                if let (Some(buf), Some((name, v))) = (buffer.as_mut(), project(&obj)) {
+                    touched(&v);
+                    buf.insert(name.into_boxed_str(), Arc::new(v));
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let (Some(buf), Ok(mut map)) = (buffer.take(), cache.map.write()) {
+                    *map = buf;
+                    map.shrink_to_fit();
+                }
+                cache.ready.store(true, Ordering::Release);
+            }
+            Ok(watcher::Event::Apply(obj)) => {
+                if let Some((name, v)) = project(&obj) {
+                    touched(&v);
+                    if let Ok(mut map) = cache.map.write() {
+                        map.insert(name.into_boxed_str(), Arc::new(v));
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                if let Some((name, v)) = project(&obj) {
+                    touched(&v);
+                    if let Ok(mut map) = cache.map.write() {
+                        map.remove(name.as_str());
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(%member, what, error = %e, "watch error"),
+        }
+    }
+}
+
+/// What the operator knows of an agent node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeEntry {
+    /// Node name.
+    pub name: Box<str>,
+    /// Its labels, sorted by key (for node selectors and required labels).
+    pub labels: Box<[(Box<str>, Box<str>)]>,
+    /// Its published offer.
+    pub inventory: NodeInventory,
+}
+
+impl NodeEntry {
+    /// Labels as a map (for selector matching).
+    pub fn label_map(&self) -> BTreeMap<String, String> {
+        self.labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+/// Projects a node's metadata.
+pub fn node(meta: &PartialObjectMeta<Node>) -> Option<(String, NodeEntry)> {
+    let name = meta.metadata.name.clone()?;
+    let labels = meta.metadata.labels.clone().unwrap_or_default();
+    let annotations = meta.metadata.annotations.clone().unwrap_or_default();
+    let inventory = NodeInventory::parse(&labels, &annotations);
+    let labels = labels
+        .into_iter()
+        .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+        .collect();
+    Some((
+        name.clone(),
+        NodeEntry {
+            name: name.into_boxed_str(),
+            labels,
+            inventory,
+        },
+    ))
+}
+
+/// Projects a heartbeat Lease to its last renewal.
+pub fn lease(l: &Lease) -> Option<(String, Option<Timestamp>)> {
+    let spec = l.spec.as_ref();
+    let renewed = spec
+        .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+        .map(|t| t.0);
+    Some((l.metadata.name.clone()?, renewed))
+}
+
+/// What the operator knows of a ComputeTask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEntry {
+    /// Object name.
+    pub name: Box<str>,
+    /// Job namespace.
+    pub job_namespace: Box<str>,
+    /// Job name.
+    pub job_name: Box<str>,
+    /// Job UID.
+    pub job_uid: Box<str>,
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Bound node.
+    pub node: Box<str>,
+    /// CPU requested, millicores.
+    pub cpu_millis: u64,
+    /// Memory requested, MiB.
+    pub memory_mib: u64,
+    /// GPUs requested.
+    pub gpus: u32,
+    /// The agent's status, if any.
+    pub status: Option<Box<ComputeTaskStatus>>,
+}
+
+impl TaskEntry {
+    /// Whether the task is finished (and so holds no capacity).
+    pub fn terminal(&self) -> bool {
+        use edgeloom_crds::TaskPhase;
+        matches!(
+            self.status.as_ref().and_then(|s| s.phase),
+            Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
+        )
+    }
+}
+
+/// Projects a ComputeTask.
+pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
+    let name = t.metadata.name.clone()?;
+    let spec = &t.spec;
+    Some((
+        name.clone(),
+        TaskEntry {
+            name: name.into_boxed_str(),
+            job_namespace: spec.job.namespace.clone().into_boxed_str(),
+            job_name: spec.job.name.clone().into_boxed_str(),
+            job_uid: spec.job.uid.clone().into_boxed_str(),
+            shard: spec.shard,
+            replica: spec.replica,
+            attempt: spec.attempt,
+            node: spec.node_name.clone().into_boxed_str(),
+            cpu_millis: crate::quantity::millicores(spec.limits.cpu.as_ref()),
+            memory_mib: crate::quantity::mebibytes(spec.limits.memory.as_ref()),
+            gpus: spec.limits.gpus,
+            status: t.status.clone().map(Box::new),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::stream;
+
+    #[tokio::test]
+    async fn relists_replace_and_events_update() {
+        let cache: Arc<Cache<Option<Timestamp>>> = Arc::default();
+        let mk = |name: &str| {
+            serde_json::from_value::<Lease>(
+                serde_json::json!({"metadata": {"name": name}, "spec": {}}),
+            )
+            .expect("lease")
+        };
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(mk("a"))),
+            Ok(watcher::Event::InitApply(mk("b"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Delete(mk("a"))),
+            Ok(watcher::Event::Apply(mk("c"))),
+            // A relist replaces everything.
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(mk("d"))),
+            Ok(watcher::Event::InitDone),
+        ];
+        feed(
+            stream::iter(events),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+        assert!(cache.ready());
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get("d").is_some());
+    }
+}
