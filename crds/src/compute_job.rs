@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
     kind = "ComputeJob",
     namespaced,
     status = "ComputeJobStatus",
-    shortname = "cj",
+    shortname = "cjob",
     category = "edgeloom",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,

@@ -24,6 +24,7 @@ pub const JOB_UID_LABEL: &str = "edgeloom.io/job-uid";
     namespaced,
     status = "ComputeTaskStatus",
     shortname = "ct",
+    shortname = "ctask",
     category = "edgeloom",
     printcolumn = r#"{"name":"Job","type":"string","jsonPath":".spec.job.name"}"#,
     printcolumn = r#"{"name":"Shard","type":"integer","jsonPath":".spec.shard"}"#,

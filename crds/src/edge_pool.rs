@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
     version = "v1alpha1",
     kind = "EdgePool",
     status = "EdgePoolStatus",
-    shortname = "ep",
+    shortname = "epool",
     category = "edgeloom",
     printcolumn = r#"{"name":"Clusters","type":"string","jsonPath":".status.reachable"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.capacity.readyNodes"}"#,

@@ -54,7 +54,7 @@ fn crds_carry_names_columns_and_validation() {
             "{name}"
         );
         let short = names.short_names.clone().unwrap_or_default();
-        assert_eq!(short.len(), 1, "{name} has one short name");
+        assert!(!short.is_empty(), "{name} has a short name");
         let version = &crd.spec.versions[0];
         assert!(
             version

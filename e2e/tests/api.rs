@@ -56,9 +56,9 @@ async fn crds_are_established_with_names_and_categories() {
     let (_plane, client) = hub().await;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for (plural, short) in [
-        ("computejobs", "cj"),
-        ("edgepools", "ep"),
-        ("computetasks", "ct"),
+        ("computejobs", vec!["cjob"]),
+        ("edgepools", vec!["epool"]),
+        ("computetasks", vec!["ct", "ctask"]),
     ] {
         let crd = api
             .get(&format!("{plural}.edgeloom.io"))
@@ -73,10 +73,16 @@ async fn crds_are_established_with_names_and_categories() {
                 "{plural}: {wanted} not True in {conditions:?}"
             );
         }
-        assert_eq!(crd.spec.names.short_names, Some(vec![short.to_string()]));
+        assert_eq!(
+            crd.spec.names.short_names,
+            Some(short.iter().map(|s| s.to_string()).collect())
+        );
     }
     // Discovery serves the category, so `kubectl get edgeloom` lists all three kinds.
-    let discovery = kube::Discovery::new(client).run().await.expect("discovery");
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
     let group = discovery
         .get("edgeloom.io")
         .expect("group edgeloom.io is served");
@@ -87,6 +93,51 @@ async fn crds_are_established_with_names_and_categories() {
         .collect();
     kinds.sort();
     assert_eq!(kinds, ["ComputeJob", "ComputeTask", "EdgePool"]);
+
+    // No short name of ours may shadow (or be shadowed by) one the API server already
+    // serves: kubectl resolves `cj` to CronJobs and `ep` to Endpoints, for instance.
+    let req = http::Request::get("/api/v1")
+        .body(Vec::new())
+        .expect("request");
+    let core: serde_json::Value = client.request(req).await.expect("core resources");
+    let mut builtin: Vec<(String, String)> = Vec::new();
+    let collect = |list: &serde_json::Value, group: &str, out: &mut Vec<(String, String)>| {
+        for r in list["resources"].as_array().into_iter().flatten() {
+            for s in r["shortNames"].as_array().into_iter().flatten() {
+                out.push((
+                    s.as_str().unwrap_or_default().to_string(),
+                    format!("{group}/{}", r["name"].as_str().unwrap_or_default()),
+                ));
+            }
+        }
+    };
+    collect(&core, "core", &mut builtin);
+    for g in discovery
+        .groups()
+        .filter(|g| !g.name().is_empty() && g.name() != "edgeloom.io")
+    {
+        for v in g.versions() {
+            let req = http::Request::get(format!("/apis/{}/{v}", g.name()))
+                .body(Vec::new())
+                .expect("request");
+            let list: serde_json::Value = client.request(req).await.expect("group resources");
+            collect(&list, g.name(), &mut builtin);
+        }
+    }
+    assert!(
+        builtin.iter().any(|(s, _)| s == "cj"),
+        "discovery sees built-in short names: {builtin:?}"
+    );
+    for crd in edgeloom_crds::crds() {
+        for ours in crd.spec.names.short_names.unwrap_or_default() {
+            let clash: Vec<&(String, String)> =
+                builtin.iter().filter(|(s, _)| *s == ours).collect();
+            assert!(
+                clash.is_empty(),
+                "short name {ours} is already taken by {clash:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -405,11 +405,19 @@ async fn publish_events(
             )),
         }
     }
+    // Events of one reason form a series that keeps only the latest note, so the note
+    // states the whole placement, then what is new.
     if !placed.is_empty() {
+        let bound = new.shards.iter().filter(|s| !s.node.is_empty()).count();
         events.push((
             EventType::Normal,
             "Placed",
-            format!("{} task(s): {}", placed.len(), placed.join("; ")),
+            format!(
+                "{bound}/{} shard replica(s) placed ({}); new: {}",
+                new.shards.len(),
+                new.placement.clone().unwrap_or_default(),
+                placed.join("; ")
+            ),
         ));
     }
     if !replaced.is_empty() {

@@ -129,8 +129,8 @@ async fn demo(nodes: u32) -> Result<()> {
     let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
-        println!("\n== kubectl get cj -n {ns}");
-        kubectl_run(&kubectl, &hub.kubeconfig, &["get", "cj", "-n", &ns])?;
+        println!("\n== kubectl get cjob -n {ns}");
+        kubectl_run(&kubectl, &hub.kubeconfig, &["get", "cjob", "-n", &ns])?;
         let list = jobs.list(&Default::default()).await?;
         let done = list.items.iter().all(|j| {
             matches!(
@@ -146,8 +146,8 @@ async fn demo(nodes: u32) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    println!("\n== kubectl get ep");
-    kubectl_run(&kubectl, &hub.kubeconfig, &["get", "ep"])?;
+    println!("\n== kubectl get epool");
+    kubectl_run(&kubectl, &hub.kubeconfig, &["get", "epool"])?;
     println!("\n== kubectl edgeloom status");
     kubectl_run(&plugin, &hub.kubeconfig, &["status"])?;
     println!("\n== kubectl edgeloom describe job train-digits -n {ns}");

@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
             print!("{}", cli::status(&pools, &jobs, now));
         }
         Cmd::Describe { kind, name } => {
-            if !matches!(kind.as_str(), "job" | "jobs" | "computejob" | "cj") {
+            if !matches!(kind.as_str(), "job" | "jobs" | "computejob" | "cjob") {
                 bail!("describe supports: job");
             }
             let ns = flags.namespace.unwrap_or(default_ns);
