@@ -6,9 +6,11 @@
 //! - `rss`: the operator's resident memory and CPU while it watches 10,000 agent nodes,
 //!   10,000 heartbeat Leases and 10,000 ComputeTasks in 2 member clusters.
 //!
-//!     cargo build --release -p edgeloom-operator -p edgeloom-bench
-//!     target/release/federation throughput
-//!     target/release/federation rss
+//! ```sh
+//! cargo build --release -p edgeloom-operator -p edgeloom-bench
+//! target/release/federation throughput
+//! target/release/federation rss
+//! ```
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};

@@ -3,7 +3,9 @@
 //! every node for each slot (kube-scheduler style, no early exit), on the same snapshot and
 //! the same job mix. Prints a Markdown table.
 //!
-//!     cargo run --release -p edgeloom-bench --bin placement
+//! ```sh
+//! cargo run --release -p edgeloom-bench --bin placement
+//! ```
 
 use edgeloom_bench::{Rng, percentile};
 use edgeloom_operator::placement::{self, Interner, Node, Request, Slot, Snapshot, Spread, check};
