@@ -144,6 +144,26 @@ async fn a_job_spread_over_two_member_clusters_completes() {
     assert!(events.iter().any(|(r, _)| r == "Succeeded"), "{events:?}");
 
     // The kubectl plugin shows the same, from the real API.
+    // What Prometheus would scrape.
+    let (code, metrics) = scrape::get(_op.port, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    for wanted in [
+        "edgeloom_operator_reconcile_total{controller=\"computejob\"}",
+        "edgeloom_operator_reconcile_total{controller=\"edgepool\"}",
+        "edgeloom_operator_tasks_created_total 4",
+        "edgeloom_operator_placement_duration_seconds_count",
+        "edgeloom_operator_queue_depth 0",
+        "edgeloom_operator_member_cluster_reachable{cluster=\"edge-a\",pool=\"edge\"} 1",
+        "edgeloom_operator_jobs_finished_total{phase=\"Succeeded\"} 1",
+        "edgeloom_operator_leader 1",
+    ] {
+        assert!(metrics.contains(wanted), "missing {wanted} in\n{metrics}");
+    }
+    assert_eq!(
+        scrape::get(_op.port, "/healthz").await.expect("healthz").0,
+        200
+    );
+
     let plugin = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-edgeloom"))
             .arg("--kubeconfig")
@@ -619,4 +639,106 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
         })
         .collect();
     assert_eq!(creators, vec![follower], "the follower took over");
+}
+
+#[tokio::test]
+async fn a_bad_kubeconfig_is_a_pool_condition_and_fixing_the_secret_reconnects() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let good = secrets.get("edge-b-kubeconfig").await.expect("secret");
+    let garbage = serde_json::json!({"data": {"kubeconfig": "bm90IGEga3ViZWNvbmZpZw=="}}); // "not a kubeconfig"
+    secrets
+        .patch(
+            "edge-b-kubeconfig",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&garbage),
+        )
+        .await
+        .expect("break the secret");
+    let pool = serde_json::json!({
+        "apiVersion": "edgeloom.io/v1alpha1", "kind": "EdgePool", "metadata": {"name": "edge"},
+        "spec": {"clusters": [
+            {"name": "edge-a", "kubeconfigSecret": {"name": "edge-a-kubeconfig"}},
+            {"name": "edge-b", "kubeconfigSecret": {"name": "edge-b-kubeconfig"}},
+            {"name": "edge-c", "kubeconfigSecret": {"name": "no-such-secret"}}],
+            "rewards": {"perGpuSecond": "0", "perCpuCoreSecond": "0.0001", "unit": "credits"}}
+    });
+    manifests::apply_all(&fed.hub, &pool.to_string(), "default", false)
+        .await
+        .expect("pool");
+    let op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let pools: Api<edgeloom_crds::EdgePool> = Api::all(fed.hub.clone());
+    let status = wait::until(
+        "pool status naming both problems",
+        Duration::from_secs(60),
+        || {
+            let pools = pools.clone();
+            async move {
+                let s = pools
+                    .get("edge")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let cond = s
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "ClustersReachable")
+                    .cloned();
+                match cond {
+                    Some(c)
+                        if c.status == "False"
+                            && c.message.contains("edge-b: kubeconfig is invalid")
+                            && c.message.contains("no-such-secret not found")
+                            && s.reachable.as_deref() == Some("1/3") =>
+                    {
+                        Ok(s)
+                    }
+                    other => Err(format!("{other:?} {:?}", s.reachable)),
+                }
+            }
+        },
+    )
+    .await;
+    let a = status
+        .clusters
+        .iter()
+        .find(|c| c.name == "edge-a")
+        .expect("edge-a");
+    assert!(a.reachable && a.ready_nodes == 1, "{a:?}");
+    // The operator kept running (no crash loop) and counts the problem.
+    let (code, metrics) = scrape::get(op.port, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("edgeloom_operator_reconcile_errors_total{category=\"kubeconfig\",controller=\"edgepool\"}"), "{metrics}");
+    // Fixing the Secret reconnects edge-b.
+    let fixed = serde_json::json!({"data": good.data});
+    secrets
+        .patch(
+            "edge-b-kubeconfig",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&fixed),
+        )
+        .await
+        .expect("fix the secret");
+    wait::until("edge-b reachable again", Duration::from_secs(60), || {
+        let pools = pools.clone();
+        async move {
+            let s = pools
+                .get("edge")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            if s.reachable.as_deref() == Some("2/3") {
+                Ok(())
+            } else {
+                Err(format!("{:?}", s.clusters))
+            }
+        }
+    })
+    .await;
 }
