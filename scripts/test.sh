@@ -9,6 +9,10 @@ step() { printf '\n== %s\n' "$*"; }
 step "prerequisites (Go-built etcd, kube-apiserver, kube-controller-manager, kubectl, helm)"
 e2e/scripts/install-tools.sh
 
+step "prerequisites (libtorch 2.11.0 from PyPI, for edgeloom-runner)"
+LIBTORCH=$(scripts/install-torch.sh | tail -n 1)
+export LIBTORCH
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -1,0 +1,80 @@
+//! The runner protocol (DESIGN.md §5): a [`Spec`] as JSON on stdin; [`Line`]s as JSON on
+//! stdout (progress, then one result or one error); exit code 0 on success, 1 when the
+//! task failed (bad model, bad data, out of memory), 2 when the spec itself is unusable.
+
+use edgeloom_crds::workload::Workload;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What the agent asks the runner to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    /// The workload, as in the ComputeTask.
+    pub workload: Workload,
+    /// This task's shard.
+    #[serde(default)]
+    pub shard: u32,
+    /// All shards of the job.
+    #[serde(default = "one")]
+    pub shards: u32,
+    /// A local file holding the TorchScript model (the agent fetched it from the ConfigMap
+    /// or URL).
+    #[serde(default)]
+    pub model_path: Option<String>,
+    /// A local CSV for a node-local dataset (features..., label).
+    #[serde(default)]
+    pub data_path: Option<String>,
+    /// "cpu", "cuda" or "auto" (default: CUDA when available).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Intra-op threads (deterministic mode forces 1).
+    #[serde(default)]
+    pub threads: Option<u32>,
+    /// Where to keep checkpoints, so a retried Train task resumes.
+    #[serde(default)]
+    pub checkpoint_dir: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One line of output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Line {
+    /// Startup facts (device, threads, libtorch's CUDA).
+    Info {
+        /// Device used.
+        device: String,
+        /// Whether libtorch sees CUDA.
+        cuda: bool,
+        /// Intra-op threads.
+        threads: i32,
+    },
+    /// Progress in percent, with an optional note.
+    Progress {
+        /// 0-100.
+        progress: u8,
+        /// What it is doing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// The result.
+    Result {
+        /// sha256 (hex) of the canonical result.
+        digest: String,
+        /// Numeric metrics.
+        metrics: BTreeMap<String, f64>,
+        /// Human-readable values.
+        summary: BTreeMap<String, String>,
+        /// A short vector for tolerance-based verification.
+        vector: Vec<f64>,
+    },
+    /// Why the task failed.
+    Error {
+        /// The reason.
+        message: String,
+    },
+}

@@ -1,0 +1,354 @@
+//! Benchmark, Train and Inference.
+
+use crate::data::{Dataset, Rng};
+use crate::model;
+use crate::protocol::{Line, Spec};
+use edgeloom_crds::workload::{BuiltinModel, Optimizer, WorkloadKind};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// Why a task failed (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The data could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// libtorch refused (bad model file, shapes, out of memory).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The model does not fit the data.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// Checkpoint I/O.
+    #[error("checkpoint {0}: {1}")]
+    Checkpoint(String, std::io::Error),
+    /// The spec asks for something this runner cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Where the runner writes lines.
+pub trait Sink {
+    /// Emits one line.
+    fn emit(&mut self, line: Line);
+}
+
+/// The device for `spec`.
+pub fn device(spec: &Spec) -> Device {
+    match spec.device.as_deref() {
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        _ => Device::cuda_if_available(),
+    }
+}
+
+fn digest(tag: &str, preds: &[i64]) -> String {
+    let mut h = Sha256::new();
+    h.update(tag.as_bytes());
+    for p in preds {
+        h.update(p.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn load_data(spec: &Spec) -> Result<Dataset, TaskError> {
+    let ds = spec
+        .workload
+        .dataset
+        .as_ref()
+        .ok_or_else(|| TaskError::Unsupported("the workload names no dataset".into()))?;
+    if ds.builtin.is_some() {
+        Ok(Dataset::digits()?)
+    } else if let Some(s) = &ds.synthetic {
+        Ok(Dataset::synthetic(
+            s.samples as usize,
+            s.features as usize,
+            s.classes as usize,
+            s.seed,
+        ))
+    } else if let Some(name) = &ds.node_local {
+        let path = spec
+            .data_path
+            .as_deref()
+            .ok_or_else(|| TaskError::Unsupported(format!("this node holds no dataset {name}")))?;
+        Ok(Dataset::file(path)?)
+    } else {
+        Err(TaskError::Unsupported("the dataset names no source".into()))
+    }
+}
+
+fn tensors(d: &Dataset, device: Device) -> (Tensor, Tensor) {
+    let x = Tensor::from_slice(&d.x)
+        .view([d.rows() as i64, d.features as i64])
+        .to(device);
+    let y = Tensor::from_slice(&d.y).to(device);
+    (x, y)
+}
+
+/// Runs the matrix-multiply benchmark.
+pub fn benchmark(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
+    let device = device(spec);
+    let n = spec.workload.parameters.matrix_size as i64;
+    tch::manual_seed(spec.workload.parameters.seed as i64);
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let b = Tensor::randn([n, n], (Kind::Float, device));
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for _ in 0..2 {
+        let _ = a.matmul(&b);
+    }
+    sync();
+    let start = Instant::now();
+    let mut reps = 0u32;
+    let mut checksum = 0.0;
+    while reps < 3 || (start.elapsed().as_secs_f64() < 1.0 && reps < 200) {
+        let c = a.matmul(&b);
+        if reps == 0 {
+            checksum = c.sum(Kind::Double).double_value(&[]);
+        }
+        reps += 1;
+        if reps.is_multiple_of(5) {
+            out.emit(Line::Progress {
+                progress: (start.elapsed().as_secs_f64() * 100.0).min(99.0) as u8,
+                message: None,
+            });
+        }
+    }
+    sync();
+    let secs = start.elapsed().as_secs_f64();
+    let flops = 2.0 * (n as f64).powi(3) * reps as f64 / secs;
+    let metrics = BTreeMap::from([
+        ("gflops".to_string(), flops / 1e9),
+        ("tflops".to_string(), flops / 1e12),
+        ("seconds".to_string(), secs),
+        ("reps".to_string(), reps as f64),
+    ]);
+    let tag = format!("benchmark|{n}|{:.0}", checksum / (n * n) as f64 * 1e3);
+    out.emit(Line::Result {
+        digest: digest(&tag, &[]),
+        summary: BTreeMap::from([
+            ("gflops".to_string(), format!("{:.1}", flops / 1e9)),
+            ("device".to_string(), format!("{device:?}")),
+        ]),
+        vector: vec![flops / 1e12],
+        metrics,
+    });
+    Ok(())
+}
+
+/// Trains a built-in model (or, for Inference with a built-in model, the reference weights)
+/// on `train` and returns the network and the last epoch's mean loss.
+fn fit(
+    spec: &Spec,
+    vs: &mut nn::VarStore,
+    kind: BuiltinModel,
+    train: &Dataset,
+    classes: usize,
+    out: &mut dyn Sink,
+    progress_span: (u8, u8),
+) -> Result<(nn::Sequential, f64, f64), TaskError> {
+    let p = &spec.workload.parameters;
+    let device = vs.device();
+    let net = model::builtin(&vs.root(), kind, train.features as i64, classes as i64)?;
+    let mut opt = match p.optimizer {
+        Optimizer::Sgd => nn::Sgd {
+            momentum: 0.9,
+            ..Default::default()
+        }
+        .build(vs, p.learning_rate)?,
+        Optimizer::Adam => nn::Adam::default().build(vs, p.learning_rate)?,
+    };
+    let (xs, ys) = tensors(train, device);
+    let n = train.rows();
+    let bs = (p.batch_size as usize).clamp(1, n.max(1));
+    let checkpoint = spec.checkpoint_dir.as_deref().map(Path::new);
+    let mut start_epoch = 0;
+    if let Some(dir) = checkpoint {
+        let weights = dir.join("weights.ot");
+        if let (Ok(epoch), true) = (std::fs::read_to_string(dir.join("epoch")), weights.exists()) {
+            vs.load(&weights)?;
+            start_epoch = epoch.trim().parse().unwrap_or(0);
+            out.emit(Line::Progress {
+                progress: progress_span.0,
+                message: Some(format!("resumed from checkpoint after epoch {start_epoch}")),
+            });
+        }
+    }
+    let mut rng = Rng::new(p.seed ^ 0xC0FFEE);
+    let mut last_loss = f64::NAN;
+    let started = Instant::now();
+    let mut samples = 0usize;
+    for epoch in start_epoch..p.epochs as usize {
+        let mut order: Vec<i64> = (0..n as i64).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let perm = Tensor::from_slice(&order).to(device);
+        let mut sum = 0.0;
+        let mut batches = 0;
+        for b in (0..n).step_by(bs) {
+            let len = bs.min(n - b) as i64;
+            let idx = perm.narrow(0, b as i64, len);
+            let loss = net
+                .forward(&xs.index_select(0, &idx))
+                .cross_entropy_for_logits(&ys.index_select(0, &idx));
+            opt.backward_step(&loss);
+            sum += loss.double_value(&[]);
+            batches += 1;
+            samples += len as usize;
+        }
+        last_loss = sum / batches.max(1) as f64;
+        if let Some(dir) = checkpoint {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| TaskError::Checkpoint(dir.display().to_string(), e))?;
+            vs.save(dir.join("weights.ot"))?;
+            std::fs::write(dir.join("epoch"), (epoch + 1).to_string())
+                .map_err(|e| TaskError::Checkpoint(dir.display().to_string(), e))?;
+        }
+        let (lo, hi) = progress_span;
+        out.emit(Line::Progress {
+            progress: lo + ((hi - lo) as f64 * (epoch + 1) as f64 / p.epochs as f64) as u8,
+            message: Some(format!(
+                "epoch {}/{} loss {last_loss:.4}",
+                epoch + 1,
+                p.epochs
+            )),
+        });
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok((net, last_loss, samples as f64 / secs))
+}
+
+fn accuracy(preds: &[i64], labels: &[i64]) -> f64 {
+    let hits = preds.iter().zip(labels).filter(|(p, l)| p == l).count();
+    hits as f64 / labels.len().max(1) as f64
+}
+
+/// Trains a built-in model on this shard's rows and evaluates it on the shared test rows.
+pub fn train(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
+    let kind = spec
+        .workload
+        .model
+        .as_ref()
+        .and_then(|m| m.builtin)
+        .ok_or_else(|| {
+            TaskError::Unsupported("Train needs a built-in model (Linear, Mlp, Cnn)".into())
+        })?;
+    let data = load_data(spec)?;
+    let p = &spec.workload.parameters;
+    let (train, test) = data.split(p.seed, spec.shard, spec.shards);
+    if train.rows() == 0 {
+        return Err(TaskError::Unsupported(format!(
+            "shard {} of {} has no training rows",
+            spec.shard, spec.shards
+        )));
+    }
+    tch::manual_seed(p.seed as i64);
+    let mut vs = nn::VarStore::new(device(spec));
+    let (net, loss, throughput) = fit(spec, &mut vs, kind, &train, data.classes, out, (0, 95))?;
+    let (tx, _) = tensors(&test, vs.device());
+    let preds: Vec<i64> =
+        Vec::try_from(&model::logits(&net, &tx).argmax(-1, false).to(Device::Cpu))?;
+    let acc = accuracy(&preds, &test.y);
+    out.emit(Line::Result {
+        digest: digest(&format!("train|{kind:?}"), &preds),
+        metrics: BTreeMap::from([
+            ("accuracy".to_string(), acc),
+            ("loss".to_string(), loss),
+            ("samplesPerSecond".to_string(), throughput),
+            ("trainRows".to_string(), train.rows() as f64),
+        ]),
+        summary: BTreeMap::from([
+            ("accuracy".to_string(), format!("{acc:.4}")),
+            ("model".to_string(), format!("{kind:?}")),
+        ]),
+        vector: vec![acc, loss],
+    });
+    Ok(())
+}
+
+/// Applies a model to this shard's test rows: a TorchScript file, or a built-in model
+/// trained deterministically on the training rows first.
+pub fn inference(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
+    let data = load_data(spec)?;
+    let p = &spec.workload.parameters;
+    let (train, test) = data.split(p.seed, 0, 1);
+    let rows: Vec<usize> = (0..test.rows())
+        .filter(|i| *i as u32 % spec.shards.max(1) == spec.shard)
+        .collect();
+    let shard = test.select(&rows);
+    let device = device(spec);
+    tch::manual_seed(p.seed as i64);
+    let (tx, _) = tensors(&shard, device);
+    let model = spec.workload.model.as_ref();
+    let started;
+    let (logits, name) = match (model.and_then(|m| m.builtin), spec.model_path.as_deref()) {
+        (Some(kind), _) => {
+            let mut vs = nn::VarStore::new(device);
+            let (net, _, _) = fit(spec, &mut vs, kind, &train, data.classes, out, (0, 80))?;
+            started = Instant::now();
+            (model::logits(&net, &tx), format!("{kind:?}"))
+        }
+        (None, Some(path)) => {
+            let mut module = tch::CModule::load_on_device(path, device)?;
+            module.set_eval();
+            out.emit(Line::Progress {
+                progress: 50,
+                message: Some("TorchScript model loaded".into()),
+            });
+            started = Instant::now();
+            (
+                tch::no_grad(|| module.forward_ts(&[&tx]))?,
+                "TorchScript".to_string(),
+            )
+        }
+        (None, None) => {
+            return Err(TaskError::Unsupported(
+                "Inference needs a built-in model or a model file".into(),
+            ));
+        }
+    };
+    let dims = logits.size();
+    if dims.len() != 2 || dims[0] != shard.rows() as i64 {
+        return Err(TaskError::Unsupported(format!(
+            "the model returned shape {dims:?}; expected [{}, classes]",
+            shard.rows()
+        )));
+    }
+    let preds: Vec<i64> = Vec::try_from(&logits.argmax(-1, false).to(Device::Cpu))?;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let acc = accuracy(&preds, &shard.y);
+    out.emit(Line::Result {
+        digest: digest("inference", &preds),
+        metrics: BTreeMap::from([
+            ("accuracy".to_string(), acc),
+            ("rows".to_string(), shard.rows() as f64),
+            ("samplesPerSecond".to_string(), shard.rows() as f64 / secs),
+        ]),
+        summary: BTreeMap::from([
+            ("accuracy".to_string(), format!("{acc:.4}")),
+            ("model".to_string(), name),
+        ]),
+        vector: vec![acc],
+    });
+    Ok(())
+}
+
+/// Runs the spec's workload.
+pub fn run(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
+    match spec.workload.kind {
+        WorkloadKind::Benchmark => benchmark(spec, out),
+        WorkloadKind::Train => train(spec, out),
+        WorkloadKind::Inference => inference(spec, out),
+        WorkloadKind::Federated => Err(TaskError::Unsupported(
+            "Federated workloads are not supported by this runner yet".into(),
+        )),
+    }
+}
