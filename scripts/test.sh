@@ -19,5 +19,8 @@ cargo fmt --all --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build --bins (the e2e tests run the operator, agent and runner binaries)"
+cargo build --workspace --bins --locked
+
 step "cargo test (unit, property and end-to-end tests)"
 cargo test --workspace --locked

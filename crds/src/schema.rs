@@ -23,6 +23,49 @@ pub enum Quantity {
 }
 
 impl Quantity {
+    /// The value in base units (cores, bytes), or `None` if malformed. For resource
+    /// arithmetic only; money never goes through here.
+    pub fn value(&self) -> Option<f64> {
+        let text = self.as_string();
+        let q = text.trim();
+        let split = q
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+            .unwrap_or(q.len());
+        let (num, suffix) = q.split_at(split);
+        let n: f64 = num.parse().ok()?;
+        let mult = match suffix {
+            "" => 1.0,
+            "m" => 1e-3,
+            "k" => 1e3,
+            "M" => 1e6,
+            "G" => 1e9,
+            "T" => 1e12,
+            "P" => 1e15,
+            "E" => 1e18,
+            "Ki" => 1024.0,
+            "Mi" => 1024f64.powi(2),
+            "Gi" => 1024f64.powi(3),
+            "Ti" => 1024f64.powi(4),
+            "Pi" => 1024f64.powi(5),
+            "Ei" => 1024f64.powi(6),
+            s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse::<i32>().ok()?),
+            _ => return None,
+        };
+        let v = n * mult;
+        v.is_finite().then_some(v)
+    }
+
+    /// CPU in millicores, rounded up.
+    pub fn millicores(&self) -> Option<u64> {
+        self.value().map(|v| (v * 1000.0).ceil().max(0.0) as u64)
+    }
+
+    /// Bytes as MiB, rounded up.
+    pub fn mebibytes(&self) -> Option<u64> {
+        self.value()
+            .map(|v| (v / (1024.0 * 1024.0)).ceil().max(0.0) as u64)
+    }
+
     /// The quantity as Kubernetes would print it.
     pub fn as_string(&self) -> String {
         match self {
@@ -52,6 +95,22 @@ impl JsonSchema for Quantity {
                 "message": "must be a non-negative Kubernetes quantity such as 2, 500m or 16Gi"
             }]
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_in_every_kubernetes_form() {
+        assert_eq!(Quantity::Int(2).millicores(), Some(2000));
+        assert_eq!(Quantity::from("500m").millicores(), Some(500));
+        assert_eq!(Quantity::from("1.5").millicores(), Some(1500));
+        assert_eq!(Quantity::from("16Gi").mebibytes(), Some(16384));
+        assert_eq!(Quantity::from("512Mi").mebibytes(), Some(512));
+        assert_eq!(Quantity::from("1e9").mebibytes(), Some(954));
+        assert_eq!(Quantity::from("12x").value(), None);
     }
 }
 

@@ -64,6 +64,22 @@ impl Federation {
         nodes: u32,
         work: Duration,
     ) -> Result<Federation, FederationError> {
+        let mut fed = Federation::start_bare(members, nodes).await?;
+        for m in fed.plane.members() {
+            let sims = m
+                .nodes
+                .iter()
+                .map(|n| SimNode::cpu(n, &format!("acct-{n}")))
+                .collect();
+            let agents = SimAgents::start(m.client().await?, sims, work).await?;
+            fed.agents.insert(m.name.clone(), agents);
+        }
+        Ok(fed)
+    }
+
+    /// Starts `members` with `nodes` registered nodes each and no agents (start real ones
+    /// with [`Federation::agent`]).
+    pub async fn start_bare(members: &[&str], nodes: u32) -> Result<Federation, FederationError> {
         let plane = ControlPlane::start(Config {
             members: members.iter().map(|m| m.to_string()).collect(),
             nodes_per_member: nodes,
@@ -76,7 +92,6 @@ impl Federation {
         }
         ensure_namespace(&hub, SYSTEM_NAMESPACE).await?;
         let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
-        let mut agents = BTreeMap::new();
         for m in plane.members() {
             let secret = Secret {
                 metadata: ObjectMeta {
@@ -90,17 +105,13 @@ impl Federation {
                 ..Default::default()
             };
             secrets.create(&PostParams::default(), &secret).await?;
-            let sims = m
-                .nodes
-                .iter()
-                .map(|n| SimNode::cpu(n, &format!("acct-{n}")))
-                .collect();
-            agents.insert(
-                m.name.clone(),
-                SimAgents::start(m.client().await?, sims, work).await?,
-            );
+            ensure_namespace(&m.client().await?, SYSTEM_NAMESPACE).await?;
         }
-        Ok(Federation { agents, plane, hub })
+        Ok(Federation {
+            agents: BTreeMap::new(),
+            plane,
+            hub,
+        })
     }
 
     /// Applies an EdgePool `name` over every member with the given heartbeat timeout and
@@ -151,6 +162,83 @@ impl Federation {
             process,
             port,
             identity: identity.into(),
+        })
+    }
+}
+
+/// Settings of a real agent process.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    /// Member cluster.
+    pub member: String,
+    /// Node.
+    pub node: String,
+    /// Contributor account.
+    pub account: String,
+    /// Node-local datasets: name -> CSV path.
+    pub datasets: BTreeMap<String, std::path::PathBuf>,
+}
+
+/// A running edgeloom-agent process.
+pub struct AgentProcess {
+    /// The process.
+    pub process: Process,
+    /// Port of /metrics.
+    pub port: u16,
+    /// Its node.
+    pub node: String,
+}
+
+impl Federation {
+    /// Starts a real edgeloom-agent (`bin`, running `runner`) for one node, with the
+    /// member's admin kubeconfig, a 2 s heartbeat and a quick start-up benchmark.
+    pub fn agent(
+        &self,
+        bin: &Path,
+        runner: &Path,
+        spec: &AgentSpec,
+    ) -> Result<AgentProcess, FederationError> {
+        let member = self.plane.cluster(&spec.member)?;
+        let port = free_port()?;
+        let dir = self.plane.dir().join(format!("agent-{}", spec.node));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| FederationError::Spawn(dir.display().to_string(), e))?;
+        let datasets: String = spec
+            .datasets
+            .iter()
+            .map(|(k, v)| format!("  {k}: {}\n", v.display()))
+            .collect();
+        let config = format!(
+            "node: {}\naccount: {}\nrunner: {}\nworkDir: {}\nheartbeatSeconds: 2\nbenchmarkMatrixSize: 128\nshutdownGraceSeconds: 5\ndatasets:\n{}",
+            spec.node,
+            spec.account,
+            runner.display(),
+            dir.join("work").display(),
+            if datasets.is_empty() {
+                "  {}\n".to_string()
+            } else {
+                datasets
+            }
+        );
+        let config_path = dir.join("agent.yaml");
+        std::fs::write(&config_path, config)
+            .map_err(|e| FederationError::Spawn(config_path.display().to_string(), e))?;
+        let args = vec![
+            format!("--kubeconfig={}", member.kubeconfig.display()),
+            format!("--config={}", config_path.display()),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+        ];
+        let process = Process::spawn(
+            &format!("agent[{}]", spec.node),
+            bin,
+            &args,
+            &dir.join("agent.log"),
+        )
+        .map_err(|e| FederationError::Spawn(bin.display().to_string(), e))?;
+        Ok(AgentProcess {
+            process,
+            port,
+            node: spec.node.clone(),
         })
     }
 }

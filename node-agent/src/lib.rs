@@ -1,1 +1,10 @@
-//! placeholder
+//! The edgeloom node agent (DESIGN.md §1, §5, §6): probes the node (NVML, /proc), publishes
+//! its inventory, renews its heartbeat, runs its ComputeTasks with edgeloom-runner, and
+//! serves metrics (GPU metrics under DCGM names).
+
+pub mod agent;
+pub mod config;
+pub mod execution;
+pub mod http;
+pub mod metrics;
+pub mod probe;

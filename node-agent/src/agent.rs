@@ -1,0 +1,530 @@
+//! The agent's loop (DESIGN.md §1, §5): measure the node, publish its inventory on the
+//! Node, renew the heartbeat Lease, and run this node's ComputeTasks, at most `maxTasks` at
+//! a time: claim (status Running), run edgeloom-runner, report progress every few seconds
+//! and a final status with metrics, usage and the result digest. A deleted task is
+//! cancelled; on SIGTERM running tasks get a grace period, then are cancelled.
+
+use crate::config::Config;
+use crate::execution::{self, Execution, Limits, Outcome};
+use crate::metrics::Metrics;
+use crate::probe::{self, Gpus};
+use edgeloom_crds::TaskPhase;
+use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus};
+use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// The latest progress a runner reported: percent and note.
+type Progress = (u8, Option<String>);
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "edgeloom-agent";
+
+/// The agent of one node.
+pub struct Agent {
+    client: kube::Client,
+    config: Config,
+    gpus: Gpus,
+    /// Its metrics.
+    pub metrics: Metrics,
+    /// Set once the inventory is published.
+    pub ready: Arc<AtomicBool>,
+    running: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    stopping: AtomicBool,
+    wake: Notify,
+}
+
+impl Agent {
+    /// A new agent; nothing runs until [`Agent::run`].
+    pub fn new(client: kube::Client, config: Config, metrics: Metrics) -> Agent {
+        Agent {
+            client,
+            gpus: Gpus::init(),
+            config,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            running: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    fn tasks_api(&self) -> Api<ComputeTask> {
+        Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE)
+    }
+
+    /// Runs the node's Benchmark once to measure TFLOP/s (0 when skipped or failing).
+    async fn measure(&self) -> f64 {
+        if self.config.benchmark_matrix_size == 0 {
+            return 0.0;
+        }
+        let spec = serde_json::json!({
+            "device": if self.gpus.read().is_empty() { "cpu" } else { "auto" },
+            "workload": {"kind": "Benchmark", "parameters": {"matrixSize": self.config.benchmark_matrix_size, "deterministic": false}}
+        });
+        let (_tx, rx) = watch::channel(None);
+        let log = self.config.work_dir.join("benchmark.log");
+        let run = execution::execute(
+            &self.config.runner,
+            &spec,
+            &Limits {
+                timeout: Some(Duration::from_secs(120)),
+                memory_mib: None,
+            },
+            &log,
+            |_, _| {},
+            rx,
+        )
+        .await;
+        match run.outcome {
+            Outcome::Succeeded { metrics, .. } => {
+                let t = metrics.get("tflops").copied().unwrap_or(0.0);
+                tracing::info!(tflops = t, gpu = run.gpu, "measured this node");
+                t
+            }
+            other => {
+                tracing::warn!(outcome = ?other, "the start-up benchmark failed; publishing 0 TFLOP/s");
+                0.0
+            }
+        }
+    }
+
+    /// Publishes the node's inventory as labels and annotations of its Node.
+    async fn publish(&self, tflops: f64) -> Result<(), kube::Error> {
+        let gpus = self.gpus.read();
+        let inv = NodeInventory {
+            agent: true,
+            account: self.config.account.clone(),
+            gpu_product: gpus.first().map(|g| g.name.clone()),
+            gpus: gpus.len() as u32,
+            gpu_memory_mib: gpus.iter().map(|g| g.memory_total_mib).min().unwrap_or(0),
+            cpu_cores: self.config.cpu_cores.unwrap_or_else(probe::cpu_cores),
+            memory_mib: self.config.memory_mib.unwrap_or_else(probe::memory_mib),
+            tflops,
+            datasets: self.config.datasets.keys().cloned().collect(),
+            price_factor: self.config.price_factor,
+        };
+        let (labels, annotations) = inv.to_metadata();
+        let node = &self.config.node;
+        let patch = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": labels, "annotations": annotations}
+        });
+        Api::<Node>::all(self.client.clone())
+            .patch(
+                node,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        self.metrics.tflops.set(tflops);
+        tracing::info!(node = %node, gpus = inv.gpus, cpu = inv.cpu_cores, datasets = ?inv.datasets, "published inventory");
+        Ok(())
+    }
+
+    async fn heartbeat(&self) {
+        let node = &self.config.node;
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let duration = (self.config.heartbeat_seconds * 4) as i32;
+        let patch = serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": node, "labels": {"edgeloom.io/heartbeat": "agent"}},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": duration, "renewTime": MicroTime(Timestamp::now())}
+        });
+        match api
+            .patch(
+                node,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => self.metrics.heartbeats.inc(),
+            Err(e) => {
+                self.metrics.heartbeat_failures.inc();
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    async fn set_status(&self, name: &str, status: &ComputeTaskStatus) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({"apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask", "status": status});
+        self.tasks_api()
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Fails tasks this node was running before the agent restarted: their runner died
+    /// with the previous agent process.
+    async fn fail_orphans(&self, store: &Store<ComputeTask>) {
+        for t in store.state() {
+            let status = t.status.clone().unwrap_or_default();
+            if t.spec.node_name == self.config.node
+                && status.phase == Some(TaskPhase::Running)
+                && !self.is_running(&t.name_any())
+            {
+                let mut s = status;
+                s.phase = Some(TaskPhase::Failed);
+                s.finished_at = Some(Time(Timestamp::now()));
+                s.message = Some("the agent restarted while this task ran".into());
+                let _ = self.set_status(&t.name_any(), &s).await;
+            }
+        }
+    }
+
+    fn is_running(&self, name: &str) -> bool {
+        self.running
+            .lock()
+            .map(|r| r.contains_key(name))
+            .unwrap_or(false)
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Claims and starts pending tasks of this node while there is room.
+    async fn claim(self: &Arc<Self>, store: &Store<ComputeTask>) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut pending: Vec<Arc<ComputeTask>> = store
+            .state()
+            .into_iter()
+            .filter(|t| t.spec.node_name == self.config.node)
+            .filter(|t| {
+                matches!(
+                    t.status.as_ref().and_then(|s| s.phase),
+                    None | Some(TaskPhase::Pending)
+                )
+            })
+            .filter(|t| !self.is_running(&t.name_any()))
+            .collect();
+        pending.sort_by_key(|t| t.metadata.creation_timestamp.as_ref().map(|c| c.0));
+        for task in pending {
+            if self.running_count() >= self.config.max_tasks {
+                return;
+            }
+            let name = task.name_any();
+            let claimed = ComputeTaskStatus {
+                phase: Some(TaskPhase::Running),
+                started_at: Some(Time(Timestamp::now())),
+                message: Some(format!("running on {}", self.config.node)),
+                ..Default::default()
+            };
+            if let Err(e) = self.set_status(&name, &claimed).await {
+                tracing::debug!(task = %name, error = %e, "claim failed");
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            if let Ok(mut r) = self.running.lock() {
+                r.insert(name.clone(), tx);
+            }
+            self.metrics.running.set(self.running_count() as i64);
+            let agent = self.clone();
+            tokio::spawn(async move {
+                agent.run_task(task, claimed, rx).await;
+                if let Ok(mut r) = agent.running.lock() {
+                    r.remove(&name);
+                }
+                agent.metrics.running.set(agent.running_count() as i64);
+                agent.wake.notify_one();
+            });
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(task = %task.name_any()))]
+    async fn run_task(
+        &self,
+        task: Arc<ComputeTask>,
+        mut status: ComputeTaskStatus,
+        cancel: watch::Receiver<Option<String>>,
+    ) {
+        let name = task.name_any();
+        let spec = &task.spec;
+        let workload = &spec.workload;
+        let data_path = match workload
+            .dataset
+            .as_ref()
+            .and_then(|d| d.node_local.as_ref())
+        {
+            Some(ds) => match self.config.datasets.get(ds) {
+                Some(p) => Some(p.display().to_string()),
+                None => {
+                    return self
+                        .finish(
+                            &name,
+                            status,
+                            Execution {
+                                outcome: Outcome::Failed(format!(
+                                    "node {} holds no dataset {ds}",
+                                    self.config.node
+                                )),
+                                usage: Default::default(),
+                                gpu: false,
+                            },
+                        )
+                        .await;
+                }
+            },
+            None => None,
+        };
+        if workload.model.as_ref().is_some_and(|m| m.builtin.is_none()) {
+            let msg = "model sources other than built-in models are not fetched by this agent yet"
+                .to_string();
+            return self
+                .finish(
+                    &name,
+                    status,
+                    Execution {
+                        outcome: Outcome::Failed(msg),
+                        usage: Default::default(),
+                        gpu: false,
+                    },
+                )
+                .await;
+        }
+        let dir = self.config.work_dir.join("tasks");
+        let _ = std::fs::create_dir_all(&dir);
+        let checkpoints = self
+            .config
+            .work_dir
+            .join("checkpoints")
+            .join(format!("{}-{}-{}", spec.job.uid, spec.shard, spec.replica));
+        let threads = spec
+            .limits
+            .cpu
+            .as_ref()
+            .and_then(|q| q.value())
+            .map(|c| c.ceil().max(1.0) as u32);
+        let runner_spec = serde_json::json!({
+            "workload": workload, "shard": spec.shard, "shards": spec.shards,
+            "dataPath": data_path, "checkpointDir": checkpoints,
+            "device": if spec.limits.gpus > 0 { "auto" } else { "cpu" },
+            "threads": threads,
+        });
+        let limits = Limits {
+            timeout: spec
+                .limits
+                .timeout_seconds
+                .map(|s| Duration::from_secs(s as u64)),
+            memory_mib: spec.limits.memory.as_ref().and_then(|q| q.mebibytes()),
+        };
+        let latest: Arc<Mutex<Option<Progress>>> = Arc::default();
+        let sink = latest.clone();
+        let energy_before: u64 = self.gpus.read().iter().filter_map(|g| g.energy_mj).sum();
+        // Progress goes out at most every 2 seconds.
+        let reporter = {
+            let latest = latest.clone();
+            let base = status.clone();
+            let api = self.tasks_api();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut last: Option<u8> = None;
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let now = latest.lock().ok().and_then(|l| l.clone());
+                    if let Some((p, msg)) = now
+                        && Some(p) != last
+                    {
+                        last = Some(p);
+                        let mut s = base.clone();
+                        s.progress = p;
+                        s.message = msg.or(s.message);
+                        let patch = serde_json::json!({"apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask", "status": s});
+                        let _ = api
+                            .patch_status(
+                                &name,
+                                &PatchParams::apply(FIELD_MANAGER).force(),
+                                &Patch::Apply(&patch),
+                            )
+                            .await;
+                    }
+                }
+            })
+        };
+        let log = dir.join(format!("{name}.log"));
+        let mut run = execution::execute(
+            &self.config.runner,
+            &runner_spec,
+            &limits,
+            &log,
+            move |p, m| {
+                if let Ok(mut l) = sink.lock() {
+                    *l = Some((p, m));
+                }
+            },
+            cancel,
+        )
+        .await;
+        reporter.abort();
+        if run.gpu {
+            let after: u64 = self.gpus.read().iter().filter_map(|g| g.energy_mj).sum();
+            run.usage.energy_millijoules = Some(after.saturating_sub(energy_before));
+        }
+        if let Some((p, _)) = latest.lock().ok().and_then(|l| l.clone()) {
+            status.progress = p;
+        }
+        self.finish(&name, status, run).await;
+    }
+
+    async fn finish(&self, name: &str, mut status: ComputeTaskStatus, run: Execution) {
+        status.finished_at = Some(Time(Timestamp::now()));
+        status.usage = Some(run.usage.clone());
+        let outcome = match run.outcome {
+            Outcome::Succeeded {
+                digest,
+                metrics,
+                summary,
+                vector,
+            } => {
+                if let Some(s) = metrics.get("samplesPerSecond") {
+                    self.metrics.samples_per_second.set(*s);
+                }
+                status.phase = Some(TaskPhase::Succeeded);
+                status.progress = 100;
+                status.result_digest = Some(digest);
+                status.metrics = metrics;
+                status.result_summary = summary;
+                status.result_vector = vector;
+                status.message = None;
+                "succeeded"
+            }
+            Outcome::Failed(why) => {
+                status.phase = Some(TaskPhase::Failed);
+                status.message = Some(why);
+                "failed"
+            }
+            Outcome::Cancelled(why) => {
+                status.phase = Some(TaskPhase::Cancelled);
+                status.message = Some(why);
+                "cancelled"
+            }
+        };
+        self.metrics.tasks.with_label_values(&[outcome]).inc();
+        self.metrics
+            .task_seconds
+            .observe(run.usage.wall_millis as f64 / 1000.0);
+        match self.set_status(name, &status).await {
+            Ok(()) => {
+                tracing::info!(task = %name, outcome, message = ?status.message, "task finished")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                tracing::info!(task = %name, outcome, "task finished after its ComputeTask was deleted")
+            }
+            Err(e) => tracing::warn!(task = %name, error = %e, "reporting the result failed"),
+        }
+    }
+
+    fn cancel(&self, name: &str, why: &str) {
+        if let Ok(r) = self.running.lock()
+            && let Some(tx) = r.get(name)
+        {
+            let _ = tx.send(Some(why.to_string()));
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then drains.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.config.work_dir)?;
+        let tflops = self.measure().await;
+        loop {
+            match self.publish(tflops).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing the inventory failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+        self.heartbeat().await;
+        self.ready.store(true, Ordering::Relaxed);
+        let beat = self.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(beat.config.heartbeat_seconds.max(1))).await;
+                beat.heartbeat().await;
+                beat.metrics
+                    .observe_gpus(&beat.gpus.read(), &beat.config.node);
+            }
+        });
+        let (store, writer) = reflector::store();
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.config.node));
+        let events = watcher(self.tasks_api(), cfg)
+            .default_backoff()
+            .reflect(writer);
+        let me = self.clone();
+        let watch_store = store.clone();
+        let watching = tokio::spawn(async move {
+            futures::pin_mut!(events);
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(watcher::Event::Delete(t)) => me.cancel(
+                        &t.name_any(),
+                        "the ComputeTask was deleted (cancelled or superseded)",
+                    ),
+                    Ok(_) => me.wake.notify_one(),
+                    Err(e) => tracing::debug!(error = %e, "task watch error"),
+                }
+            }
+            drop(watch_store);
+        });
+        let _ = store.wait_until_ready().await;
+        self.fail_orphans(&store).await;
+        let me = self.clone();
+        let loop_store = store.clone();
+        let claiming = tokio::spawn(async move {
+            loop {
+                me.claim(&loop_store).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), me.wake.notified()).await;
+            }
+        });
+        shutdown.await;
+        tracing::info!(
+            running = self.running_count(),
+            "shutting down: no new tasks"
+        );
+        self.stopping.store(true, Ordering::Relaxed);
+        claiming.abort();
+        let grace =
+            tokio::time::Instant::now() + Duration::from_secs(self.config.shutdown_grace_seconds);
+        while self.running_count() > 0 && tokio::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let names: Vec<String> = self
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        for n in &names {
+            self.cancel(n, "the agent is shutting down");
+        }
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.running_count() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        watching.abort();
+        heartbeat.abort();
+        Ok(())
+    }
+}

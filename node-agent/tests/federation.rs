@@ -1,0 +1,214 @@
+//! Real agents on real member clusters: edgeloom-operator, edgeloom-agent and
+//! edgeloom-runner binaries (build them first: `cargo build --workspace --bins`, which
+//! scripts/test.sh does), libtorch on CPU, jobs applied as YAML to the hub.
+
+use edgeloom_crds::compute_task::ComputeTask;
+use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
+use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
+use edgeloom_e2e::federation::{AgentProcess, AgentSpec, Federation};
+use edgeloom_e2e::{manifests, scrape, wait};
+use kube::api::{Api, ListParams};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_edgeloom-agent")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+async fn federation(heartbeat: u32) -> (Federation, Vec<AgentProcess>) {
+    let fed = Federation::start_bare(&["edge-a", "edge-b"], 1)
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", heartbeat, 1).await.expect("pool");
+    let mut agents = Vec::new();
+    for m in fed.plane.members() {
+        for node in &m.nodes {
+            let spec = AgentSpec {
+                member: m.name.clone(),
+                node: node.clone(),
+                account: format!("acct-{node}"),
+                datasets: BTreeMap::new(),
+            };
+            agents.push(
+                fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+                    .expect("agent"),
+            );
+        }
+    }
+    (fed, agents)
+}
+
+async fn wait_phase(
+    fed: &Federation,
+    ns: &str,
+    name: &str,
+    phase: JobPhase,
+    timeout: Duration,
+) -> ComputeJob {
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), ns);
+    wait::until(&format!("job {name} to be {phase:?}"), timeout, || {
+        let api = api.clone();
+        async move {
+            let j = api.get(name).await.map_err(|e| e.to_string())?;
+            let s = j.status.clone().unwrap_or_default();
+            if s.phase == Some(phase) {
+                Ok(j)
+            } else {
+                Err(format!(
+                    "{:?} {:?} {:?}",
+                    s.phase,
+                    s.progress,
+                    s.shards
+                        .iter()
+                        .map(|x| (x.node.clone(), x.phase, x.message.clone()))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
+    let _serial = SERIAL.lock().await;
+    let (fed, agents) = federation(10).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("real").await.expect("ns");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let train =
+        std::fs::read_to_string(repo.join("manifests/job-train-digits.yaml")).expect("example");
+    manifests::apply_all(&fed.hub, &train, &ns, false)
+        .await
+        .expect("train job");
+    let inference = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: infer\nspec:\n  workload:\n    kind: Inference\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n    parameters:\n      epochs: 30\n      optimizer: Adam\n      learningRate: 0.01\n  shards: 2\n  resources:\n    memory: 2Gi\n";
+    manifests::apply_all(&fed.hub, inference, &ns, false)
+        .await
+        .expect("inference job");
+
+    let trained = wait_phase(
+        &fed,
+        &ns,
+        "train-digits",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let s = trained.status.expect("status");
+    assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
+    assert_eq!(
+        s.placement.as_deref(),
+        Some("edge-a:2,edge-b:2"),
+        "spread over both members"
+    );
+    assert!(
+        s.shards
+            .iter()
+            .all(|x| x.result_digest.as_ref().is_some_and(|d| d.len() == 64))
+    );
+    let inferred = wait_phase(
+        &fed,
+        &ns,
+        "infer",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let s = inferred.status.expect("status");
+    assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
+    assert!(s.metrics["samplesPerSecond"] > 0.0);
+
+    // Usage is reported in integer units; the agents count their work.
+    for m in fed.plane.members() {
+        let tasks: Api<ComputeTask> =
+            Api::namespaced(m.client().await.expect("client"), SYSTEM_NAMESPACE);
+        for t in tasks
+            .list(&ListParams::default())
+            .await
+            .expect("tasks")
+            .items
+        {
+            let status = t.status.expect("status");
+            assert_eq!(status.phase, Some(TaskPhase::Succeeded));
+            let usage = status.usage.expect("usage");
+            assert!(
+                usage.cpu_core_millis > 0 && usage.wall_millis > 0,
+                "{usage:?}"
+            );
+        }
+    }
+    for a in &agents {
+        let (code, body) = scrape::get(a.port, "/metrics")
+            .await
+            .expect("agent metrics");
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("edgeloom_agent_tasks_total{outcome=\"succeeded\"}"),
+            "{}: {body}",
+            a.node
+        );
+        assert!(body.contains("edgeloom_agent_heartbeats_total"), "{body}");
+        assert_eq!(scrape::get(a.port, "/readyz").await.expect("readyz").0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
+    let _serial = SERIAL.lock().await;
+    let (fed, mut agents) = federation(5).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("killed").await.expect("ns");
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 20000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 40\n  shards: 1\n";
+    manifests::apply_all(&fed.hub, job, &ns, false)
+        .await
+        .expect("job");
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let first = wait::until("the shard to run", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move {
+            let j = api.get("long").await.map_err(|e| e.to_string())?;
+            let shard = j
+                .status
+                .and_then(|s| s.shards.into_iter().next())
+                .ok_or("no shard")?;
+            if shard.phase == TaskPhase::Running {
+                Ok(shard)
+            } else {
+                Err(format!("{shard:?}"))
+            }
+        }
+    })
+    .await;
+    let victim = agents
+        .iter_mut()
+        .find(|a| a.node == first.node)
+        .expect("the agent running it");
+    victim.process.kill();
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "long",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let shard = &done.status.expect("status").shards[0];
+    assert_eq!(
+        shard.attempt, 2,
+        "re-placed after the agent's heartbeat stopped"
+    );
+    assert_ne!(shard.node, first.node);
+}
