@@ -212,3 +212,58 @@ async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
     );
     assert_ne!(shard.node, first.node);
 }
+
+#[tokio::test]
+async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_serving() {
+    let _serial = SERIAL.lock().await;
+    let (fed, _agents) = federation(10).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("oom").await.expect("ns");
+    let greedy = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: greedy\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n  resources:\n    memory: 64Mi\n  maxRetries: 1\n";
+    manifests::apply_all(&fed.hub, greedy, &ns, false)
+        .await
+        .expect("job");
+    let failed = wait_phase(
+        &fed,
+        &ns,
+        "greedy",
+        JobPhase::Failed,
+        Duration::from_secs(180),
+    )
+    .await;
+    let status = failed.status.expect("status");
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed condition");
+    assert_eq!(cond.reason, "ShardFailed");
+    assert!(
+        cond.message.contains("out of memory") && cond.message.contains("64 MiB"),
+        "{}",
+        cond.message
+    );
+    assert_eq!(
+        status.shards[0].attempt, 2,
+        "retried once on the other node"
+    );
+    // Both agents are still serving.
+    let fine = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: fine\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n  shards: 2\n  placement:\n    spread: Cluster\n";
+    manifests::apply_all(&fed.hub, fine, &ns, false)
+        .await
+        .expect("job");
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "fine",
+        JobPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(
+        done.status.expect("status").placement.as_deref(),
+        Some("edge-a:1,edge-b:1")
+    );
+}

@@ -36,14 +36,23 @@ enum Cmd {
 fn sibling(name: &str) -> Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name(name);
     if !p.is_file() {
-        bail!("{} not found: cargo build --release --workspace --bins", p.display());
+        bail!(
+            "{} not found: cargo build --release --workspace --bins",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 fn python() -> Result<PathBuf> {
-    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").context("set LIBTORCH (scripts/install-torch.sh)")?);
-    let py = libtorch.ancestors().nth(4).context("LIBTORCH is not inside a virtualenv")?.join("bin/python");
+    let libtorch = PathBuf::from(
+        std::env::var_os("LIBTORCH").context("set LIBTORCH (scripts/install-torch.sh)")?,
+    );
+    let py = libtorch
+        .ancestors()
+        .nth(4)
+        .context("LIBTORCH is not inside a virtualenv")?
+        .join("bin/python");
     if !py.is_file() {
         bail!("{} not found", py.display());
     }
@@ -51,8 +60,15 @@ fn python() -> Result<PathBuf> {
 }
 
 fn runner(spec: serde_json::Value) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let mut child = Command::new(sibling("edgeloom-runner")?).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-    child.stdin.take().context("stdin")?.write_all(spec.to_string().as_bytes())?;
+    let mut child = Command::new(sibling("edgeloom-runner")?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(spec.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
@@ -67,7 +83,11 @@ fn runner(spec: serde_json::Value) -> Result<serde_json::Map<String, serde_json:
 }
 
 fn py(script: &str, args: &[String]) -> Result<f64> {
-    let out = Command::new(python()?).arg("-c").arg(script).args(args).output()?;
+    let out = Command::new(python()?)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()?;
     if !out.status.success() {
         bail!("python failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -118,8 +138,19 @@ fn runner_vs_torch() -> Result<()> {
                          "parameters": {"epochs": epochs, "batchSize": batch, "optimizer": "Adam", "learningRate": 0.001, "deterministic": false}}
         });
         // The runner trains on the 80% split, so samples * 5/4 gives `samples` training rows.
-        let ours = runner(spec)?.get("samplesPerSecond").and_then(|v| v.as_f64()).context("samplesPerSecond")?;
-        let theirs = py(PY_TRAIN, &[samples.to_string(), batch.to_string(), epochs.to_string(), threads.to_string()])?;
+        let ours = runner(spec)?
+            .get("samplesPerSecond")
+            .and_then(|v| v.as_f64())
+            .context("samplesPerSecond")?;
+        let theirs = py(
+            PY_TRAIN,
+            &[
+                samples.to_string(),
+                batch.to_string(),
+                epochs.to_string(),
+                threads.to_string(),
+            ],
+        )?;
         println!(
             "| MLP 64-128-64-10, Adam, {samples} samples, batch {batch}, {threads} threads, CPU: samples/s | {ours:.0} | {theirs:.0} | {:.2}x |",
             ours / theirs
@@ -127,9 +158,15 @@ fn runner_vs_torch() -> Result<()> {
     }
     for n in [512u32, 1024, 2048] {
         let spec = serde_json::json!({"device": "cpu", "threads": threads, "workload": {"kind": "Benchmark", "parameters": {"matrixSize": n, "deterministic": false}}});
-        let ours = runner(spec)?.get("gflops").and_then(|v| v.as_f64()).context("gflops")?;
+        let ours = runner(spec)?
+            .get("gflops")
+            .and_then(|v| v.as_f64())
+            .context("gflops")?;
         let theirs = py(PY_MATMUL, &[n.to_string(), threads.to_string()])?;
-        println!("| matmul {n}x{n} fp32, {threads} threads, CPU: GFLOP/s | {ours:.1} | {theirs:.1} | {:.2}x |", ours / theirs);
+        println!(
+            "| matmul {n}x{n} fp32, {threads} threads, CPU: GFLOP/s | {ours:.1} | {theirs:.1} | {:.2}x |",
+            ours / theirs
+        );
     }
     Ok(())
 }
@@ -154,12 +191,25 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 async fn idle() -> Result<()> {
     let fed = Federation::start_bare(&["edge-a"], 1).await?;
     let node = fed.plane.members().next().context("member")?.nodes[0].clone();
-    let spec = AgentSpec { member: "edge-a".into(), node, account: "bench".into(), datasets: Default::default() };
-    let agent = fed.agent(&sibling("edgeloom-agent")?, &sibling("edgeloom-runner")?, &spec)?;
+    let spec = AgentSpec {
+        member: "edge-a".into(),
+        node,
+        account: "bench".into(),
+        datasets: Default::default(),
+    };
+    let agent = fed.agent(
+        &sibling("edgeloom-agent")?,
+        &sibling("edgeloom-runner")?,
+        &spec,
+    )?;
     let pid = agent.process.pid();
     // Wait for readiness (start-up benchmark done, inventory published).
     for _ in 0..300 {
-        if edgeloom_e2e::scrape::get(agent.port, "/readyz").await.map(|r| r.0 == 200).unwrap_or(false) {
+        if edgeloom_e2e::scrape::get(agent.port, "/readyz")
+            .await
+            .map(|r| r.0 == 200)
+            .unwrap_or(false)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -176,7 +226,9 @@ async fn idle() -> Result<()> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu = (cpu_ticks(pid).unwrap_or(0) - t0) as f64 / hz / secs as f64;
     let max = rss.iter().copied().max().unwrap_or(0);
-    println!("| agent idle ({secs} s, heartbeat every 2 s, release build) | RSS max | RSS peak (VmHWM) | CPU |");
+    println!(
+        "| agent idle ({secs} s, heartbeat every 2 s, release build) | RSS max | RSS peak (VmHWM) | CPU |"
+    );
     println!("|---|---:|---:|---:|");
     println!(
         "| edgeloom-agent | {:.1} MiB | {:.1} MiB | {:.2}% of a core |",
