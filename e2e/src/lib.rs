@@ -11,6 +11,7 @@ pub mod process;
 pub mod scrape;
 pub mod sim_agent;
 pub mod tools;
+pub mod torch_models;
 pub mod wait;
 
 pub use control_plane::{Cluster, Config, ControlPlane, ControlPlaneError, Role};

@@ -7,6 +7,7 @@
 use crate::config::Config;
 use crate::execution::{self, Execution, Limits, Outcome};
 use crate::metrics::Metrics;
+use crate::model_source;
 use crate::probe::{self, Gpus};
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus};
@@ -286,21 +287,31 @@ impl Agent {
             },
             None => None,
         };
-        if workload.model.as_ref().is_some_and(|m| m.builtin.is_none()) {
-            let msg = "model sources other than built-in models are not fetched by this agent yet"
-                .to_string();
-            return self
-                .finish(
-                    &name,
-                    status,
-                    Execution {
-                        outcome: Outcome::Failed(msg),
-                        usage: Default::default(),
-                        gpu: false,
-                    },
-                )
-                .await;
-        }
+        let model_path = match workload.model.as_ref() {
+            Some(source) => match model_source::fetch(
+                &self.client,
+                source,
+                &self.config.work_dir.join("models"),
+            )
+            .await
+            {
+                Ok(path) => path.map(|p| p.display().to_string()),
+                Err(e) => {
+                    return self
+                        .finish(
+                            &name,
+                            status,
+                            Execution {
+                                outcome: Outcome::Failed(e.to_string()),
+                                usage: Default::default(),
+                                gpu: false,
+                            },
+                        )
+                        .await;
+                }
+            },
+            None => None,
+        };
         let dir = self.config.work_dir.join("tasks");
         let _ = std::fs::create_dir_all(&dir);
         let checkpoints = self
@@ -316,7 +327,7 @@ impl Agent {
             .map(|c| c.ceil().max(1.0) as u32);
         let runner_spec = serde_json::json!({
             "workload": workload, "shard": spec.shard, "shards": spec.shards,
-            "dataPath": data_path, "checkpointDir": checkpoints,
+            "dataPath": data_path, "checkpointDir": checkpoints, "modelPath": model_path,
             "device": if spec.limits.gpus > 0 { "auto" } else { "cpu" },
             "threads": threads,
         });

@@ -7,4 +7,5 @@ pub mod config;
 pub mod execution;
 pub mod http;
 pub mod metrics;
+pub mod model_source;
 pub mod probe;

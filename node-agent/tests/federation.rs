@@ -267,3 +267,196 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
         Some("edge-a:1,edge-b:1")
     );
 }
+
+/// Serves `body` at `/digits.pt` on 127.0.0.1 until the test ends; returns the port.
+async fn serve_model(body: Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let found = String::from_utf8_lossy(&buf[..n]).starts_with("GET /digits.pt ");
+                let head = if found {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
+                };
+                let _ = sock.write_all(head.as_bytes()).await;
+                if found {
+                    let _ = sock.write_all(&body).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents() {
+    let _serial = SERIAL.lock().await;
+    let (fed, _agents) = federation(10).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("models").await.expect("ns");
+    let file = fed.plane.dir().join("digits.pt");
+    edgeloom_e2e::torch_models::digits_torchscript(&file).expect("python made the model");
+    let bytes = std::fs::read(&file).expect("model bytes");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    let port = serve_model(bytes.clone()).await;
+    let job = |name: &str, model: &str| {
+        format!(
+            "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Inference\n    model:\n{model}    dataset:\n      builtin: Digits\n  shards: 2\n  maxRetries: 0\n  resources:\n    memory: 2Gi\n"
+        )
+    };
+    let url = format!("      url: http://127.0.0.1:{port}/digits.pt\n      sha256: \"{sha}\"\n");
+    manifests::apply_all(&fed.hub, &job("by-url", &url), &ns, false)
+        .await
+        .expect("job");
+    let wrong = format!(
+        "      url: http://127.0.0.1:{port}/digits.pt\n      sha256: \"{}\"\n",
+        "0".repeat(64)
+    );
+    manifests::apply_all(&fed.hub, &job("tampered", &wrong), &ns, false)
+        .await
+        .expect("job");
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(fed.hub.clone(), &ns);
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "digits-model"},
+        "binaryData": {"model.pt": k8s_openapi::ByteString(bytes)}
+    }))
+    .expect("configmap");
+    cms.create(&Default::default(), &cm)
+        .await
+        .expect("configmap created");
+    manifests::apply_all(
+        &fed.hub,
+        &job(
+            "by-configmap",
+            "      configMap:\n        name: digits-model\n        key: model.pt\n",
+        ),
+        &ns,
+        false,
+    )
+    .await
+    .expect("job");
+    manifests::apply_all(
+        &fed.hub,
+        &job(
+            "no-configmap",
+            "      configMap:\n        name: missing\n        key: model.pt\n",
+        ),
+        &ns,
+        false,
+    )
+    .await
+    .expect("job");
+
+    for name in ["by-url", "by-configmap"] {
+        let done = wait_phase(
+            &fed,
+            &ns,
+            name,
+            JobPhase::Succeeded,
+            Duration::from_secs(240),
+        )
+        .await;
+        let m = done.status.expect("status").metrics;
+        assert!(m["accuracy"] >= 0.9, "{name}: {m:?}");
+    }
+    let tampered = wait_phase(
+        &fed,
+        &ns,
+        "tampered",
+        JobPhase::Failed,
+        Duration::from_secs(120),
+    )
+    .await;
+    let msg = tampered
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed")
+        .message;
+    assert!(msg.contains("model digest mismatch"), "{msg}");
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    wait::until(
+        "the missing ConfigMap to be reported",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let s = api
+                    .get("no-configmap")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let c = s
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Scheduled")
+                    .cloned();
+                match c {
+                    Some(c)
+                        if c.status == "False"
+                            && c.message.contains(
+                                "ConfigMap models/missing (the job's model) not found",
+                            ) =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    // The mirrored ConfigMap is removed with its job.
+    api.delete("by-configmap", &Default::default())
+        .await
+        .expect("delete");
+    for m in fed.plane.members() {
+        let mirrors: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(m.client().await.expect("client"), SYSTEM_NAMESPACE);
+        wait::until(
+            "the mirrored model ConfigMap to go",
+            Duration::from_secs(60),
+            || {
+                let mirrors = mirrors.clone();
+                async move {
+                    let left: Vec<String> = mirrors
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .into_iter()
+                        .filter_map(|c| c.metadata.name)
+                        .filter(|n| n.ends_with("-digits-model"))
+                        .collect();
+                    if left.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("{left:?}"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+}

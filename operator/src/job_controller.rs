@@ -10,9 +10,11 @@ use crate::lifecycle::{self, JobView, TaskView};
 use crate::scheduler::{Work, selector_matches};
 use edgeloom_crds::compute_job::{ComputeJobStatus, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
+use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use futures::StreamExt;
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -126,6 +128,66 @@ fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
         .collect()
 }
 
+/// Copies the job's model ConfigMap (hub, job namespace) into every member's system
+/// namespace as `<uid8>-<name>`, where agents read it. Returns the mirrored name, or why
+/// it cannot be had.
+async fn mirror_model(
+    job: &ComputeJob,
+    members: &[Arc<Member>],
+    ctx: &Context,
+) -> Result<Option<String>, String> {
+    let Some(cm) = job
+        .spec
+        .workload
+        .model
+        .as_ref()
+        .and_then(|m| m.config_map.as_ref())
+    else {
+        return Ok(None);
+    };
+    let ns = job.namespace().unwrap_or_default();
+    let uid = job.uid().unwrap_or_default();
+    let source = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&cm.name)
+        .await
+        .map_err(|e| format!("reading ConfigMap {ns}/{}: {e}", cm.name))?
+        .ok_or_else(|| format!("ConfigMap {ns}/{} (the job's model) not found", cm.name))?;
+    let has_key = source
+        .binary_data
+        .as_ref()
+        .is_some_and(|d| d.contains_key(&cm.key))
+        || source
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(&cm.key));
+    if !has_key {
+        return Err(format!("ConfigMap {ns}/{} has no key {}", cm.name, cm.key));
+    }
+    let prefix: String = uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let mirrored: String = format!("{prefix}-{}", cm.name).chars().take(253).collect();
+    let copy = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": mirrored, "labels": {JOB_UID_LABEL: uid}},
+        "binaryData": source.binary_data, "data": source.data,
+    });
+    for m in members {
+        Api::<ConfigMap>::namespaced(m.client.clone(), SYSTEM_NAMESPACE)
+            .patch(
+                &mirrored,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&copy),
+            )
+            .await
+            .map_err(|e| format!("copying the model ConfigMap to {}: {e}", m.key))?;
+    }
+    Ok(Some(mirrored))
+}
+
 /// The job's tasks in every member's cache.
 fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
     let mut views = Vec::new();
@@ -209,6 +271,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
+    let mut model_problem: Option<String> = None;
     if decision.needs.is_empty() {
         ctx.scheduler.withdraw(&ns, &name);
     } else {
@@ -228,22 +291,43 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 .or_default()
                 .push((v.member.clone(), v.node.clone()));
         }
-        ctx.scheduler.submit(Work {
-            namespace: ns.clone(),
-            name: name.clone(),
-            uid: uid.clone(),
-            priority: job.spec.priority,
-            created: created.as_second(),
-            spec: Arc::new(job.spec.clone()),
-            needs: decision.needs.clone(),
-            used: current
-                .iter()
-                .map(|v| (v.member.clone(), v.node.clone()))
-                .collect(),
-            replicas,
-            members: members.iter().map(|m| m.key.clone()).collect(),
-            gang: job.spec.placement.gang == Some(true) && views.is_empty(),
-        });
+        let mut spec = job.spec.clone();
+        match mirror_model(&job, &members, ctx).await {
+            Ok(Some(mirrored)) => {
+                if let Some(cm) = spec
+                    .workload
+                    .model
+                    .as_mut()
+                    .and_then(|m| m.config_map.as_mut())
+                {
+                    cm.name = mirrored;
+                }
+            }
+            Ok(None) => {}
+            Err(why) => {
+                model_problem = Some(why);
+            }
+        }
+        if model_problem.is_none() {
+            ctx.scheduler.submit(Work {
+                namespace: ns.clone(),
+                name: name.clone(),
+                uid: uid.clone(),
+                priority: job.spec.priority,
+                created: created.as_second(),
+                spec: Arc::new(spec),
+                needs: decision.needs.clone(),
+                used: current
+                    .iter()
+                    .map(|v| (v.member.clone(), v.node.clone()))
+                    .collect(),
+                replicas,
+                members: members.iter().map(|m| m.key.clone()).collect(),
+                gang: job.spec.placement.gang == Some(true) && views.is_empty(),
+            });
+        } else {
+            ctx.scheduler.withdraw(&ns, &name);
+        }
     }
     ctx.metrics
         .retries
@@ -258,7 +342,10 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let generation = job.metadata.generation;
     let mut conds = old.conditions.clone();
     let placed = decision.shards.iter().all(|s| !s.node.is_empty());
-    let unfit = ctx.scheduler.unfit(&ns, &name);
+    let unfit = model_problem
+        .as_ref()
+        .map(|why| format!("ModelUnavailable: {why}"))
+        .or_else(|| ctx.scheduler.unfit(&ns, &name));
     match (&unfit, placed) {
         (_, true) => conditions::set(
             &mut conds,
@@ -520,6 +607,15 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(_) => pending.push(format!("{}/{task}", m.key)),
             }
+        }
+        if m.health().reachable {
+            let cms: Api<ConfigMap> = Api::namespaced(m.client.clone(), SYSTEM_NAMESPACE);
+            let _ = cms
+                .delete_collection(
+                    &DeleteParams::default(),
+                    &ListParams::default().labels(&format!("{JOB_UID_LABEL}={uid}")),
+                )
+                .await;
         }
         if listed.is_none() && !m.health().reachable {
             tracing::info!(member = %m.key, job = %name, unreachable_for = ?m.health().unreachable_since.map(|s| now - s), "member unreachable during cleanup");

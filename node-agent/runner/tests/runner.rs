@@ -3,7 +3,7 @@
 
 use edgeloom_runner::protocol::Line;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 struct Run {
@@ -157,42 +157,12 @@ fn a_retried_training_task_resumes_from_its_checkpoint() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The Python interpreter of the torch virtualenv that LIBTORCH points into.
-fn torch_python() -> Option<PathBuf> {
-    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH")?);
-    // <venv>/lib/python3.X/site-packages/torch -> <venv>/bin/python
-    let venv = libtorch.ancestors().nth(4)?;
-    let python = venv.join("bin/python");
-    python.is_file().then_some(python)
-}
-
 #[test]
 fn a_torchscript_model_made_by_python_torch_is_loaded_and_run() {
-    let python = torch_python()
-        .expect("LIBTORCH must point into the torch virtualenv (scripts/install-torch.sh)");
     let dir = temp("ts");
     let model = dir.join("digits.pt");
-    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits.csv.gz");
     // Python torch trains a small model on the same digits and saves it as TorchScript.
-    let script = r#"
-import csv, gzip, sys, torch
-rows = [list(map(float, r)) for r in csv.reader(gzip.open(sys.argv[1], "rt"))]
-x = torch.tensor([r[:64] for r in rows]) / 16.0
-y = torch.tensor([int(r[64]) for r in rows])
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-opt = torch.optim.Adam(net.parameters(), lr=0.01)
-for _ in range(300):
-    opt.zero_grad(); loss = torch.nn.functional.cross_entropy(net(x), y); loss.backward(); opt.step()
-torch.jit.script(net).save(sys.argv[2])
-"#;
-    let status = Command::new(&python)
-        .args(["-c", script])
-        .arg(&digits)
-        .arg(&model)
-        .status()
-        .expect("python runs");
-    assert!(status.success(), "python failed to produce the model");
+    edgeloom_e2e::torch_models::digits_torchscript(&model).expect("python made the model");
     let r = run(serde_json::json!({
         "device": "cpu", "modelPath": model, "shard": 0, "shards": 2,
         "workload": {"kind": "Inference", "model": {"url": "https://example.org/digits.pt"}, "dataset": {"builtin": "Digits"}}

@@ -1,0 +1,48 @@
+//! TorchScript models made by Python torch (the virtualenv of scripts/install-torch.sh,
+//! found through LIBTORCH), for tests that need a real model file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Python interpreter of the torch virtualenv that LIBTORCH points into.
+pub fn python() -> Option<PathBuf> {
+    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH")?);
+    // <venv>/lib/python3.X/site-packages/torch -> <venv>/bin/python
+    let python = libtorch.ancestors().nth(4)?.join("bin/python");
+    python.is_file().then_some(python)
+}
+
+/// The shipped digits CSV.
+pub fn digits_csv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../node-agent/runner/data/digits.csv.gz")
+}
+
+const TRAIN_AND_SCRIPT: &str = r#"
+import csv, gzip, sys, torch
+rows = [list(map(float, r)) for r in csv.reader(gzip.open(sys.argv[1], "rt"))]
+x = torch.tensor([r[:64] for r in rows]) / 16.0
+y = torch.tensor([int(r[64]) for r in rows])
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+opt = torch.optim.Adam(net.parameters(), lr=0.01)
+for _ in range(300):
+    opt.zero_grad(); loss = torch.nn.functional.cross_entropy(net(x), y); loss.backward(); opt.step()
+torch.jit.script(net).save(sys.argv[2])
+"#;
+
+/// Trains a small MLP on the digits with Python torch and saves it as TorchScript at `out`.
+pub fn digits_torchscript(out: &Path) -> Result<(), String> {
+    let python = python()
+        .ok_or("LIBTORCH must point into the torch virtualenv (scripts/install-torch.sh)")?;
+    let status = Command::new(python)
+        .args(["-c", TRAIN_AND_SCRIPT])
+        .arg(digits_csv())
+        .arg(out)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("python exited with {status}"))
+    }
+}
