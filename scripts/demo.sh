@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The local federated demo: a hub and two member clusters (real etcd, kube-apiserver and
-# kube-controller-manager processes on 127.0.0.1), the edgeloom CRDs installed, the
-# examples in manifests/ applied and shown with kubectl, then everything torn down.
+# kube-controller-manager processes on 127.0.0.1), the edgeloom operator, one edgeloom-agent
+# per node running libtorch workloads, example jobs placed across both clusters and their
+# results, then everything torn down. First run: builds the control plane (about 7 min)
+# and installs libtorch from PyPI (about 2.7 GB); later runs start in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 e2e/scripts/install-tools.sh
+LIBTORCH=$(scripts/install-torch.sh | tail -n 1)
+export LIBTORCH
 echo "== building edgeloom (first build takes a few minutes)"
-cargo build --locked -p edgeloom-e2e -p edgeloom-operator --bins
+cargo build --locked --workspace --bins
 exec target/debug/edgeloom-dev demo "$@"

@@ -57,7 +57,7 @@ pub enum Spread {
     /// Prefer nodes the job does not use yet.
     #[default]
     Node,
-    /// Prefer clusters the job does not use yet.
+    /// Prefer the clusters where the job has the fewest tasks.
     Cluster,
 }
 
@@ -383,9 +383,18 @@ fn give_back(n: &mut Node, req: &Request) {
 /// Places the request's slots on the snapshot, consuming capacity for what it places.
 pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
     let mut used_nodes: HashSet<u32> = req.used_nodes.iter().copied().collect();
-    let mut used_clusters: HashSet<u32> = used_nodes
-        .iter()
-        .filter_map(|id| snapshot.nodes.get(*id as usize).map(|n| n.cluster))
+    // Tasks of this job per cluster: Cluster spreading prefers the least-used clusters.
+    let mut per_cluster: HashMap<u32, u32> = HashMap::new();
+    for id in &req.used_nodes {
+        if let Some(n) = snapshot.nodes.get(*id as usize) {
+            *per_cluster.entry(n.cluster).or_default() += 1;
+        }
+    }
+    let candidate_clusters: Vec<u32> = (0..snapshot.cluster_reachable.len() as u32)
+        .filter(|c| {
+            snapshot.cluster_reachable[*c as usize]
+                && (req.clusters.is_empty() || req.clusters.contains(c))
+        })
         .collect();
     // Nodes and accounts taken by each shard within this call.
     let mut shard_nodes: HashMap<u32, Vec<u32>> = HashMap::new();
@@ -399,6 +408,11 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         let eligible = |id: u32| !slot.avoid.contains(&id) && !taken.contains(&id);
         let mut chosen = None;
         let start = snapshot.skip_full();
+        let least = candidate_clusters
+            .iter()
+            .map(|c| per_cluster.get(c).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
         // Pass 0 honours every preference; pass 1 drops them (hard filters stay).
         for pass in 0..2 {
             for &id in &snapshot.order[start..] {
@@ -410,7 +424,9 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                     let spread_ok = match req.spread {
                         Spread::None => true,
                         Spread::Node => !used_nodes.contains(&id),
-                        Spread::Cluster => !used_clusters.contains(&n.cluster),
+                        Spread::Cluster => {
+                            per_cluster.get(&n.cluster).copied().unwrap_or(0) <= least
+                        }
                     };
                     let account_ok = n.account.is_none_or(|a| !accounts.contains(&a));
                     if !spread_ok || !account_ok {
@@ -429,7 +445,7 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 let node = &mut snapshot.nodes[id as usize];
                 take(node, req);
                 used_nodes.insert(id);
-                used_clusters.insert(node.cluster);
+                *per_cluster.entry(node.cluster).or_default() += 1;
                 shard_nodes.entry(slot.shard).or_default().push(id);
                 if let Some(a) = node.account {
                     shard_accounts.entry(slot.shard).or_default().push(a);
@@ -533,6 +549,33 @@ mod tests {
             .map(|(_, id)| snap.nodes[*id as usize].cluster)
             .collect();
         assert_eq!(clusters.len(), 2);
+    }
+
+    #[test]
+    fn spread_by_cluster_balances_beyond_one_task_per_cluster() {
+        let mut nodes: Vec<Node> = (0..4)
+            .map(|i| node(if i < 2 { 0 } else { 1 }, 1.0 - i as f64 / 10.0))
+            .collect();
+        for n in &mut nodes {
+            n.free_slots = 2;
+        }
+        let mut snap = Snapshot::new(nodes, vec![true, true]);
+        let req = Request {
+            slots: slots(4),
+            spread: Spread::Cluster,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let in_first = out
+            .assigned
+            .iter()
+            .filter(|(_, id)| snap.nodes[*id as usize].cluster == 0)
+            .count();
+        assert_eq!(
+            (out.assigned.len(), in_first),
+            (4, 2),
+            "two tasks in each cluster"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edgeloom_crds::{ComputeJob, JobPhase};
-use edgeloom_e2e::federation::Federation;
+use edgeloom_e2e::federation::{AgentSpec, Federation};
 use edgeloom_e2e::{Config, ControlPlane, manifests, tools};
 use kube::api::Api;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ struct Cli {
     /// Member clusters to start.
     #[arg(long, global = true, default_value_t = 2)]
     members: u32,
-    /// Simulated nodes per member cluster.
+    /// Nodes per member cluster (the demo runs one agent on each).
     #[arg(long, global = true, default_value_t = 2)]
     nodes: u32,
     /// Working directory (default: a fresh temp directory, removed at exit).
@@ -98,19 +98,38 @@ async fn up(plane: &ControlPlane) -> Result<()> {
 /// The demo: the federation, the operator, example jobs placed across both edge clusters.
 async fn demo(nodes: u32) -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let operator = std::env::current_exe()?.with_file_name("edgeloom-operator");
-    let plugin = std::env::current_exe()?.with_file_name("kubectl-edgeloom");
-    for bin in [&operator, &plugin] {
+    let exe = |name: &str| std::env::current_exe().map(|p| p.with_file_name(name));
+    let (operator, plugin, agent, runner) = (
+        exe("edgeloom-operator")?,
+        exe("kubectl-edgeloom")?,
+        exe("edgeloom-agent")?,
+        exe("edgeloom-runner")?,
+    );
+    for bin in [&operator, &plugin, &agent, &runner] {
         if !bin.is_file() {
             bail!(
-                "{} not found: cargo build -p edgeloom-operator",
+                "{} not found: cargo build --workspace --bins (scripts/demo.sh does)",
                 bin.display()
             );
         }
     }
-    println!("== starting a hub and 2 edge clusters, {nodes} simulated agent nodes each");
-    println!("   (simulated agents stand in for edgeloom-agent until it runs in e2e)");
-    let fed = Federation::start(&["edge-a", "edge-b"], nodes, Duration::from_secs(4)).await?;
+    println!("== starting a hub and 2 edge clusters with {nodes} node(s) each");
+    let fed = Federation::start_bare(&["edge-a", "edge-b"], nodes).await?;
+    println!(
+        "== starting one edgeloom-agent per node (each measures its node with libtorch first)"
+    );
+    let mut agents = Vec::new();
+    for m in fed.plane.members() {
+        for node in &m.nodes {
+            let spec = AgentSpec {
+                member: m.name.clone(),
+                node: node.clone(),
+                account: format!("contributor-{node}"),
+                datasets: Default::default(),
+            };
+            agents.push(fed.agent(&agent, &runner, &spec)?);
+        }
+    }
     let hub = fed.plane.hub();
     let kubectl = tools::tool("kubectl")?;
     println!(
@@ -121,13 +140,17 @@ async fn demo(nodes: u32) -> Result<()> {
     println!("== starting edgeloom-operator");
     let _operator = fed.operator(&operator, "demo")?;
     let ns = fed.namespace("demo").await?;
-    for example in ["job-train-digits.yaml", "job-benchmark.yaml"] {
+    for example in [
+        "job-train-digits.yaml",
+        "job-benchmark.yaml",
+        "job-inference-digits.yaml",
+    ] {
         println!("== kubectl apply -n {ns} -f manifests/{example}");
         let text = std::fs::read_to_string(repo.join("manifests").join(example))?;
         manifests::apply_all(&fed.hub, &text, &ns, false).await?;
     }
     let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
         println!("\n== kubectl get cjob -n {ns}");
         kubectl_run(&kubectl, &hub.kubeconfig, &["get", "cjob", "-n", &ns])?;
@@ -142,7 +165,7 @@ async fn demo(nodes: u32) -> Result<()> {
             break;
         }
         if std::time::Instant::now() > deadline {
-            bail!("the demo jobs did not finish within 180s");
+            bail!("the demo jobs did not finish within 300s");
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
