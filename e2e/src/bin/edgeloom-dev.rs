@@ -179,6 +179,23 @@ async fn demo(nodes: u32) -> Result<()> {
         &hub.kubeconfig,
         &["describe", "job", "train-digits", "-n", &ns],
     )?;
+    println!("\n== results (from ComputeJob status)");
+    for j in jobs.list(&Default::default()).await?.items {
+        let s = j.status.unwrap_or_default();
+        let metrics: Vec<String> = s
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k}={v:.4}"))
+            .collect();
+        let digest = s.result.and_then(|r| r.digest).unwrap_or_default();
+        println!(
+            "  {:<17} {:<9} result {}  {}",
+            j.metadata.name.unwrap_or_default(),
+            format!("{:?}", s.phase.unwrap_or(JobPhase::Pending)),
+            digest.get(..16).unwrap_or("-"),
+            metrics.join(" ")
+        );
+    }
     for member in fed.plane.members() {
         println!(
             "\n== kubectl get ct -n edgeloom-system   (cluster {})",
