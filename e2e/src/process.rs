@@ -95,6 +95,24 @@ impl Process {
         self.kill();
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit by itself; returns
+    /// its exit status, or `None` if it was still running (it is then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+
     /// SIGKILL and reap, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

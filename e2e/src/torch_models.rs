@@ -25,19 +25,29 @@ y = torch.tensor([int(r[64]) for r in rows])
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 opt = torch.optim.Adam(net.parameters(), lr=0.01)
-for _ in range(300):
+for _ in range(int(sys.argv[3])):
     opt.zero_grad(); loss = torch.nn.functional.cross_entropy(net(x), y); loss.backward(); opt.step()
 torch.jit.script(net).save(sys.argv[2])
 "#;
 
 /// Trains a small MLP on the digits with Python torch and saves it as TorchScript at `out`.
 pub fn digits_torchscript(out: &Path) -> Result<(), String> {
+    script_mlp(out, 300)
+}
+
+/// The same MLP as TorchScript, untrained (for training by the runner).
+pub fn untrained_torchscript(out: &Path) -> Result<(), String> {
+    script_mlp(out, 0)
+}
+
+fn script_mlp(out: &Path, steps: u32) -> Result<(), String> {
     let python = python()
         .ok_or("LIBTORCH must point into the torch virtualenv (scripts/install-torch.sh)")?;
     let status = Command::new(python)
         .args(["-c", TRAIN_AND_SCRIPT])
         .arg(digits_csv())
         .arg(out)
+        .arg(steps.to_string())
         .status()
         .map_err(|e| e.to_string())?;
     if status.success() {

@@ -83,12 +83,13 @@ async fn main() -> Result<()> {
         metrics,
         agent.ready.clone(),
     ));
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // Registered now, so a SIGTERM during start-up is also a clean shutdown.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+            _ = term.recv() => {},
         }
     };
     agent.run(shutdown).await

@@ -460,3 +460,175 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
         .await;
     }
 }
+
+async fn agents_with(
+    fed: &Federation,
+    datasets: &BTreeMap<String, BTreeMap<String, PathBuf>>,
+) -> Vec<AgentProcess> {
+    let mut agents = Vec::new();
+    for m in fed.plane.members() {
+        for node in &m.nodes {
+            let spec = AgentSpec {
+                member: m.name.clone(),
+                node: node.clone(),
+                account: format!("acct-{node}"),
+                datasets: datasets.get(node).cloned().unwrap_or_default(),
+            };
+            agents.push(
+                fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+                    .expect("agent"),
+            );
+        }
+    }
+    agents
+}
+
+#[tokio::test]
+async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start_bare(&["edge-a", "edge-b"], 1)
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 2).await.expect("pool");
+    // Only edge-a-node-0 holds "clinic-records" (the digits, scaled, as a local CSV).
+    let csv = fed.plane.dir().join("clinic.csv");
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        let gz = std::fs::read(edgeloom_e2e::torch_models::digits_csv()).expect("digits");
+        let mut raw = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut raw)
+            .expect("gunzip");
+        for line in raw.lines() {
+            let v: Vec<&str> = line.split(',').collect();
+            let (label, px) = v.split_last().expect("row");
+            let scaled: Vec<String> = px
+                .iter()
+                .map(|p| format!("{}", p.parse::<f32>().unwrap_or(0.0) / 16.0))
+                .collect();
+            text.push_str(&format!("{},{label}\n", scaled.join(",")));
+        }
+    }
+    std::fs::write(&csv, text).expect("csv");
+    let datasets = BTreeMap::from([(
+        "edge-a-node-0".to_string(),
+        BTreeMap::from([("clinic-records".to_string(), csv.clone())]),
+    )]);
+    let _agents = agents_with(&fed, &datasets).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("local").await.expect("ns");
+    let local = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: local\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      nodeLocal: clinic-records\n    parameters:\n      epochs: 15\n      optimizer: Adam\n      learningRate: 0.002\n  shards: 2\n";
+    manifests::apply_all(&fed.hub, local, &ns, false)
+        .await
+        .expect("job");
+    let replicated = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: replicated\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      builtin: Digits\n    parameters:\n      epochs: 5\n  verification:\n    replicas: 2\n";
+    manifests::apply_all(&fed.hub, replicated, &ns, false)
+        .await
+        .expect("job");
+
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "local",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let s = done.status.expect("status");
+    assert!(
+        s.shards.iter().all(|x| x.node == "edge-a-node-0"),
+        "the data never leaves its node: {:?}",
+        s.shards
+    );
+    assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
+
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "replicated",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let shards = done.status.expect("status").shards;
+    assert_eq!(shards.len(), 2);
+    assert_ne!(shards[0].node, shards[1].node, "replicas on distinct nodes");
+    assert_eq!(
+        shards[0].result_digest, shards[1].result_digest,
+        "deterministic mode: two nodes, one digest"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let (fed, mut agents) = federation(10).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("sigterm").await.expect("ns");
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 20000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 40\n  shards: 1\n";
+    manifests::apply_all(&fed.hub, job, &ns, false)
+        .await
+        .expect("job");
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let first = wait::until("the shard to run", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move {
+            let j = api.get("long").await.map_err(|e| e.to_string())?;
+            let shard = j
+                .status
+                .and_then(|s| s.shards.into_iter().next())
+                .ok_or("no shard")?;
+            if shard.phase == TaskPhase::Running {
+                Ok(shard)
+            } else {
+                Err(format!("{shard:?}"))
+            }
+        }
+    })
+    .await;
+    let agent = agents
+        .iter_mut()
+        .find(|a| a.node == first.node)
+        .expect("the agent running it");
+    let exit = agent
+        .process
+        .terminate(Duration::from_secs(30))
+        .expect("the agent exits by itself after SIGTERM");
+    assert!(exit.success(), "clean exit: {exit:?}");
+    let done = wait_phase(
+        &fed,
+        &ns,
+        "long",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    let shard = &done.status.expect("status").shards[0];
+    assert_eq!(shard.attempt, 2);
+    assert_ne!(shard.node, first.node);
+    // The first attempt was reported as cancelled by the shutting-down agent, not left running.
+    let member = fed.plane.cluster(&first.cluster).expect("member");
+    let tasks: Api<ComputeTask> =
+        Api::namespaced(member.client().await.expect("client"), SYSTEM_NAMESPACE);
+    let old = tasks
+        .list(&ListParams::default())
+        .await
+        .expect("tasks")
+        .items
+        .into_iter()
+        .find(|t| t.spec.attempt == 1)
+        .expect("a finished attempt is kept as a record");
+    let s = old.status.expect("status");
+    assert_eq!(s.phase, Some(TaskPhase::Cancelled), "{s:?}");
+    assert!(
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{s:?}"
+    );
+}

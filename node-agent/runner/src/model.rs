@@ -51,7 +51,36 @@ pub fn builtin(
     })
 }
 
-/// Logits of `net` for `x` without building a graph.
-pub fn logits(net: &impl Module, x: &tch::Tensor) -> tch::Tensor {
-    tch::no_grad(|| net.forward(x))
+/// A trainable network: built in, or a TorchScript module whose parameters live in the
+/// same VarStore (so optimisers and checkpoints treat both alike).
+pub enum Net {
+    /// A built-in model.
+    Builtin(nn::Sequential),
+    /// A TorchScript model.
+    Script(tch::TrainableCModule),
+}
+
+impl Net {
+    /// Loads a TorchScript model's parameters into `p` for training.
+    pub fn script(path: &str, p: nn::Path) -> Result<Net, tch::TchError> {
+        let mut m = tch::TrainableCModule::load(path, p)?;
+        m.set_train();
+        Ok(Net::Script(m))
+    }
+
+    /// The forward pass (building a graph).
+    pub fn forward(&self, x: &tch::Tensor) -> Result<tch::Tensor, tch::TchError> {
+        match self {
+            Net::Builtin(s) => Ok(s.forward(x)),
+            Net::Script(m) => m.forward_ts(&[x]),
+        }
+    }
+
+    /// Logits for `x` in evaluation mode without building a graph.
+    pub fn logits(&mut self, x: &tch::Tensor) -> Result<tch::Tensor, tch::TchError> {
+        if let Net::Script(m) = self {
+            m.set_eval();
+        }
+        tch::no_grad(|| self.forward(x))
+    }
 }

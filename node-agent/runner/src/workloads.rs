@@ -1,14 +1,14 @@
 //! Benchmark, Train and Inference.
 
 use crate::data::{Dataset, Rng};
-use crate::model;
+use crate::model::{self, Net};
 use crate::protocol::{Line, Spec};
-use edgeloom_crds::workload::{BuiltinModel, Optimizer, WorkloadKind};
+use edgeloom_crds::workload::{Optimizer, WorkloadKind};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 /// Why a task failed (exit code 1).
@@ -148,15 +148,13 @@ pub fn benchmark(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
 fn fit(
     spec: &Spec,
     vs: &mut nn::VarStore,
-    kind: BuiltinModel,
+    net: &Net,
     train: &Dataset,
-    classes: usize,
     out: &mut dyn Sink,
     progress_span: (u8, u8),
-) -> Result<(nn::Sequential, f64, f64), TaskError> {
+) -> Result<(f64, f64), TaskError> {
     let p = &spec.workload.parameters;
     let device = vs.device();
-    let net = model::builtin(&vs.root(), kind, train.features as i64, classes as i64)?;
     let mut opt = match p.optimizer {
         Optimizer::Sgd => nn::Sgd {
             momentum: 0.9,
@@ -197,7 +195,7 @@ fn fit(
             let len = bs.min(n - b) as i64;
             let idx = perm.narrow(0, b as i64, len);
             let loss = net
-                .forward(&xs.index_select(0, &idx))
+                .forward(&xs.index_select(0, &idx))?
                 .cross_entropy_for_logits(&ys.index_select(0, &idx));
             opt.backward_step(&loss);
             sum += loss.double_value(&[]);
@@ -223,7 +221,35 @@ fn fit(
         });
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    Ok((net, last_loss, samples as f64 / secs))
+    Ok((last_loss, samples as f64 / secs))
+}
+
+/// The network a Train (or built-in Inference) task trains: built in, or the TorchScript
+/// model at `model_path`.
+fn network(
+    spec: &Spec,
+    vs: &nn::VarStore,
+    features: usize,
+    classes: usize,
+) -> Result<(Net, String), TaskError> {
+    match (
+        spec.workload.model.as_ref().and_then(|m| m.builtin),
+        spec.model_path.as_deref(),
+    ) {
+        (Some(kind), _) => Ok((
+            Net::Builtin(model::builtin(
+                &vs.root(),
+                kind,
+                features as i64,
+                classes as i64,
+            )?),
+            format!("{kind:?}"),
+        )),
+        (None, Some(path)) => Ok((Net::script(path, vs.root())?, "TorchScript".to_string())),
+        (None, None) => Err(TaskError::Unsupported(
+            "the workload needs a built-in model or a model file".into(),
+        )),
+    }
 }
 
 fn accuracy(preds: &[i64], labels: &[i64]) -> f64 {
@@ -231,16 +257,9 @@ fn accuracy(preds: &[i64], labels: &[i64]) -> f64 {
     hits as f64 / labels.len().max(1) as f64
 }
 
-/// Trains a built-in model on this shard's rows and evaluates it on the shared test rows.
+/// Trains a built-in or TorchScript model on this shard's rows and evaluates it on the
+/// shared test rows.
 pub fn train(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
-    let kind = spec
-        .workload
-        .model
-        .as_ref()
-        .and_then(|m| m.builtin)
-        .ok_or_else(|| {
-            TaskError::Unsupported("Train needs a built-in model (Linear, Mlp, Cnn)".into())
-        })?;
     let data = load_data(spec)?;
     let p = &spec.workload.parameters;
     let (train, test) = data.split(p.seed, spec.shard, spec.shards);
@@ -252,13 +271,13 @@ pub fn train(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
     }
     tch::manual_seed(p.seed as i64);
     let mut vs = nn::VarStore::new(device(spec));
-    let (net, loss, throughput) = fit(spec, &mut vs, kind, &train, data.classes, out, (0, 95))?;
+    let (mut net, name) = network(spec, &vs, data.features, data.classes)?;
+    let (loss, throughput) = fit(spec, &mut vs, &net, &train, out, (0, 95))?;
     let (tx, _) = tensors(&test, vs.device());
-    let preds: Vec<i64> =
-        Vec::try_from(&model::logits(&net, &tx).argmax(-1, false).to(Device::Cpu))?;
+    let preds: Vec<i64> = Vec::try_from(&net.logits(&tx)?.argmax(-1, false).to(Device::Cpu))?;
     let acc = accuracy(&preds, &test.y);
     out.emit(Line::Result {
-        digest: digest(&format!("train|{kind:?}"), &preds),
+        digest: digest(&format!("train|{name}"), &preds),
         metrics: BTreeMap::from([
             ("accuracy".to_string(), acc),
             ("loss".to_string(), loss),
@@ -267,7 +286,7 @@ pub fn train(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
         ]),
         summary: BTreeMap::from([
             ("accuracy".to_string(), format!("{acc:.4}")),
-            ("model".to_string(), format!("{kind:?}")),
+            ("model".to_string(), name),
         ]),
         vector: vec![acc, loss],
     });
@@ -290,11 +309,12 @@ pub fn inference(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
     let model = spec.workload.model.as_ref();
     let started;
     let (logits, name) = match (model.and_then(|m| m.builtin), spec.model_path.as_deref()) {
-        (Some(kind), _) => {
+        (Some(_), _) => {
             let mut vs = nn::VarStore::new(device);
-            let (net, _, _) = fit(spec, &mut vs, kind, &train, data.classes, out, (0, 80))?;
+            let (mut net, name) = network(spec, &vs, data.features, data.classes)?;
+            fit(spec, &mut vs, &net, &train, out, (0, 80))?;
             started = Instant::now();
-            (model::logits(&net, &tx), format!("{kind:?}"))
+            (net.logits(&tx)?, name)
         }
         (None, Some(path)) => {
             let mut module = tch::CModule::load_on_device(path, device)?;

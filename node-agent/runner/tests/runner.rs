@@ -175,6 +175,21 @@ fn a_torchscript_model_made_by_python_torch_is_loaded_and_run() {
 }
 
 #[test]
+fn an_untrained_torchscript_model_is_trained_by_the_runner() {
+    let dir = temp("ts-train");
+    let model = dir.join("untrained.pt");
+    edgeloom_e2e::torch_models::untrained_torchscript(&model).expect("python made the model");
+    let r = run(serde_json::json!({
+        "device": "cpu", "modelPath": model,
+        "workload": {"kind": "Train", "model": {"url": "https://example.org/untrained.pt"}, "dataset": {"builtin": "Digits"},
+                     "parameters": {"epochs": 15, "batchSize": 32, "learningRate": 0.002, "optimizer": "Adam"}}
+    }));
+    assert_eq!(r.code, 0, "{:?}", r.lines);
+    assert!(r.result().1["accuracy"] >= 0.95, "{:?}", r.result().1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_corrupt_model_file_fails_the_task_cleanly() {
     let dir = temp("corrupt");
     let model = dir.join("broken.pt");
