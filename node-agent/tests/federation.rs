@@ -171,7 +171,7 @@ async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
     let ns = fed.namespace("killed").await.expect("ns");
-    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 20000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 40\n  shards: 1\n";
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 100000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 60\n  shards: 1\n";
     manifests::apply_all(&fed.hub, job, &ns, false)
         .await
         .expect("job");
@@ -570,7 +570,7 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
     let ns = fed.namespace("sigterm").await.expect("ns");
-    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 20000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 40\n  shards: 1\n";
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 100000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 60\n  shards: 1\n";
     manifests::apply_all(&fed.hub, job, &ns, false)
         .await
         .expect("job");
