@@ -4,6 +4,8 @@
 //!   from Python on the same model, data shape, batch size and thread count, and matmul
 //!   GFLOP/s of the runner's Benchmark beside `torch.matmul`, in one run.
 //! - `idle`: the agent's own resident memory and CPU while idle (heartbeats only).
+//! - `nvml`: latency of the agent's NVML scrape of every GPU beside
+//!   `nvidia-smi --query-gpu` for the same fields (GPU machines only; says so elsewhere).
 //!
 //! ```sh
 //! LIBTORCH=$(scripts/install-torch.sh | tail -1) cargo build --release --workspace --bins
@@ -31,6 +33,8 @@ enum Cmd {
     Runner,
     /// Agent idle footprint.
     Idle,
+    /// NVML scrape latency vs nvidia-smi.
+    Nvml,
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
@@ -239,10 +243,60 @@ async fn idle() -> Result<()> {
     Ok(())
 }
 
+fn nvml() -> Result<()> {
+    let gpus = edgeloom_agent::probe::Gpus::init();
+    if let Some(why) = &gpus.unavailable {
+        println!("SKIPPED nvml: no NVIDIA GPU or library on this machine ({why})");
+        return Ok(());
+    }
+    let n = gpus.read().len();
+    let mut ours: Vec<f64> = (0..200)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let read = gpus.read();
+            assert_eq!(read.len(), n);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let query = "index,uuid,name,memory.used,memory.total,utilization.gpu,temperature.gpu,power.draw,total_energy_consumption";
+    let mut smi: Vec<f64> = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let out = Command::new("nvidia-smi")
+            .arg(format!("--query-gpu={query}"))
+            .arg("--format=csv,noheader")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "nvidia-smi failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        smi.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "| scrape of {n} GPU(s): product, UUID, memory, utilisation, temperature, power, energy | p50 (ms) | p99 (ms) |"
+    );
+    println!("|---|---:|---:|");
+    let p = edgeloom_bench::percentile;
+    println!(
+        "| edgeloom-agent (NVML in process, 200 scrapes) | {:.3} | {:.3} |",
+        p(&mut ours, 50.0),
+        p(&mut ours, 99.0)
+    );
+    println!(
+        "| nvidia-smi --query-gpu (a process per scrape, 20 scrapes) | {:.1} | {:.1} |",
+        p(&mut smi, 50.0),
+        p(&mut smi, 99.0)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Runner => runner_vs_torch(),
         Cmd::Idle => idle().await,
+        Cmd::Nvml => nvml(),
     }
 }
