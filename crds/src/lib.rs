@@ -9,6 +9,7 @@ pub mod compute_job;
 pub mod compute_task;
 pub mod edge_pool;
 pub mod inventory;
+pub mod runner_protocol;
 pub mod schema;
 pub mod workload;
 

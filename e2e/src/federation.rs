@@ -41,7 +41,8 @@ pub enum FederationError {
     Spawn(String, std::io::Error),
 }
 
-async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube::Error> {
+/// Creates namespace `name` unless it exists.
+pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube::Error> {
     let api: Api<Namespace> = Api::all(client.clone());
     let ns = Namespace {
         metadata: ObjectMeta {

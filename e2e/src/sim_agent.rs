@@ -8,9 +8,9 @@ use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -76,19 +76,7 @@ impl SimAgents {
         nodes: Vec<SimNode>,
         work: Duration,
     ) -> Result<SimAgents, kube::Error> {
-        let ns_api: Api<Namespace> = Api::all(client.clone());
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(SYSTEM_NAMESPACE.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        match ns_api.create(&PostParams::default(), &ns).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(e),
-        }
+        crate::federation::ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
         let node_api: Api<Node> = Api::all(client.clone());
         for n in &nodes {
             let (labels, annotations) = n.inventory.to_metadata();

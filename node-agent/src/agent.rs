@@ -12,6 +12,8 @@ use crate::probe::{self, Gpus};
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
+use edgeloom_crds::runner_protocol::Spec as RunnerSpec;
+use edgeloom_crds::workload::{Workload, WorkloadKind, WorkloadParameters};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -71,10 +73,32 @@ impl Agent {
         if self.config.benchmark_matrix_size == 0 {
             return 0.0;
         }
-        let spec = serde_json::json!({
-            "device": if self.gpus.read().is_empty() { "cpu" } else { "auto" },
-            "workload": {"kind": "Benchmark", "parameters": {"matrixSize": self.config.benchmark_matrix_size, "deterministic": false}}
-        });
+        let spec = RunnerSpec {
+            workload: Workload {
+                kind: WorkloadKind::Benchmark,
+                model: None,
+                dataset: None,
+                parameters: WorkloadParameters {
+                    matrix_size: self.config.benchmark_matrix_size,
+                    deterministic: false,
+                    ..WorkloadParameters::default()
+                },
+            },
+            shard: 0,
+            shards: 1,
+            model_path: None,
+            data_path: None,
+            device: Some(
+                if self.gpus.read().is_empty() {
+                    "cpu"
+                } else {
+                    "auto"
+                }
+                .to_string(),
+            ),
+            threads: None,
+            checkpoint_dir: None,
+        };
         let (_tx, rx) = watch::channel(None);
         let log = self.config.work_dir.join("benchmark.log");
         let run = execution::execute(
@@ -325,12 +349,16 @@ impl Agent {
             .as_ref()
             .and_then(|q| q.value())
             .map(|c| c.ceil().max(1.0) as u32);
-        let runner_spec = serde_json::json!({
-            "workload": workload, "shard": spec.shard, "shards": spec.shards,
-            "dataPath": data_path, "checkpointDir": checkpoints, "modelPath": model_path,
-            "device": if spec.limits.gpus > 0 { "auto" } else { "cpu" },
-            "threads": threads,
-        });
+        let runner_spec = RunnerSpec {
+            workload: workload.clone(),
+            shard: spec.shard,
+            shards: spec.shards,
+            model_path,
+            data_path,
+            device: Some(if spec.limits.gpus > 0 { "auto" } else { "cpu" }.to_string()),
+            threads,
+            checkpoint_dir: Some(checkpoints.display().to_string()),
+        };
         let limits = Limits {
             timeout: spec
                 .limits

@@ -3,36 +3,13 @@
 //! runner that crashes, is killed or prints garbage fails the task; the agent carries on.
 
 use edgeloom_crds::compute_task::Usage;
-use serde::Deserialize;
+use edgeloom_crds::runner_protocol::{Line, Spec};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
-
-/// A line the runner writes (see edgeloom-runner's protocol).
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
-enum Line {
-    Info {
-        device: String,
-    },
-    Progress {
-        progress: u8,
-        #[serde(default)]
-        message: Option<String>,
-    },
-    Result {
-        digest: String,
-        metrics: BTreeMap<String, f64>,
-        summary: BTreeMap<String, String>,
-        vector: Vec<f64>,
-    },
-    Error {
-        message: String,
-    },
-}
 
 /// How a task ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +64,7 @@ fn proc_stat(pid: u32) -> Option<(u64, u64)> {
 /// `cancel` stops it.
 pub async fn execute(
     runner: &Path,
-    spec: &serde_json::Value,
+    spec: &Spec,
     limits: &Limits,
     log: &Path,
     mut progress: impl FnMut(u8, Option<String>),
@@ -123,7 +100,9 @@ pub async fn execute(
     };
     let pid = child.id().unwrap_or_default();
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(spec.to_string().as_bytes()).await;
+        let _ = stdin
+            .write_all(&serde_json::to_vec(spec).unwrap_or_default())
+            .await;
     }
     let Some(stdout) = child.stdout.take() else {
         return Execution {
@@ -147,7 +126,7 @@ pub async fn execute(
         tokio::select! {
             line = lines.next_line(), if stdout_open => match line {
                 Ok(Some(text)) => match serde_json::from_str::<Line>(&text) {
-                    Ok(Line::Info { device }) => gpu = device.starts_with("Cuda"),
+                    Ok(Line::Info { device, .. }) => gpu = device.starts_with("Cuda"),
                     Ok(Line::Progress { progress: p, message }) => progress(p.min(100), message),
                     Ok(Line::Result { digest, metrics, summary, vector }) => result = Some(Outcome::Succeeded { digest, metrics, summary, vector }),
                     Ok(Line::Error { message }) => error = Some(message),

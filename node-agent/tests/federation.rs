@@ -6,13 +6,17 @@ use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use edgeloom_e2e::federation::{AgentProcess, AgentSpec, Federation};
-use edgeloom_e2e::{manifests, scrape, wait};
+use edgeloom_e2e::{jobs, manifests, scrape, wait};
 use kube::api::{Api, ListParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A one-shard training job of about 16 s on this machine: long enough to outlive a
+/// heartbeat timeout or a shutdown grace period.
+const LONG_JOB: &str = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 100000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 60\n  shards: 1\n";
 
 fn bin(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_edgeloom-agent")).with_file_name(name);
@@ -47,37 +51,6 @@ async fn federation(heartbeat: u32) -> (Federation, Vec<AgentProcess>) {
     (fed, agents)
 }
 
-async fn wait_phase(
-    fed: &Federation,
-    ns: &str,
-    name: &str,
-    phase: JobPhase,
-    timeout: Duration,
-) -> ComputeJob {
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), ns);
-    wait::until(&format!("job {name} to be {phase:?}"), timeout, || {
-        let api = api.clone();
-        async move {
-            let j = api.get(name).await.map_err(|e| e.to_string())?;
-            let s = j.status.clone().unwrap_or_default();
-            if s.phase == Some(phase) {
-                Ok(j)
-            } else {
-                Err(format!(
-                    "{:?} {:?} {:?}",
-                    s.phase,
-                    s.progress,
-                    s.shards
-                        .iter()
-                        .map(|x| (x.node.clone(), x.phase, x.message.clone()))
-                        .collect::<Vec<_>>()
-                ))
-            }
-        }
-    })
-    .await
-}
-
 #[tokio::test]
 async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
     let _serial = SERIAL.lock().await;
@@ -97,7 +70,7 @@ async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
         .await
         .expect("inference job");
 
-    let trained = wait_phase(
+    let trained = jobs::wait_phase(
         &fed,
         &ns,
         "train-digits",
@@ -117,7 +90,7 @@ async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
             .iter()
             .all(|x| x.result_digest.as_ref().is_some_and(|d| d.len() == 64))
     );
-    let inferred = wait_phase(
+    let inferred = jobs::wait_phase(
         &fed,
         &ns,
         "infer",
@@ -171,33 +144,17 @@ async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
     let ns = fed.namespace("killed").await.expect("ns");
-    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 100000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 60\n  shards: 1\n";
+    let job = LONG_JOB;
     manifests::apply_all(&fed.hub, job, &ns, false)
         .await
         .expect("job");
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
-    let first = wait::until("the shard to run", Duration::from_secs(120), || {
-        let api = api.clone();
-        async move {
-            let j = api.get("long").await.map_err(|e| e.to_string())?;
-            let shard = j
-                .status
-                .and_then(|s| s.shards.into_iter().next())
-                .ok_or("no shard")?;
-            if shard.phase == TaskPhase::Running {
-                Ok(shard)
-            } else {
-                Err(format!("{shard:?}"))
-            }
-        }
-    })
-    .await;
+    let first = jobs::first_running_shard(&fed, &ns, "long", Duration::from_secs(120)).await;
     let victim = agents
         .iter_mut()
         .find(|a| a.node == first.node)
         .expect("the agent running it");
     victim.process.kill();
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "long",
@@ -225,7 +182,7 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
     manifests::apply_all(&fed.hub, greedy, &ns, false)
         .await
         .expect("job");
-    let failed = wait_phase(
+    let failed = jobs::wait_phase(
         &fed,
         &ns,
         "greedy",
@@ -254,7 +211,7 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
     manifests::apply_all(&fed.hub, fine, &ns, false)
         .await
         .expect("job");
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "fine",
@@ -366,7 +323,7 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
     .expect("job");
 
     for name in ["by-url", "by-configmap"] {
-        let done = wait_phase(
+        let done = jobs::wait_phase(
             &fed,
             &ns,
             name,
@@ -377,7 +334,7 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
         let m = done.status.expect("status").metrics;
         assert!(m["accuracy"] >= 0.9, "{name}: {m:?}");
     }
-    let tampered = wait_phase(
+    let tampered = jobs::wait_phase(
         &fed,
         &ns,
         "tampered",
@@ -529,7 +486,7 @@ async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
         .await
         .expect("job");
 
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "local",
@@ -545,7 +502,7 @@ async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
     );
     assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
 
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "replicated",
@@ -570,27 +527,11 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
     let ns = fed.namespace("sigterm").await.expect("ns");
-    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: long\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Mlp\n    dataset:\n      synthetic:\n        samples: 100000\n        features: 64\n        classes: 10\n    parameters:\n      epochs: 60\n  shards: 1\n";
+    let job = LONG_JOB;
     manifests::apply_all(&fed.hub, job, &ns, false)
         .await
         .expect("job");
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
-    let first = wait::until("the shard to run", Duration::from_secs(120), || {
-        let api = api.clone();
-        async move {
-            let j = api.get("long").await.map_err(|e| e.to_string())?;
-            let shard = j
-                .status
-                .and_then(|s| s.shards.into_iter().next())
-                .ok_or("no shard")?;
-            if shard.phase == TaskPhase::Running {
-                Ok(shard)
-            } else {
-                Err(format!("{shard:?}"))
-            }
-        }
-    })
-    .await;
+    let first = jobs::first_running_shard(&fed, &ns, "long", Duration::from_secs(120)).await;
     let agent = agents
         .iter_mut()
         .find(|a| a.node == first.node)
@@ -600,7 +541,7 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
         .terminate(Duration::from_secs(30))
         .expect("the agent exits by itself after SIGTERM");
     assert!(exit.success(), "clean exit: {exit:?}");
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "long",

@@ -6,7 +6,7 @@ use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use edgeloom_e2e::federation::Federation;
-use edgeloom_e2e::{manifests, scrape, wait};
+use edgeloom_e2e::{jobs, manifests, scrape, wait};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams};
@@ -36,38 +36,6 @@ async fn job(fed: &Federation, ns: &str, name: &str) -> ComputeJob {
         .get(name)
         .await
         .expect("job")
-}
-
-async fn wait_phase(
-    fed: &Federation,
-    ns: &str,
-    name: &str,
-    phase: JobPhase,
-    timeout: Duration,
-) -> ComputeJob {
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), ns);
-    wait::until(&format!("job {name} to be {phase:?}"), timeout, || {
-        let api = api.clone();
-        async move {
-            let j = api.get(name).await.map_err(|e| e.to_string())?;
-            let status = j.status.clone().unwrap_or_default();
-            if status.phase == Some(phase) {
-                Ok(j)
-            } else {
-                Err(format!(
-                    "{:?} {:?} {:?}",
-                    status.phase,
-                    status.progress,
-                    status
-                        .conditions
-                        .iter()
-                        .map(|c| format!("{}={} {}", c.type_, c.status, c.message))
-                        .collect::<Vec<_>>()
-                ))
-            }
-        }
-    })
-    .await
 }
 
 /// Every ComputeTask of a job in one member cluster.
@@ -114,7 +82,7 @@ async fn a_job_spread_over_two_member_clusters_completes() {
         &job_yaml("spread", 4, "  placement:\n    spread: Cluster\n"),
     )
     .await;
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "spread",
@@ -203,31 +171,6 @@ async fn a_job_spread_over_two_member_clusters_completes() {
     eprintln!("{status}\n{described}");
 }
 
-async fn wait_all_running(fed: &Federation, ns: &str, name: &str, n: usize) -> ComputeJob {
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), ns);
-    wait::until(
-        &format!("{n} running shard(s) of {name}"),
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                let j = api.get(name).await.map_err(|e| e.to_string())?;
-                let shards = j.status.clone().unwrap_or_default().shards;
-                let running = shards
-                    .iter()
-                    .filter(|s| s.phase == TaskPhase::Running)
-                    .count();
-                if running >= n {
-                    Ok(j)
-                } else {
-                    Err(format!("{running} running: {shards:?}"))
-                }
-            }
-        },
-    )
-    .await
-}
-
 async fn all_tasks(fed: &Federation, uid: &str) -> Vec<ComputeTask> {
     let mut all = Vec::new();
     for m in fed.plane.members() {
@@ -255,7 +198,8 @@ async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
         ),
     )
     .await;
-    let failed = wait_phase(&fed, &ns, "gang", JobPhase::Failed, Duration::from_secs(60)).await;
+    let failed =
+        jobs::wait_phase(&fed, &ns, "gang", JobPhase::Failed, Duration::from_secs(60)).await;
     let status = failed.status.expect("status");
     let cond = status
         .conditions
@@ -292,11 +236,11 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
     let _op = fed.operator(operator_bin(), "op-1").expect("operator");
     let ns = fed.namespace("heartbeat").await.expect("ns");
     apply(&fed, &ns, &job_yaml("hb", 1, "")).await;
-    let running = wait_all_running(&fed, &ns, "hb", 1).await;
+    let running = jobs::wait_running(&fed, &ns, "hb", 1, Duration::from_secs(60)).await;
     let first = running.status.expect("status").shards[0].clone();
     assert_eq!(first.attempt, 1);
     fed.agents[&first.cluster].kill(&first.node);
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "hb",
@@ -344,14 +288,14 @@ async fn a_killed_member_apiserver_fails_over_and_is_cleaned_when_it_returns() {
         &job_yaml("fo", 2, "  placement:\n    spread: Cluster\n"),
     )
     .await;
-    let running = wait_all_running(&fed, &ns, "fo", 2).await;
+    let running = jobs::wait_running(&fed, &ns, "fo", 2, Duration::from_secs(60)).await;
     let uid = running.metadata.uid.clone().expect("uid");
     assert_eq!(
         running.status.clone().expect("status").placement.as_deref(),
         Some("edge-a:1,edge-b:1")
     );
     fed.plane.kill_apiserver("edge-a").expect("kill");
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "fo",
@@ -444,7 +388,7 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
     let _op2 = fed
         .operator(operator_bin(), "op-2")
         .expect("operator restarted");
-    wait_phase(
+    jobs::wait_phase(
         &fed,
         &ns,
         "rs",
@@ -480,7 +424,7 @@ async fn deleting_a_job_cleans_every_member_even_one_that_was_unreachable() {
         &job_yaml("del", 4, "  placement:\n    spread: Cluster\n"),
     )
     .await;
-    let running = wait_all_running(&fed, &ns, "del", 4).await;
+    let running = jobs::wait_running(&fed, &ns, "del", 4, Duration::from_secs(60)).await;
     let uid = running.metadata.uid.clone().expect("uid");
     assert_eq!(tasks_in(&fed, "edge-b", &uid).await.len(), 2);
     fed.plane.kill_apiserver("edge-b").expect("kill");
@@ -559,7 +503,7 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     .await;
     let ns = fed.namespace("leader").await.expect("ns");
     apply(&fed, &ns, &job_yaml("one", 2, "")).await;
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "one",
@@ -619,7 +563,7 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
     let follower = following.identity.clone();
     leading.kill();
     apply(&fed, &ns, &job_yaml("two", 1, "")).await;
-    let done = wait_phase(
+    let done = jobs::wait_phase(
         &fed,
         &ns,
         "two",

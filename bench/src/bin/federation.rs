@@ -12,18 +12,19 @@
 //! target/release/federation rss
 //! ```
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::compute_task::{ComputeTask, NODE_LABEL};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
 use edgeloom_e2e::control_plane::{Cluster, free_port};
+use edgeloom_e2e::federation::ensure_namespace;
 use edgeloom_e2e::process::Process;
 use edgeloom_e2e::{Config, ControlPlane, manifests};
 use futures::{StreamExt, stream};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
@@ -66,28 +67,12 @@ fn operator_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-async fn create_ns(client: &kube::Client) -> Result<()> {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(SYSTEM_NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &ns).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// CRDs everywhere, the system namespace everywhere, member kubeconfig Secrets in the hub.
 async fn prepare(plane: &ControlPlane) -> Result<kube::Client> {
     for c in plane.clusters() {
         let client = c.client().await?;
         manifests::install_crds(&client).await?;
-        create_ns(&client).await?;
+        ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
     }
     let hub = plane.hub().client().await?;
     let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
@@ -289,7 +274,7 @@ async fn throughput(jobs: u32, shards: u32) -> Result<()> {
     apply_pool(&hub, &plane, 10).await?;
     let (_op, _) = start_operator(&plane)?;
     wait_ready_nodes(&hub, 300).await?;
-    create_ns_named(&hub, "bench").await?;
+    ensure_namespace(&hub, "bench").await?;
     let t = Instant::now();
     for j in 0..jobs {
         let job = format!(
@@ -320,21 +305,6 @@ async fn throughput(jobs: u32, shards: u32) -> Result<()> {
         total as f64 / op
     );
     println!("<!-- applying the {jobs} jobs to the hub took {applied:.2}s of that -->");
-    Ok(())
-}
-
-async fn create_ns_named(client: &kube::Client, name: &str) -> Result<()> {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &ns)
-        .await
-        .context("namespace")?;
     Ok(())
 }
 

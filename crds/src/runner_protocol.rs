@@ -1,8 +1,9 @@
-//! The runner protocol (DESIGN.md §5): a [`Spec`] as JSON on stdin; [`Line`]s as JSON on
-//! stdout (progress, then one result or one error); exit code 0 on success, 1 when the
-//! task failed (bad model, bad data, out of memory), 2 when the spec itself is unusable.
+//! The runner protocol (DESIGN.md §5), shared by edgeloom-runner (which writes it) and the
+//! agent (which reads it): a [`Spec`] as JSON on stdin; [`Line`]s as JSON on stdout
+//! (progress, then one result or one error); exit code 0 on success, 1 when the task
+//! failed (bad model, bad data, out of memory), 2 when the spec itself is unusable.
 
-use edgeloom_crds::workload::Workload;
+use crate::workload::Workload;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
