@@ -1,0 +1,300 @@
+//! The reward ledger as a hash chain (DESIGN.md §3 step 8). Pure: storage is elsewhere.
+//!
+//! Each entry holds a receipt, its sequence number, the previous entry's hash and its own
+//! hash: sha256 over the sequence number, the previous hash and the receipt's canonical
+//! JSON. Appending is idempotent by receipt key (job UID, shard, replica): a receipt that
+//! is already in the chain is not added again, whatever attempt or amount it claims.
+//! [`verify`] recomputes the chain and names the first entry that does not fit.
+
+use crate::decimal::{Amount, DecimalError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+
+/// The hash before the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Payment for one accepted shard result of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    /// UID of the job.
+    pub job_uid: String,
+    /// "namespace/name" of the job.
+    pub job: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// The accepted attempt.
+    pub attempt: u32,
+    /// Node that did the work.
+    pub node: String,
+    /// Contributor account paid.
+    pub account: String,
+    /// CPU core-milliseconds.
+    pub cpu_core_millis: u64,
+    /// GPU-milliseconds.
+    pub gpu_millis: u64,
+    /// Rate per CPU-core-second, exact decimal.
+    pub per_cpu_core_second: String,
+    /// Rate per GPU-second, exact decimal.
+    pub per_gpu_second: String,
+    /// Amount paid, exact decimal.
+    pub amount: String,
+    /// The accepted result digest.
+    pub result_digest: String,
+    /// When it was issued (RFC 3339).
+    pub time: String,
+}
+
+impl Receipt {
+    /// The idempotency key.
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.job_uid, self.shard, self.replica)
+    }
+}
+
+/// The amount for usage at the pool's rates, rounded down to 10^-18.
+pub fn reward(
+    cpu_core_millis: u64,
+    gpu_millis: u64,
+    per_cpu_core_second: Amount,
+    per_gpu_second: Amount,
+) -> Result<Amount, DecimalError> {
+    per_cpu_core_second
+        .mul_div(cpu_core_millis, 1000)?
+        .checked_add(per_gpu_second.mul_div(gpu_millis, 1000)?)
+}
+
+/// One link of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    /// Position, from 0.
+    pub seq: u64,
+    /// Hash of the previous entry ([`GENESIS`] for the first).
+    pub prev: String,
+    /// The receipt.
+    pub receipt: Receipt,
+    /// This entry's hash.
+    pub hash: String,
+}
+
+/// The hash of an entry's contents.
+pub fn entry_hash(seq: u64, prev: &str, receipt: &Receipt) -> String {
+    let mut h = Sha256::new();
+    h.update(seq.to_be_bytes());
+    h.update(prev.as_bytes());
+    // Field order is the struct's, so the JSON is canonical for a given receipt.
+    h.update(serde_json::to_vec(receipt).unwrap_or_default());
+    hex::encode(h.finalize())
+}
+
+/// Where and why the chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ledger entry {index} (seq {seq}) is broken: {reason}")]
+pub struct Broken {
+    /// Index of the first entry that does not fit.
+    pub index: usize,
+    /// Its sequence number as stored.
+    pub seq: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Recomputes the whole chain; the first entry that does not fit is named.
+pub fn verify(entries: &[Entry]) -> Result<(), Broken> {
+    let mut prev = GENESIS.to_string();
+    let mut keys = HashSet::new();
+    for (index, e) in entries.iter().enumerate() {
+        let broken = |reason: String| Broken {
+            index,
+            seq: e.seq,
+            reason,
+        };
+        if e.seq != index as u64 {
+            return Err(broken(format!(
+                "sequence {} where {index} was expected",
+                e.seq
+            )));
+        }
+        if e.prev != prev {
+            return Err(broken(
+                "it does not link to the previous entry's hash".into(),
+            ));
+        }
+        let hash = entry_hash(e.seq, &e.prev, &e.receipt);
+        if e.hash != hash {
+            return Err(broken(
+                "its contents do not match its hash (the entry was altered)".into(),
+            ));
+        }
+        if !keys.insert(e.receipt.key()) {
+            return Err(broken(format!("receipt {} appears twice", e.receipt.key())));
+        }
+        prev = e.hash.clone();
+    }
+    Ok(())
+}
+
+/// An in-memory chain with an index of receipt keys.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    entries: Vec<Entry>,
+    keys: HashSet<String>,
+}
+
+impl Ledger {
+    /// A ledger over stored entries, verified first.
+    pub fn from_entries(entries: Vec<Entry>) -> Result<Ledger, Broken> {
+        verify(&entries)?;
+        let keys = entries.iter().map(|e| e.receipt.key()).collect();
+        Ok(Ledger { entries, keys })
+    }
+
+    /// Appends `receipt` unless its key is already in the chain; returns the new entry.
+    pub fn append(&mut self, receipt: Receipt) -> Option<&Entry> {
+        if !self.keys.insert(receipt.key()) {
+            return None;
+        }
+        let seq = self.entries.len() as u64;
+        let prev = self.head().to_string();
+        let hash = entry_hash(seq, &prev, &receipt);
+        self.entries.push(Entry {
+            seq,
+            prev,
+            receipt,
+            hash,
+        });
+        self.entries.last()
+    }
+
+    /// Whether a receipt with this key is in the chain.
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// The last entry's hash.
+    pub fn head(&self) -> &str {
+        self.entries
+            .last()
+            .map(|e| e.hash.as_str())
+            .unwrap_or(GENESIS)
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Total paid per account (receipts with unparsable amounts are an error).
+    pub fn totals(&self) -> Result<BTreeMap<String, Amount>, DecimalError> {
+        let mut totals: BTreeMap<String, Amount> = BTreeMap::new();
+        for e in &self.entries {
+            let amount: Amount = e.receipt.amount.parse()?;
+            let t = totals.entry(e.receipt.account.clone()).or_default();
+            *t = t.checked_add(amount)?;
+        }
+        Ok(totals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn receipt(job: u32, shard: u32, replica: u32, account: &str, atto: u128) -> Receipt {
+        Receipt {
+            job_uid: format!("uid-{job}"),
+            job: format!("ns/job-{job}"),
+            shard,
+            replica,
+            attempt: 1,
+            node: format!("node-{shard}"),
+            account: account.into(),
+            cpu_core_millis: 1500,
+            gpu_millis: 0,
+            per_cpu_core_second: "0.0001".into(),
+            per_gpu_second: "0".into(),
+            amount: Amount::from_atto(atto).to_string(),
+            result_digest: "ab".repeat(32),
+            time: "2026-11-25T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn reward_is_usage_times_rate_rounded_down() {
+        let cpu: Amount = "0.0001".parse().expect("rate");
+        let gpu: Amount = "0.0005".parse().expect("rate");
+        assert_eq!(
+            reward(1500, 2000, cpu, gpu).expect("reward").to_string(),
+            "0.00115"
+        );
+    }
+
+    #[test]
+    fn a_receipt_is_appended_once_whatever_attempt_it_claims() {
+        let mut l = Ledger::default();
+        assert!(l.append(receipt(1, 0, 0, "alice", 10)).is_some());
+        let mut again = receipt(1, 0, 0, "alice", 99);
+        again.attempt = 2;
+        assert!(
+            l.append(again).is_none(),
+            "same job, shard and replica: not paid twice"
+        );
+        assert!(
+            l.append(receipt(1, 0, 1, "bob", 10)).is_some(),
+            "another replica is another receipt"
+        );
+        assert_eq!(l.entries().len(), 2);
+        assert_eq!(l.totals().expect("totals")["alice"], Amount::from_atto(10));
+    }
+
+    #[test]
+    fn verify_names_the_altered_entry_even_when_its_hash_is_recomputed() {
+        let mut l = Ledger::default();
+        for i in 0..5 {
+            l.append(receipt(i, 0, 0, "alice", 10));
+        }
+        let mut tampered = l.entries().to_vec();
+        tampered[2].receipt.amount = "1000".into();
+        let err = verify(&tampered).expect_err("altered");
+        assert_eq!(err.index, 2);
+        assert!(err.reason.contains("altered"), "{err}");
+        // A forger who also recomputes the entry's hash breaks the next link instead.
+        tampered[2].hash = entry_hash(2, &tampered[2].prev, &tampered[2].receipt);
+        assert_eq!(verify(&tampered).expect_err("relinked").index, 3);
+        assert!(Ledger::from_entries(l.entries().to_vec()).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn any_appended_chain_verifies_and_any_single_change_is_caught(
+            items in prop::collection::vec((0u32..20, 0u32..4, 0u32..2, 0usize..3, 0u128..1_000_000), 1..40),
+            victim in any::<prop::sample::Index>(),
+            field in 0usize..4,
+        ) {
+            let accounts = ["alice", "bob", "carol"];
+            let mut l = Ledger::default();
+            let mut keys = HashSet::new();
+            for (job, shard, replica, acct, atto) in &items {
+                let r = receipt(*job, *shard, *replica, accounts[*acct], *atto);
+                let fresh = keys.insert(r.key());
+                prop_assert_eq!(l.append(r).is_some(), fresh);
+            }
+            prop_assert!(verify(l.entries()).is_ok());
+            let mut entries = l.entries().to_vec();
+            let i = victim.index(entries.len());
+            match field {
+                0 => entries[i].receipt.amount.push('1'),
+                1 => entries[i].receipt.account.push('x'),
+                2 => entries[i].seq += 1,
+                _ => entries[i].prev = "f".repeat(64),
+            }
+            let err = verify(&entries).expect_err("a change is caught");
+            prop_assert_eq!(err.index, i);
+        }
+    }
+}
