@@ -178,6 +178,8 @@ pub struct AgentSpec {
     pub account: String,
     /// Node-local datasets: name -> CSV path.
     pub datasets: BTreeMap<String, std::path::PathBuf>,
+    /// Test only: the agent alters its result digests (a cheating node).
+    pub cheat: bool,
 }
 
 /// A running edgeloom-agent process.
@@ -210,11 +212,12 @@ impl Federation {
             .map(|(k, v)| format!("  {k}: {}\n", v.display()))
             .collect();
         let config = format!(
-            "node: {}\naccount: {}\nrunner: {}\nworkDir: {}\nheartbeatSeconds: 2\nbenchmarkMatrixSize: 128\nshutdownGraceSeconds: 5\ndatasets:\n{}",
+            "node: {}\naccount: {}\nrunner: {}\nworkDir: {}\nheartbeatSeconds: 2\nbenchmarkMatrixSize: 128\nshutdownGraceSeconds: 5\ncorruptResults: {}\ndatasets:\n{}",
             spec.node,
             spec.account,
             runner.display(),
             dir.join("work").display(),
+            spec.cheat,
             if datasets.is_empty() {
                 "  {}\n".to_string()
             } else {

@@ -32,6 +32,9 @@ pub struct Config {
     pub benchmark_matrix_size: u32,
     /// Seconds a running task may finish after SIGTERM before it is failed.
     pub shutdown_grace_seconds: u64,
+    /// TEST ONLY: report altered result digests, to test that verification outvotes a
+    /// cheating node. Never set this on a real node.
+    pub corrupt_results: bool,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             price_factor: 1.0,
             benchmark_matrix_size: 512,
             shutdown_grace_seconds: 20,
+            corrupt_results: false,
         }
     }
 }

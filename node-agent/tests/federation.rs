@@ -41,6 +41,7 @@ async fn federation(heartbeat: u32) -> (Federation, Vec<AgentProcess>) {
                 node: node.clone(),
                 account: format!("acct-{node}"),
                 datasets: BTreeMap::new(),
+                cheat: false,
             };
             agents.push(
                 fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
@@ -430,6 +431,7 @@ async fn agents_with(
                 node: node.clone(),
                 account: format!("acct-{node}"),
                 datasets: datasets.get(node).cloned().unwrap_or_default(),
+                cheat: false,
             };
             agents.push(
                 fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
@@ -572,4 +574,116 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
             .is_some_and(|m| m.contains("shutting down")),
         "{s:?}"
     );
+}
+
+#[tokio::test]
+async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let start = |member: &str, node: &str, cheat: bool| {
+        let spec = AgentSpec {
+            member: member.into(),
+            node: node.into(),
+            account: format!("acct-{node}"),
+            datasets: BTreeMap::new(),
+            cheat,
+        };
+        fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+            .expect("agent")
+    };
+    let _honest = start("edge-a", "edge-a-node-0", false);
+    let _cheat = start("edge-b", "edge-b-node-0", true);
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("cheat").await.expect("ns");
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: checked\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n    parameters:\n      epochs: 5\n  verification:\n    replicas: 2\n";
+    manifests::apply_all(&fed.hub, job, &ns, false)
+        .await
+        .expect("job");
+    // The two results disagree; a third replica is wanted but no third node runs an agent.
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    wait::until(
+        "a third replica to be asked for",
+        Duration::from_secs(120),
+        || {
+            let api = api.clone();
+            async move {
+                let s = api
+                    .get("checked")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let finished = s
+                    .shards
+                    .iter()
+                    .filter(|x| x.phase == TaskPhase::Succeeded)
+                    .count();
+                let wants = s
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Scheduled" && c.status == "False");
+                if finished == 2 && wants && s.phase == Some(JobPhase::Running) {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", s.shards))
+                }
+            }
+        },
+    )
+    .await;
+    let _third = start("edge-a", "edge-a-node-1", false);
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "checked",
+        JobPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    let shards = done.status.expect("status").shards;
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    let cheat = shards
+        .iter()
+        .find(|x| x.node == "edge-b-node-0")
+        .expect("the cheater's replica");
+    assert!(
+        cheat
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("outvoted")),
+        "{cheat:?}"
+    );
+    let honest: Vec<_> = shards
+        .iter()
+        .filter(|x| x.node != "edge-b-node-0")
+        .collect();
+    assert_eq!(honest.len(), 2);
+    assert_eq!(honest[0].result_digest, honest[1].result_digest);
+    assert_ne!(cheat.result_digest, honest[0].result_digest);
+    // Each (shard, replica, attempt) exists once across all member clusters: a task name is
+    // unique only within one cluster, so a re-placement must never create it in another.
+    let mut seen = std::collections::HashSet::new();
+    for m in fed.plane.members() {
+        let tasks: Api<ComputeTask> =
+            Api::namespaced(m.client().await.expect("client"), SYSTEM_NAMESPACE);
+        for t in tasks
+            .list(&ListParams::default())
+            .await
+            .expect("tasks")
+            .items
+        {
+            assert!(
+                seen.insert((t.spec.shard, t.spec.replica, t.spec.attempt)),
+                "duplicate task {:?} in {}",
+                t.metadata.name,
+                m.name
+            );
+        }
+    }
+    assert_eq!(seen.len(), 3);
 }

@@ -209,6 +209,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 started_at: status.started_at.map(|t| t.0),
                 finished_at: status.finished_at.map(|t| t.0),
                 digest: status.result_digest,
+                vector: status.result_vector,
                 metrics: status.metrics,
                 message: status.message,
                 node_lost: !terminal && (lost_cluster || !m.node_ready(&t.node, now)),
@@ -250,6 +251,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             phase: old.phase,
             recorded: &old.shards,
             unschedulable: ctx.scheduler.unfit(&ns, &name),
+            max_replicas: members
+                .iter()
+                .map(|m| m.pool_spec().verification.max_replicas)
+                .max()
+                .unwrap_or(3),
         },
         &views,
         now,
@@ -341,7 +347,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // Status.
     let generation = job.metadata.generation;
     let mut conds = old.conditions.clone();
-    let placed = decision.shards.iter().all(|s| !s.node.is_empty());
+    let placed = decision.needs.is_empty() && decision.shards.iter().all(|s| !s.node.is_empty());
     let unfit = model_problem
         .as_ref()
         .map(|why| format!("ModelUnavailable: {why}"))

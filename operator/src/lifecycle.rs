@@ -16,6 +16,7 @@
 //!   scheduler has actually found it unplaceable); a finished job cancels all of its
 //!   unfinished tasks.
 
+use crate::verification::{self, ReplicaResult, Verdict};
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};
 use jiff::{SignedDuration, Timestamp};
@@ -52,6 +53,8 @@ pub struct TaskView {
     pub finished_at: Option<Timestamp>,
     /// Result digest.
     pub digest: Option<String>,
+    /// Result vector (for tolerance-based verification).
+    pub vector: Vec<f64>,
     /// Workload metrics.
     pub metrics: BTreeMap<String, f64>,
     /// Agent's message.
@@ -137,6 +140,8 @@ pub struct JobView<'a> {
     pub recorded: &'a [ShardStatus],
     /// Why the scheduler could not place it, if it tried and failed.
     pub unschedulable: Option<String>,
+    /// Most replicas one shard may get when results disagree (the pool's maxReplicas).
+    pub max_replicas: u32,
 }
 
 fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
@@ -151,11 +156,35 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         .as_ref()
         .map(|v| v.replicas.max(1))
         .unwrap_or(1);
+    let verifying = replicas > 1;
+    let max_replicas = job.max_replicas.max(replicas);
+    let quorum = spec
+        .verification
+        .as_ref()
+        .and_then(|v| v.quorum)
+        .unwrap_or_else(|| verification::majority(replicas));
+    let tolerance = spec
+        .verification
+        .as_ref()
+        .map(|v| v.tolerance)
+        .unwrap_or(0.0);
     let mut by_slot: BTreeMap<(u32, u32), Vec<&TaskView>> = BTreeMap::new();
+    // Replicas beyond the spec's exist once disagreement asked for them (tasks or status).
+    let mut extra: BTreeMap<u32, u32> = BTreeMap::new();
     for t in tasks {
-        if t.shard < spec.shards && t.replica < replicas {
+        if t.shard < spec.shards && t.replica < max_replicas {
             by_slot.entry((t.shard, t.replica)).or_default().push(t);
+            let e = extra.entry(t.shard).or_default();
+            *e = (*e).max(t.replica + 1);
         }
+    }
+    for s in job
+        .recorded
+        .iter()
+        .filter(|s| !s.node.is_empty() && s.replica < max_replicas)
+    {
+        let e = extra.entry(s.index).or_default();
+        *e = (*e).max(s.replica + 1);
     }
     // Only slots that were bound to a node record a real attempt (unplaced slots show 0).
     let recorded: BTreeMap<(u32, u32), u32> = job
@@ -177,7 +206,12 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
     let (mut replaced_lost, mut retried) = (0, 0);
 
     for shard in 0..spec.shards {
-        for replica in 0..replicas {
+        let slots = replicas.max(extra.get(&shard).copied().unwrap_or(0));
+        let mut results: Vec<ReplicaResult> = Vec::new();
+        let mut current_tasks: Vec<&TaskView> = Vec::new();
+        let first_status = shards.len();
+        let needs_before = needs.len();
+        for replica in 0..slots {
             let mut slot_tasks = by_slot.remove(&(shard, replica)).unwrap_or_default();
             slot_tasks.sort_by_key(|t| t.attempt);
             let current = slot_tasks.last().copied();
@@ -227,6 +261,9 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     avoid,
                 })
             };
+            if let Some(t) = current {
+                current_tasks.push(t);
+            }
             match current {
                 Some(t) => {
                     status.attempt = t.attempt;
@@ -246,9 +283,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                                 e.0 += v;
                                 e.1 += 1;
                             }
-                            if replica == 0 {
-                                digests.push(t.digest.clone().unwrap_or_default());
-                            }
+                            results.push(ReplicaResult {
+                                replica,
+                                digest: t.digest.clone().unwrap_or_default(),
+                                vector: t.vector.clone(),
+                            });
                         }
                         Some(TaskPhase::Failed) => {
                             done_shards[shard as usize] = false;
@@ -287,6 +326,61 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 }
             }
             shards.push(status);
+        }
+        if !verifying {
+            if let Some(r) = results.iter().find(|r| r.replica == 0) {
+                digests.push(r.digest.clone());
+            }
+            continue;
+        }
+        // Verification: the shard is done when a quorum of its replicas agrees.
+        let running = slots.saturating_sub(results.len() as u32);
+        match verification::decide(&results, running, slots, quorum, tolerance, max_replicas) {
+            Verdict::Accepted {
+                digest,
+                agreeing,
+                dissenting,
+            } => {
+                done_shards[shard as usize] = true;
+                digests.push(digest);
+                needs.truncate(needs_before);
+                for st in shards[first_status..].iter_mut() {
+                    if dissenting.contains(&st.replica) {
+                        st.message = Some(format!(
+                            "result outvoted: replicas {agreeing:?} agree on another result"
+                        ));
+                    } else if agreeing.contains(&st.replica) {
+                        st.message = Some(format!("verified: replicas {agreeing:?} agree"));
+                    }
+                }
+                for t in current_tasks.iter().filter(|t| !t.terminal()) {
+                    cancel.push(Cancel {
+                        member: t.member.clone(),
+                        name: t.name.clone(),
+                        reason: "Verified",
+                    });
+                }
+            }
+            Verdict::Pending { more } => {
+                done_shards[shard as usize] = false;
+                let avoid: Vec<(String, String)> = current_tasks
+                    .iter()
+                    .map(|t| (t.member.clone(), t.node.clone()))
+                    .collect();
+                for k in 0..more {
+                    needs.push(Need {
+                        shard,
+                        replica: slots + k,
+                        attempt: 1,
+                        avoid: avoid.clone(),
+                    });
+                }
+            }
+            Verdict::Rejected { reason } => {
+                done_shards[shard as usize] = false;
+                failed_reason
+                    .get_or_insert(("VerificationFailed", format!("shard {shard}: {reason}")));
+            }
         }
     }
 
@@ -457,6 +551,7 @@ mod tests {
             phase: None,
             recorded: &[],
             unschedulable: None,
+            max_replicas: 3,
         }
     }
 
@@ -629,6 +724,113 @@ mod tests {
         let d = decide(&view(&s), &[], t0());
         assert_eq!(d.needs.len(), 4);
         assert_eq!(d.shards.len(), 4);
+    }
+
+    fn verified(replicas: u32, quorum: Option<u32>) -> ComputeJobSpec {
+        let mut s = spec(1);
+        s.verification = Some(
+            serde_json::from_value(serde_json::json!({"replicas": replicas, "quorum": quorum}))
+                .expect("verification"),
+        );
+        s
+    }
+
+    fn replica(r: u32, node: &str, digest: Option<&str>) -> TaskView {
+        let mut t = task(
+            0,
+            1,
+            node,
+            Some(if digest.is_some() {
+                TaskPhase::Succeeded
+            } else {
+                TaskPhase::Running
+            }),
+        );
+        t.replica = r;
+        t.name = task_name("abcdef123456", 0, r, 1);
+        t.digest = digest.map(String::from);
+        t
+    }
+
+    #[test]
+    fn agreeing_replicas_verify_the_shard() {
+        let s = verified(2, None);
+        let d = decide(
+            &view(&s),
+            &[replica(0, "n0", Some("aa")), replica(1, "n1", Some("aa"))],
+            t0(),
+        );
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert!(d.shards.iter().all(|x| {
+            x.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("verified"))
+        }));
+    }
+
+    #[test]
+    fn disagreement_adds_a_replica_on_another_node_then_the_quorum_outvotes_the_cheat() {
+        let s = verified(2, None);
+        let split = [
+            replica(0, "n0", Some("aa")),
+            replica(1, "cheat", Some("zz")),
+        ];
+        let d = decide(&view(&s), &split, t0());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert_eq!(d.needs.len(), 1);
+        assert_eq!((d.needs[0].replica, d.needs[0].attempt), (2, 1));
+        assert_eq!(
+            d.needs[0].avoid.len(),
+            2,
+            "not on a node that already ran this shard"
+        );
+        let mut three = split.to_vec();
+        three.push(replica(2, "n2", Some("aa")));
+        let d = decide(&view(&s), &three, t0());
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        let cheat = d.shards.iter().find(|x| x.replica == 1).expect("replica 1");
+        assert!(
+            cheat
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("outvoted")),
+            "{cheat:?}"
+        );
+    }
+
+    #[test]
+    fn no_quorum_within_the_bound_fails_the_job_with_the_reason() {
+        let s = verified(2, None);
+        let all_differ = [
+            replica(0, "n0", Some("aa")),
+            replica(1, "n1", Some("bb")),
+            replica(2, "n2", Some("cc")),
+        ];
+        let d = decide(&view(&s), &all_differ, t0());
+        assert_eq!(
+            (d.phase, d.reason),
+            (JobPhase::Failed, "VerificationFailed")
+        );
+        assert!(d.message.contains("no quorum"), "{}", d.message);
+    }
+
+    #[test]
+    fn a_reached_quorum_cancels_replicas_still_running() {
+        let s = verified(3, Some(2));
+        let d = decide(
+            &view(&s),
+            &[
+                replica(0, "n0", Some("aa")),
+                replica(1, "n1", Some("aa")),
+                replica(2, "n2", None),
+            ],
+            t0(),
+        );
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert_eq!(
+            d.cancel.iter().map(|c| c.reason).collect::<Vec<_>>(),
+            ["Verified"]
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use edgeloom_crds::compute_task::{
 use edgeloom_crds::inventory::NodeInventory;
 use jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -57,6 +57,7 @@ pub struct Work {
 #[derive(Clone, Debug)]
 struct InFlight {
     member: String,
+    name: String,
     node: String,
     cpu_millis: u64,
     memory_mib: u64,
@@ -135,6 +136,19 @@ impl Scheduler {
         let members = fleet.members();
         let now = Timestamp::now();
         let in_flight = self.in_flight_snapshot(&members);
+        // A task created in an earlier cycle and not yet in its member's cache must not be
+        // placed again: its name is unique only within one member cluster.
+        let created: HashSet<&str> = in_flight.iter().map(|f| f.name.as_str()).collect();
+        let work: Vec<Work> = work
+            .into_iter()
+            .map(|mut w| {
+                w.needs.retain(|n| {
+                    !created.contains(task_name(&w.uid, n.shard, n.replica, n.attempt).as_str())
+                });
+                w
+            })
+            .filter(|w| !w.needs.is_empty())
+            .collect();
         let mut world = World::build(&members, now, &in_flight);
         let waiting = work
             .into_iter()
@@ -195,6 +209,20 @@ impl Scheduler {
             });
             let results = futures::future::join_all(creates).await;
             let all_ok = results.iter().all(Option::is_some);
+            // (shard, replica, attempt) of every need whose task now exists (join_all keeps order).
+            let made: HashSet<(u32, u32, u32)> = outcome
+                .assigned
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_some())
+                .map(|((slot, _), _)| {
+                    (
+                        slots[*slot].shard,
+                        slots[*slot].replica,
+                        slots[*slot].attempt,
+                    )
+                })
+                .collect();
             for (created, member, node, name) in results.into_iter().flatten() {
                 if created {
                     metrics.tasks_created.inc();
@@ -205,6 +233,7 @@ impl Scheduler {
                         format!("{member}/{name}"),
                         InFlight {
                             member,
+                            name: name.clone(),
                             node,
                             cpu_millis: request.cpu_millis,
                             memory_mib: request.memory_mib,
@@ -215,12 +244,14 @@ impl Scheduler {
                 }
             }
             // Placed: the job controller resubmits whatever still needs a node once the
-            // new tasks are in its cache.
-            if all_ok
-                && outcome.unplaced.is_empty()
-                && let Ok(mut p) = self.pending.lock()
-            {
-                p.remove(&job_key);
+            // new tasks are in its cache; until then the placed needs are dropped here.
+            if let Ok(mut p) = self.pending.lock() {
+                if all_ok && outcome.unplaced.is_empty() {
+                    p.remove(&job_key);
+                } else if let Some(w) = p.get_mut(&job_key) {
+                    w.needs
+                        .retain(|n| !made.contains(&(n.shard, n.replica, n.attempt)));
+                }
             }
         }
         metrics.queue_depth.set(self.depth() as i64);

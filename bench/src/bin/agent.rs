@@ -200,6 +200,7 @@ async fn idle() -> Result<()> {
         node,
         account: "bench".into(),
         datasets: Default::default(),
+        cheat: false,
     };
     let agent = fed.agent(
         &sibling("edgeloom-agent")?,

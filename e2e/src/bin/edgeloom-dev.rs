@@ -126,6 +126,7 @@ async fn demo(nodes: u32) -> Result<()> {
                 node: node.clone(),
                 account: format!("contributor-{node}"),
                 datasets: Default::default(),
+                cheat: false,
             };
             agents.push(fed.agent(&agent, &runner, &spec)?);
         }
