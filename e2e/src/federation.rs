@@ -58,6 +58,34 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), k
     }
 }
 
+/// Readies a control plane for edgeloom: the CRDs and the system namespace in every
+/// cluster, and each member's kubeconfig as a Secret `<member>-kubeconfig` in the hub's
+/// system namespace (what an EdgePool names). Returns the hub's client.
+pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, FederationError> {
+    for c in plane.clusters() {
+        let client = c.client().await?;
+        manifests::install_crds(&client).await?;
+        ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
+    }
+    let hub = plane.hub().client().await?;
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
+    for m in plane.members() {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-kubeconfig", m.name)),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "kubeconfig".to_string(),
+                ByteString(m.kubeconfig_yaml()?.into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    Ok(hub)
+}
+
 impl Federation {
     /// Starts `members` with `nodes` simulated nodes each, whose tasks take `work`.
     pub async fn start(
@@ -87,27 +115,7 @@ impl Federation {
             ..Config::default()
         })
         .await?;
-        let hub = plane.hub().client().await?;
-        for c in plane.clusters() {
-            manifests::install_crds(&c.client().await?).await?;
-        }
-        ensure_namespace(&hub, SYSTEM_NAMESPACE).await?;
-        let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
-        for m in plane.members() {
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(format!("{}-kubeconfig", m.name)),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(
-                    "kubeconfig".to_string(),
-                    ByteString(m.kubeconfig_yaml()?.into_bytes()),
-                )])),
-                ..Default::default()
-            };
-            secrets.create(&PostParams::default(), &secret).await?;
-            ensure_namespace(&m.client().await?, SYSTEM_NAMESPACE).await?;
-        }
+        let hub = link_members(&plane).await?;
         Ok(Federation {
             agents: BTreeMap::new(),
             plane,
@@ -244,6 +252,33 @@ impl Federation {
             port,
             node: spec.node.clone(),
         })
+    }
+}
+
+impl Federation {
+    /// Starts a real agent on every member node, paid to `<account_prefix>-<node>`, with the
+    /// node-local datasets `datasets` names for it.
+    pub fn start_agents(
+        &self,
+        bin: &Path,
+        runner: &Path,
+        account_prefix: &str,
+        datasets: &BTreeMap<String, BTreeMap<String, std::path::PathBuf>>,
+    ) -> Result<Vec<AgentProcess>, FederationError> {
+        let mut agents = Vec::new();
+        for m in self.plane.members() {
+            for node in &m.nodes {
+                let spec = AgentSpec {
+                    member: m.name.clone(),
+                    node: node.clone(),
+                    account: format!("{account_prefix}-{node}"),
+                    datasets: datasets.get(node).cloned().unwrap_or_default(),
+                    cheat: false,
+                };
+                agents.push(self.agent(bin, runner, &spec)?);
+            }
+        }
+        Ok(agents)
     }
 }
 

@@ -33,22 +33,7 @@ async fn federation(heartbeat: u32) -> (Federation, Vec<AgentProcess>) {
         .await
         .expect("federation");
     fed.apply_pool("edge", heartbeat, 1).await.expect("pool");
-    let mut agents = Vec::new();
-    for m in fed.plane.members() {
-        for node in &m.nodes {
-            let spec = AgentSpec {
-                member: m.name.clone(),
-                node: node.clone(),
-                account: format!("acct-{node}"),
-                datasets: BTreeMap::new(),
-                cheat: false,
-            };
-            agents.push(
-                fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
-                    .expect("agent"),
-            );
-        }
-    }
+    let agents = agents_with(&fed, &BTreeMap::new()).await;
     (fed, agents)
 }
 
@@ -423,23 +408,13 @@ async fn agents_with(
     fed: &Federation,
     datasets: &BTreeMap<String, BTreeMap<String, PathBuf>>,
 ) -> Vec<AgentProcess> {
-    let mut agents = Vec::new();
-    for m in fed.plane.members() {
-        for node in &m.nodes {
-            let spec = AgentSpec {
-                member: m.name.clone(),
-                node: node.clone(),
-                account: format!("acct-{node}"),
-                datasets: datasets.get(node).cloned().unwrap_or_default(),
-                cheat: false,
-            };
-            agents.push(
-                fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
-                    .expect("agent"),
-            );
-        }
-    }
-    agents
+    fed.start_agents(
+        &bin("edgeloom-agent"),
+        &bin("edgeloom-runner"),
+        "acct",
+        datasets,
+    )
+    .expect("agents")
 }
 
 #[tokio::test]

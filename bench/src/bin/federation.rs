@@ -18,16 +18,14 @@ use edgeloom_crds::EdgePool;
 use edgeloom_crds::compute_task::{ComputeTask, NODE_LABEL};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
 use edgeloom_e2e::control_plane::{Cluster, free_port};
-use edgeloom_e2e::federation::ensure_namespace;
+use edgeloom_e2e::federation::{ensure_namespace, link_members};
 use edgeloom_e2e::process::Process;
 use edgeloom_e2e::{Config, ControlPlane, manifests};
 use futures::{StreamExt, stream};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -69,28 +67,7 @@ fn operator_bin() -> Result<PathBuf> {
 
 /// CRDs everywhere, the system namespace everywhere, member kubeconfig Secrets in the hub.
 async fn prepare(plane: &ControlPlane) -> Result<kube::Client> {
-    for c in plane.clusters() {
-        let client = c.client().await?;
-        manifests::install_crds(&client).await?;
-        ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
-    }
-    let hub = plane.hub().client().await?;
-    let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
-    for m in plane.members() {
-        let s = Secret {
-            metadata: ObjectMeta {
-                name: Some(format!("{}-kubeconfig", m.name)),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                "kubeconfig".to_string(),
-                ByteString(m.kubeconfig_yaml()?.into_bytes()),
-            )])),
-            ..Default::default()
-        };
-        secrets.create(&PostParams::default(), &s).await?;
-    }
-    Ok(hub)
+    Ok(link_members(plane).await?)
 }
 
 /// Agent nodes with inventory and a heartbeat Lease, created 32 at a time.

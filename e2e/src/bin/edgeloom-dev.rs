@@ -2,14 +2,14 @@
 //!
 //! - `edgeloom-dev up` starts a hub and member clusters, installs the CRDs and waits for
 //!   Ctrl-C, printing the kubeconfigs to use.
-//! - `edgeloom-dev demo` starts a hub and two edge clusters with simulated agents, runs the
+//! - `edgeloom-dev demo` starts a hub and two edge clusters with a real agent per node, runs the
 //!   real edgeloom-operator, applies example jobs, shows them being placed across both
 //!   clusters with the real kubectl and the kubectl-edgeloom plugin, and tears down.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edgeloom_crds::{ComputeJob, JobPhase};
-use edgeloom_e2e::federation::{AgentSpec, Federation};
+use edgeloom_e2e::federation::Federation;
 use edgeloom_e2e::{Config, ControlPlane, manifests, tools};
 use kube::api::Api;
 use std::path::{Path, PathBuf};
@@ -118,19 +118,7 @@ async fn demo(nodes: u32) -> Result<()> {
     println!(
         "== starting one edgeloom-agent per node (each measures its node with libtorch first)"
     );
-    let mut agents = Vec::new();
-    for m in fed.plane.members() {
-        for node in &m.nodes {
-            let spec = AgentSpec {
-                member: m.name.clone(),
-                node: node.clone(),
-                account: format!("contributor-{node}"),
-                datasets: Default::default(),
-                cheat: false,
-            };
-            agents.push(fed.agent(&agent, &runner, &spec)?);
-        }
-    }
+    let _agents = fed.start_agents(&agent, &runner, "contributor", &Default::default())?;
     let hub = fed.plane.hub();
     let kubectl = tools::tool("kubectl")?;
     println!(
