@@ -223,6 +223,16 @@ impl Scheduler {
                     )
                 })
                 .collect();
+            // (shard, (member, node)) of each task just created.
+            let placed_at: Vec<(u32, (String, String))> = outcome
+                .assigned
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_some())
+                .map(|((slot, node), _)| {
+                    (slots[*slot].shard, world.node_names[*node as usize].clone())
+                })
+                .collect();
             for (created, member, node, name) in results.into_iter().flatten() {
                 if created {
                     metrics.tasks_created.inc();
@@ -251,6 +261,12 @@ impl Scheduler {
                 } else if let Some(w) = p.get_mut(&job_key) {
                     w.needs
                         .retain(|n| !made.contains(&(n.shard, n.replica, n.attempt)));
+                    // What was just placed counts for the rest: replicas of a shard stay on
+                    // distinct nodes, and spreading sees the new tasks.
+                    for (shard, at) in &placed_at {
+                        w.replicas.entry(*shard).or_default().push(at.clone());
+                        w.used.push(at.clone());
+                    }
                 }
             }
         }
