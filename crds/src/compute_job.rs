@@ -134,6 +134,11 @@ pub struct Verification {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("must be at least 0 and less than 1"))]
     pub tolerance: f64,
+    /// Adaptive trust: a shard first runs once; it is accepted alone when that node is
+    /// trusted (a long run of verified results, see the pool's verification policy) and
+    /// not picked for a random spot check; otherwise it gets all `replicas`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adaptive: bool,
 }
 
 /// A spending limit for a job.

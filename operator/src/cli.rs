@@ -216,3 +216,33 @@ pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> Strin
     }
     out
 }
+
+/// `kubectl edgeloom ledger balance` for one pool: totals per account, largest first.
+pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) -> String {
+    use crate::decimal::Amount;
+    let mut by: std::collections::BTreeMap<&str, (Amount, u64)> = Default::default();
+    let mut total = Amount::ZERO;
+    for e in entries {
+        let amount: Amount = e.receipt.amount.parse().unwrap_or_default();
+        let a = by.entry(e.receipt.account.as_str()).or_default();
+        a.0 = a.0.checked_add(amount).unwrap_or(a.0);
+        a.1 += 1;
+        total = total.checked_add(amount).unwrap_or(total);
+    }
+    let mut accounts: Vec<_> = by.into_iter().collect();
+    accounts.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
+    let mut rows = vec![["ACCOUNT", "AMOUNT", "RECEIPTS"].map(String::from).to_vec()];
+    for (account, (amount, n)) in accounts {
+        rows.push(vec![
+            account.to_string(),
+            format!("{amount} {unit}").trim_end().to_string(),
+            n.to_string(),
+        ]);
+    }
+    rows.push(vec![
+        "TOTAL".into(),
+        format!("{total} {unit}").trim_end().to_string(),
+        entries.len().to_string(),
+    ]);
+    format!("pool {pool}\n{}", table(&rows))
+}

@@ -4,13 +4,19 @@
 //! from every member cluster, waiting for unreachable ones, before the job goes away.
 
 use crate::conditions;
+use crate::context::failpoint;
 use crate::context::{Context, FIELD_MANAGER, JOB_FINALIZER};
+use crate::decimal::Amount;
 use crate::fleet::Member;
-use crate::lifecycle::{self, JobView, TaskView};
+use crate::ledger::{self, Receipt};
+use crate::ledger_store::{StoreError, Totals};
+use crate::lifecycle::{self, BudgetView, Decision, JobView, TaskView};
 use crate::scheduler::{Work, selector_matches};
-use edgeloom_crds::compute_job::{ComputeJobStatus, ShardStatus};
+use crate::trust;
+use edgeloom_crds::compute_job::{ComputeJobStatus, RewardSummary, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
+use edgeloom_crds::schema::Decimal;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -22,7 +28,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,12 @@ pub enum Error {
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The ledger or reputation records could not be read or written.
+    #[error("ledger of pool {0}: {1}")]
+    Ledger(String, #[source] StoreError),
+    /// A reward could not be computed (a rate that is not an exact decimal, or overflow).
+    #[error("reward for {0}: {1}")]
+    Reward(String, String),
 }
 
 impl Error {
@@ -47,6 +59,8 @@ impl Error {
             Error::Hub(_) => "hub_api",
             Error::CleanupPending(..) => "cleanup_pending",
             Error::Finalizer(_) => "finalizer",
+            Error::Ledger(..) => "ledger",
+            Error::Reward(..) => "reward",
         }
     }
 }
@@ -213,6 +227,8 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 metrics: status.metrics,
                 message: status.message,
                 node_lost: !terminal && (lost_cluster || !m.node_ready(&t.node, now)),
+                cpu_core_millis: status.usage.as_ref().map_or(0, |u| u.cpu_core_millis),
+                gpu_millis: status.usage.as_ref().map_or(0, |u| u.gpu_millis),
             });
         }
     }
@@ -232,6 +248,28 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let views = task_views(&uid, ctx, now);
+    let paid = job_totals(&uid, &members, ctx).await?;
+    let (trusted, spot_checked) = trust_view(&job, &views, ctx).await?;
+    let budget = job
+        .spec
+        .budget
+        .as_ref()
+        .map(|b| -> Result<BudgetView, Error> {
+            let max: Amount =
+                b.max_amount
+                    .0
+                    .parse()
+                    .map_err(|e: crate::decimal::DecimalError| {
+                        Error::Reward(format!("{ns}/{name} budget"), e.to_string())
+                    })?;
+            Ok(BudgetView {
+                max,
+                spent: paid.total,
+                per_task: (paid.receipts > 0)
+                    .then(|| Amount::from_atto(paid.total.atto() / paid.receipts as u128)),
+            })
+        })
+        .transpose()?;
     let created = job
         .metadata
         .creation_timestamp
@@ -256,10 +294,15 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 .map(|m| m.pool_spec().verification.max_replicas)
                 .max()
                 .unwrap_or(3),
+            trusted,
+            spot_checked,
+            budget,
         },
         &views,
         now,
     );
+    settle(&job, &decision, ctx, now).await?;
+    let paid = job_totals(&uid, &members, ctx).await?;
 
     for c in &decision.cancel {
         if let Some(m) = ctx.fleet.members().into_iter().find(|m| m.key == c.member) {
@@ -381,6 +424,35 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             now,
         ),
     }
+    match &decision.budget_stopped {
+        Some(why) => conditions::set(
+            &mut conds,
+            "BudgetExceeded",
+            true,
+            "BudgetExceeded",
+            why,
+            generation,
+            now,
+        ),
+        None if job.spec.budget.is_some() => conditions::set(
+            &mut conds,
+            "BudgetExceeded",
+            false,
+            "WithinBudget",
+            &format!(
+                "{} of {} spent",
+                paid.total,
+                job.spec
+                    .budget
+                    .as_ref()
+                    .map(|b| b.max_amount.0.clone())
+                    .unwrap_or_default()
+            ),
+            generation,
+            now,
+        ),
+        None => {}
+    }
     let finished = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
     // A finished job keeps the verdict it was given.
     if !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
@@ -416,7 +488,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         shards: decision.shards.clone(),
         metrics: decision.metrics.clone(),
         result: decision.result.clone().or(old.result.clone()),
-        rewards: old.rewards.clone(),
+        rewards: rewards_summary(&paid, &members).or(old.rewards.clone()),
         start_time: start_time.map(Time),
         completion_time: old
             .completion_time
@@ -451,6 +523,261 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
         _ => Action::requeue(Duration::from_secs(2)),
     })
+}
+
+/// The job's receipts in the ledgers of its pools.
+async fn job_totals(uid: &str, members: &[Arc<Member>], ctx: &Context) -> Result<Totals, Error> {
+    let pools: BTreeSet<&str> = members.iter().map(|m| m.pool.as_str()).collect();
+    let mut all = Totals::default();
+    for pool in pools {
+        let t = ctx
+            .books
+            .ledger(pool)
+            .job_totals(uid)
+            .await
+            .map_err(|e| Error::Ledger(pool.to_string(), e))?;
+        all.receipts += t.receipts;
+        all.total = all
+            .total
+            .checked_add(t.total)
+            .map_err(|e| Error::Reward(uid.to_string(), e.to_string()))?;
+        for (a, v) in t.by_account {
+            let e = all.by_account.entry(a).or_default();
+            *e = e
+                .checked_add(v)
+                .map_err(|e| Error::Reward(uid.to_string(), e.to_string()))?;
+        }
+    }
+    Ok(all)
+}
+
+fn rewards_summary(paid: &Totals, members: &[Arc<Member>]) -> Option<RewardSummary> {
+    if paid.receipts == 0 {
+        return None;
+    }
+    let units: BTreeSet<String> = members
+        .iter()
+        .map(|m| m.pool_spec().rewards.unit.clone())
+        .collect();
+    let unit = units.into_iter().collect::<Vec<_>>().join("/");
+    Some(RewardSummary {
+        total: Some(format!("{} {unit}", paid.total)),
+        amount: Some(Decimal(paid.total.to_string())),
+        unit: Some(unit),
+        receipts: paid.receipts,
+        by_account: paid
+            .by_account
+            .iter()
+            .map(|(a, v)| (a.clone(), Decimal(v.to_string())))
+            .collect(),
+    })
+}
+
+/// For adaptive verification: the trusted nodes among the job's tasks, and the shards a
+/// spot check picked (by the salt of the pool where the shard's first replica runs).
+async fn trust_view(
+    job: &ComputeJob,
+    views: &[TaskView],
+    ctx: &Context,
+) -> Result<(BTreeSet<(String, String)>, BTreeSet<u32>), Error> {
+    let mut trusted = BTreeSet::new();
+    let mut spot = BTreeSet::new();
+    if !job.spec.verification.as_ref().is_some_and(|v| v.adaptive) {
+        return Ok((trusted, spot));
+    }
+    let uid = job.uid().unwrap_or_default();
+    let members = ctx.fleet.members();
+    for v in views.iter().filter(|v| v.replica == 0) {
+        let Some(m) = members.iter().find(|m| m.key == v.member) else {
+            continue;
+        };
+        let policy = m.pool_spec().verification.clone();
+        let node = format!("{}/{}", v.cluster, v.node);
+        let (is_trusted, salt) = ctx
+            .books
+            .reputation(&m.pool)
+            .view(std::slice::from_ref(&node), policy.trust_threshold)
+            .await
+            .map_err(|e| Error::Ledger(m.pool.clone(), e))?;
+        if is_trusted[0] {
+            trusted.insert((v.member.clone(), v.node.clone()));
+        }
+        let rate: Amount = policy.spot_check_rate.0.parse().unwrap_or(Amount::ZERO);
+        if trust::spot_checked(&salt, &uid, v.shard, rate) {
+            spot.insert(v.shard);
+        }
+    }
+    Ok((trusted, spot))
+}
+
+/// Pays accepted results: one receipt each, appended to the ledger of the pool where the
+/// work ran (a receipt already there is not written again), then trust is updated: nodes
+/// whose newly paid result was verified by another replica gain, outvoted nodes lose.
+async fn settle(
+    job: &ComputeJob,
+    decision: &Decision,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(), Error> {
+    if decision.accepted.is_empty() && decision.outvoted.is_empty() {
+        return Ok(());
+    }
+    let uid = job.uid().unwrap_or_default();
+    let job_key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+    let members = ctx.fleet.members();
+    // pool -> (receipts, verified node keys by receipt key)
+    let mut by_pool: BTreeMap<String, (Vec<Receipt>, BTreeMap<String, String>)> = BTreeMap::new();
+    for a in &decision.accepted {
+        let Some(m) = members.iter().find(|m| m.key == a.member) else {
+            tracing::warn!(member = %a.member, job = %job_key, "accepted result from a member that is gone; not paid");
+            continue;
+        };
+        let spec = m.pool_spec();
+        let rate = |d: &Decimal, what: &str| -> Result<Amount, Error> {
+            d.0.parse().map_err(|e: crate::decimal::DecimalError| {
+                Error::Reward(format!("pool {} {what}", m.pool), e.to_string())
+            })
+        };
+        let per_cpu = rate(&spec.rewards.per_cpu_core_second, "perCpuCoreSecond")?;
+        let per_gpu = rate(&spec.rewards.per_gpu_second, "perGpuSecond")?;
+        let node = m.nodes.get(&a.node);
+        let speed = if spec.rewards.normalize_by_speed {
+            let mut speeds: Vec<f64> = ctx
+                .fleet
+                .pool_members(&m.pool)
+                .iter()
+                .flat_map(|pm| pm.nodes.state())
+                .map(|n| n.inventory.tflops)
+                .filter(|t| *t > 0.0)
+                .collect();
+            speeds.sort_by(f64::total_cmp);
+            let median = speeds.get(speeds.len() / 2).copied().unwrap_or(0.0);
+            ledger::speed_factor_milli(node.as_ref().map_or(0.0, |n| n.inventory.tflops), median)
+        } else {
+            1000
+        };
+        let amount = ledger::reward(a.cpu_core_millis, a.gpu_millis, per_cpu, per_gpu, speed)
+            .map_err(|e| Error::Reward(format!("{job_key} shard {}", a.shard), e.to_string()))?;
+        let receipt = Receipt {
+            job_uid: uid.clone(),
+            job: job_key.clone(),
+            shard: a.shard,
+            replica: a.replica,
+            attempt: a.attempt,
+            node: a.node.clone(),
+            account: node
+                .and_then(|n| n.inventory.account.clone())
+                .unwrap_or_else(|| format!("node:{}/{}", a.cluster, a.node)),
+            cpu_core_millis: a.cpu_core_millis,
+            gpu_millis: a.gpu_millis,
+            per_cpu_core_second: per_cpu.to_string(),
+            per_gpu_second: per_gpu.to_string(),
+            speed_factor_milli: speed,
+            amount: amount.to_string(),
+            result_digest: a.digest.clone(),
+            time: now.to_string(),
+        };
+        let entry = by_pool.entry(m.pool.clone()).or_default();
+        if a.verified {
+            entry
+                .1
+                .insert(receipt.key(), format!("{}/{}", a.cluster, a.node));
+        }
+        entry.0.push(receipt);
+    }
+    let mut caught: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for o in &decision.outvoted {
+        if let Some(m) = members.iter().find(|m| m.key == o.member) {
+            caught.entry(m.pool.clone()).or_default().push((
+                format!("{}/{}", o.cluster, o.node),
+                format!("{uid}/{}/{}", o.shard, o.replica),
+            ));
+        }
+    }
+    for (pool, (receipts, verified)) in by_pool {
+        let written = ctx
+            .books
+            .ledger(&pool)
+            .append(receipts)
+            .await
+            .map_err(|e| Error::Ledger(pool.clone(), e))?;
+        failpoint("after-ledger-append");
+        if written.is_empty() {
+            continue;
+        }
+        let unit = members
+            .iter()
+            .find(|m| m.pool == pool)
+            .map(|m| m.pool_spec().rewards.unit.clone())
+            .unwrap_or_default();
+        let mut sum = 0.0;
+        for e in &written {
+            sum += e.receipt.amount.parse::<f64>().unwrap_or(0.0);
+            tracing::info!(
+                pool = %pool, seq = e.seq, job = %job_key, shard = e.receipt.shard,
+                replica = e.receipt.replica, attempt = e.receipt.attempt, node = %e.receipt.node,
+                account = %e.receipt.account, amount = %e.receipt.amount, "receipt issued"
+            );
+        }
+        ctx.metrics
+            .receipts
+            .with_label_values(&[&pool])
+            .inc_by(written.len() as u64);
+        ctx.metrics
+            .rewards
+            .with_label_values(&[&pool, &unit])
+            .inc_by(sum);
+        ctx.metrics
+            .verification
+            .with_label_values(&["accepted"])
+            .inc_by(written.len() as u64);
+        let valid: Vec<String> = written
+            .iter()
+            .filter_map(|e| verified.get(&e.receipt.key()).cloned())
+            .collect();
+        let outvoted = caught.remove(&pool).unwrap_or_default();
+        let new_caught = ctx
+            .books
+            .reputation(&pool)
+            .update(&valid, &outvoted)
+            .await
+            .map_err(|e| Error::Ledger(pool.clone(), e))?;
+        record_caught(job, &outvoted, new_caught, ctx).await;
+    }
+    for (pool, outvoted) in caught {
+        let new_caught = ctx
+            .books
+            .reputation(&pool)
+            .update(&[], &outvoted)
+            .await
+            .map_err(|e| Error::Ledger(pool.clone(), e))?;
+        record_caught(job, &outvoted, new_caught, ctx).await;
+    }
+    Ok(())
+}
+
+async fn record_caught(job: &ComputeJob, outvoted: &[(String, String)], new: usize, ctx: &Context) {
+    if new == 0 {
+        return;
+    }
+    ctx.metrics
+        .verification
+        .with_label_values(&["outvoted"])
+        .inc_by(new as u64);
+    let nodes: Vec<&str> = outvoted.iter().map(|(n, _)| n.as_str()).collect();
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "ResultOutvoted".into(),
+        note: Some(format!(
+            "result(s) of {} outvoted by a quorum: not paid, node trust reset",
+            nodes.join(", ")
+        )),
+        action: "Verify".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+        tracing::debug!(error = %e, "publishing event failed");
+    }
 }
 
 fn phase_label(p: JobPhase) -> &'static str {

@@ -40,6 +40,9 @@ pub struct Receipt {
     pub per_cpu_core_second: String,
     /// Rate per GPU-second, exact decimal.
     pub per_gpu_second: String,
+    /// Speed factor in thousandths (1000 = the pool median; 1000 when the pool does not
+    /// normalise by speed).
+    pub speed_factor_milli: u64,
     /// Amount paid, exact decimal.
     pub amount: String,
     /// The accepted result digest.
@@ -55,16 +58,35 @@ impl Receipt {
     }
 }
 
-/// The amount for usage at the pool's rates, rounded down to 10^-18.
+/// The reward formula: `(CPU-core-seconds x perCpuCoreSecond + GPU-seconds x
+/// perGpuSecond) x speed factor`, rounded down to 10^-18. The factor is 1000/1000 unless
+/// the pool normalises by speed (see [`speed_factor_milli`]).
 pub fn reward(
     cpu_core_millis: u64,
     gpu_millis: u64,
     per_cpu_core_second: Amount,
     per_gpu_second: Amount,
+    speed_factor_milli: u64,
 ) -> Result<Amount, DecimalError> {
-    per_cpu_core_second
-        .mul_div(cpu_core_millis, 1000)?
-        .checked_add(per_gpu_second.mul_div(gpu_millis, 1000)?)
+    // Multiply before dividing so that rounding down happens once, at the end.
+    let cpu = per_cpu_core_second
+        .mul_div(cpu_core_millis, 1)?
+        .mul_div(speed_factor_milli, 1)?;
+    let gpu = per_gpu_second
+        .mul_div(gpu_millis, 1)?
+        .mul_div(speed_factor_milli, 1)?;
+    cpu.checked_add(gpu)?.mul_div(1, 1_000_000)
+}
+
+/// A node's speed relative to the pool median, in thousandths, clamped to [100, 10000]:
+/// a node twice as fast as the median gets 2000, so it earns the same for the same work
+/// although it is busy half as long. Measured speed is a float; only this integer factor
+/// enters the money arithmetic. No measurement (0) counts as the median.
+pub fn speed_factor_milli(node_tflops: f64, median_tflops: f64) -> u64 {
+    if !(node_tflops > 0.0 && median_tflops > 0.0) {
+        return 1000;
+    }
+    ((node_tflops / median_tflops * 1000.0).round() as u64).clamp(100, 10_000)
 }
 
 /// One link of the chain.
@@ -153,6 +175,53 @@ impl Ledger {
         Ok(Ledger { entries, keys })
     }
 
+    /// The entries that appending `receipts` would add (new keys only, each key once), not
+    /// yet added: write them durably, then [`Ledger::commit`] them.
+    pub fn prepare(&self, receipts: Vec<Receipt>) -> Vec<Entry> {
+        let mut seen = HashSet::new();
+        let mut prev = self.head().to_string();
+        let mut seq = self.entries.len() as u64;
+        let mut out = Vec::new();
+        for receipt in receipts {
+            let key = receipt.key();
+            if self.keys.contains(&key) || !seen.insert(key) {
+                continue;
+            }
+            let hash = entry_hash(seq, &prev, &receipt);
+            let next = hash.clone();
+            out.push(Entry {
+                seq,
+                prev: std::mem::replace(&mut prev, next),
+                receipt,
+                hash,
+            });
+            seq += 1;
+        }
+        out
+    }
+
+    /// Adds entries made by [`Ledger::prepare`] on this very state (checked: they must
+    /// link to the head in order).
+    pub fn commit(&mut self, entries: Vec<Entry>) -> Result<(), Broken> {
+        for e in entries {
+            let index = self.entries.len();
+            if e.seq != index as u64
+                || e.prev != self.head()
+                || e.hash != entry_hash(e.seq, &e.prev, &e.receipt)
+                || self.keys.contains(&e.receipt.key())
+            {
+                return Err(Broken {
+                    index,
+                    seq: e.seq,
+                    reason: "it was not prepared on the current head".into(),
+                });
+            }
+            self.keys.insert(e.receipt.key());
+            self.entries.push(e);
+        }
+        Ok(())
+    }
+
     /// Appends `receipt` unless its key is already in the chain; returns the new entry.
     pub fn append(&mut self, receipt: Receipt) -> Option<&Entry> {
         if !self.keys.insert(receipt.key()) {
@@ -218,6 +287,7 @@ mod tests {
             gpu_millis: 0,
             per_cpu_core_second: "0.0001".into(),
             per_gpu_second: "0".into(),
+            speed_factor_milli: 1000,
             amount: Amount::from_atto(atto).to_string(),
             result_digest: "ab".repeat(32),
             time: "2026-11-25T00:00:00Z".into(),
@@ -229,9 +299,51 @@ mod tests {
         let cpu: Amount = "0.0001".parse().expect("rate");
         let gpu: Amount = "0.0005".parse().expect("rate");
         assert_eq!(
-            reward(1500, 2000, cpu, gpu).expect("reward").to_string(),
+            reward(1500, 2000, cpu, gpu, 1000)
+                .expect("reward")
+                .to_string(),
             "0.00115"
         );
+        assert_eq!(
+            reward(1500, 2000, cpu, gpu, 2000)
+                .expect("reward")
+                .to_string(),
+            "0.0023"
+        );
+        // 1 core-ms at 0.000000000000000001 per core-second is below the smallest unit.
+        let tiny: Amount = "0.000000000000000001".parse().expect("rate");
+        assert_eq!(
+            reward(1, 0, tiny, Amount::ZERO, 1000).expect("reward"),
+            Amount::ZERO
+        );
+    }
+
+    #[test]
+    fn speed_factor_is_relative_to_the_median_and_clamped() {
+        assert_eq!(speed_factor_milli(2.0, 1.0), 2000);
+        assert_eq!(speed_factor_milli(0.5, 1.0), 500);
+        assert_eq!(speed_factor_milli(0.0, 1.0), 1000);
+        assert_eq!(speed_factor_milli(1000.0, 1.0), 10_000);
+        assert_eq!(speed_factor_milli(f64::NAN, 1.0), 1000);
+    }
+
+    #[test]
+    fn prepared_entries_commit_and_match_appending_one_by_one() {
+        let mut a = Ledger::default();
+        let mut b = Ledger::default();
+        let batch: Vec<Receipt> = (0..5)
+            .map(|i| receipt(i, 0, 0, "alice", 10))
+            .chain([receipt(0, 0, 0, "alice", 99)])
+            .collect();
+        for r in batch.clone() {
+            a.append(r);
+        }
+        let prepared = b.prepare(batch);
+        assert_eq!(prepared.len(), 5, "the duplicate key is left out");
+        let stale = b.prepare(vec![receipt(9, 0, 0, "bob", 1)]);
+        b.commit(prepared).expect("commit");
+        assert_eq!(a.entries(), b.entries());
+        assert!(b.commit(stale).is_err(), "prepared on an older head");
     }
 
     #[test]

@@ -16,12 +16,13 @@
 //!   scheduler has actually found it unplaceable); a finished job cancels all of its
 //!   unfinished tasks.
 
+use crate::decimal::Amount;
 use crate::verification::{self, ReplicaResult, Verdict};
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};
 use jiff::{SignedDuration, Timestamp};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Seconds a gang job waits for room when it names no `gangTimeoutSeconds`.
 pub const DEFAULT_GANG_TIMEOUT_SECONDS: u32 = 300;
@@ -61,6 +62,10 @@ pub struct TaskView {
     pub message: Option<String>,
     /// Its node's heartbeat is stale or its cluster unreachable past the pool's timeout.
     pub node_lost: bool,
+    /// CPU core-milliseconds the agent reported.
+    pub cpu_core_millis: u64,
+    /// GPU-milliseconds the agent reported.
+    pub gpu_millis: u64,
 }
 
 impl TaskView {
@@ -96,6 +101,57 @@ pub struct Cancel {
     pub reason: &'static str,
 }
 
+/// An accepted result: the work to pay for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// The accepted attempt.
+    pub attempt: u32,
+    /// Member key.
+    pub member: String,
+    /// Member cluster name.
+    pub cluster: String,
+    /// Node.
+    pub node: String,
+    /// Result digest.
+    pub digest: String,
+    /// CPU core-milliseconds.
+    pub cpu_core_millis: u64,
+    /// GPU-milliseconds.
+    pub gpu_millis: u64,
+    /// Agreed with at least one other replica (counts towards the node's trust).
+    pub verified: bool,
+}
+
+/// A result that a quorum outvoted: not paid, and its node loses its trust.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outvoted {
+    /// Shard index.
+    pub shard: u32,
+    /// Replica index.
+    pub replica: u32,
+    /// Member key.
+    pub member: String,
+    /// Member cluster name.
+    pub cluster: String,
+    /// Node.
+    pub node: String,
+}
+
+/// What the job may still spend, in the pool's unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetView {
+    /// `spec.budget.maxAmount`.
+    pub max: Amount,
+    /// Paid so far (the ledger's receipts for this job).
+    pub spent: Amount,
+    /// Mean paid per receipt so far; None before the first receipt.
+    pub per_task: Option<Amount>,
+}
+
 /// What the job's state is and what to do about it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -123,6 +179,12 @@ pub struct Decision {
     pub replaced_lost: usize,
     /// Slots retried in this decision after a failure.
     pub retried: usize,
+    /// Results to pay for.
+    pub accepted: Vec<Accepted>,
+    /// Results outvoted by a quorum.
+    pub outvoted: Vec<Outvoted>,
+    /// Why placement stopped for the budget, if it did.
+    pub budget_stopped: Option<String>,
 }
 
 /// The job as the lifecycle sees it.
@@ -142,6 +204,12 @@ pub struct JobView<'a> {
     pub unschedulable: Option<String>,
     /// Most replicas one shard may get when results disagree (the pool's maxReplicas).
     pub max_replicas: u32,
+    /// Trusted nodes ("member", "node"), for adaptive verification.
+    pub trusted: BTreeSet<(String, String)>,
+    /// Shards picked for a spot check, for adaptive verification.
+    pub spot_checked: BTreeSet<u32>,
+    /// The job's budget, if it has one.
+    pub budget: Option<BudgetView>,
 }
 
 fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
@@ -156,7 +224,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         .as_ref()
         .map(|v| v.replicas.max(1))
         .unwrap_or(1);
-    let verifying = replicas > 1;
+    let adaptive = spec.verification.as_ref().is_some_and(|v| v.adaptive) && replicas > 1;
     let max_replicas = job.max_replicas.max(replicas);
     let quorum = spec
         .verification
@@ -204,9 +272,29 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
     let mut metric_sums: BTreeMap<String, (f64, u32)> = BTreeMap::new();
     let mut digests: Vec<String> = Vec::new();
     let (mut replaced_lost, mut retried) = (0, 0);
+    let mut accepted = Vec::new();
+    let mut outvoted = Vec::new();
 
     for shard in 0..spec.shards {
-        let slots = replicas.max(extra.get(&shard).copied().unwrap_or(0));
+        let extra_slots = extra.get(&shard).copied().unwrap_or(0);
+        // Adaptive: one replica first; all of them once its node is known to be untrusted
+        // or the shard is spot-checked. A shard that ever had more keeps them.
+        let alone = adaptive && extra_slots <= 1 && {
+            let first = by_slot
+                .get(&(shard, 0))
+                .and_then(|ts| ts.iter().max_by_key(|t| t.attempt));
+            match first {
+                None => true,
+                Some(t) => {
+                    !t.node_lost
+                        && !job.spot_checked.contains(&shard)
+                        && job.trusted.contains(&(t.member.clone(), t.node.clone()))
+                }
+            }
+        };
+        let (shard_replicas, shard_quorum) = if alone { (1, 1) } else { (replicas, quorum) };
+        let verifying = shard_replicas > 1 || adaptive;
+        let slots = shard_replicas.max(extra_slots);
         let mut results: Vec<ReplicaResult> = Vec::new();
         let mut current_tasks: Vec<&TaskView> = Vec::new();
         let first_status = shards.len();
@@ -327,15 +415,37 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             }
             shards.push(status);
         }
+        let paid = |t: &TaskView, verified: bool| Accepted {
+            shard,
+            replica: t.replica,
+            attempt: t.attempt,
+            member: t.member.clone(),
+            cluster: t.cluster.clone(),
+            node: t.node.clone(),
+            digest: t.digest.clone().unwrap_or_default(),
+            cpu_core_millis: t.cpu_core_millis,
+            gpu_millis: t.gpu_millis,
+            verified,
+        };
         if !verifying {
             if let Some(r) = results.iter().find(|r| r.replica == 0) {
                 digests.push(r.digest.clone());
+                if let Some(t) = current_tasks.iter().find(|t| t.replica == 0) {
+                    accepted.push(paid(t, false));
+                }
             }
             continue;
         }
         // Verification: the shard is done when a quorum of its replicas agrees.
         let running = slots.saturating_sub(results.len() as u32);
-        match verification::decide(&results, running, slots, quorum, tolerance, max_replicas) {
+        match verification::decide(
+            &results,
+            running,
+            slots,
+            shard_quorum,
+            tolerance,
+            max_replicas,
+        ) {
             Verdict::Accepted {
                 digest,
                 agreeing,
@@ -344,13 +454,31 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 done_shards[shard as usize] = true;
                 digests.push(digest);
                 needs.truncate(needs_before);
+                let verified = agreeing.len() >= 2;
+                for t in &current_tasks {
+                    if agreeing.contains(&t.replica) {
+                        accepted.push(paid(t, verified));
+                    } else if dissenting.contains(&t.replica) {
+                        outvoted.push(Outvoted {
+                            shard,
+                            replica: t.replica,
+                            member: t.member.clone(),
+                            cluster: t.cluster.clone(),
+                            node: t.node.clone(),
+                        });
+                    }
+                }
                 for st in shards[first_status..].iter_mut() {
                     if dissenting.contains(&st.replica) {
                         st.message = Some(format!(
                             "result outvoted: replicas {agreeing:?} agree on another result"
                         ));
                     } else if agreeing.contains(&st.replica) {
-                        st.message = Some(format!("verified: replicas {agreeing:?} agree"));
+                        st.message = Some(if verified {
+                            format!("verified: replicas {agreeing:?} agree")
+                        } else {
+                            "accepted alone: trusted node, not spot-checked".into()
+                        });
                     }
                 }
                 for t in current_tasks.iter().filter(|t| !t.terminal()) {
@@ -384,6 +512,42 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         }
     }
 
+    // Budget: stop placing once the projected spend would pass it.
+    let mut budget_stopped = None;
+    let running = shards
+        .iter()
+        .filter(|s| {
+            !s.node.is_empty() && matches!(s.phase, TaskPhase::Pending | TaskPhase::Running)
+        })
+        .count() as u64;
+    if let Some(b) = job.budget
+        && !needs.is_empty()
+    {
+        let projected = b
+            .per_task
+            .map(|p| {
+                p.mul_div(running + needs.len() as u64, 1)
+                    .and_then(|more| more.checked_add(b.spent))
+            })
+            .unwrap_or(Ok(b.spent));
+        let over = match projected {
+            Ok(p) => b.spent >= b.max || p > b.max,
+            Err(_) => true,
+        };
+        if over {
+            budget_stopped = Some(format!(
+                "budget {} reached: {} spent{}, {running} task(s) running; placing {} more would exceed it",
+                b.max,
+                b.spent,
+                b.per_task
+                    .map(|p| format!(" (about {p} per task)"))
+                    .unwrap_or_default(),
+                needs.len()
+            ));
+            needs.clear();
+        }
+    }
+
     let done = done_shards.iter().filter(|d| **d).count();
     let any_task = !tasks.is_empty();
     let (mut phase, mut reason, mut message) = if let Some((reason, message)) = failed_reason {
@@ -409,6 +573,13 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 .unwrap_or_else(|| "waiting for placement".into()),
         )
     };
+    if let Some(why) = &budget_stopped
+        && running == 0
+        && phase != JobPhase::Succeeded
+        && phase != JobPhase::Failed
+    {
+        (phase, reason, message) = (JobPhase::Failed, "BudgetExceeded", why.clone());
+    }
     if phase != JobPhase::Succeeded && phase != JobPhase::Failed {
         if let (Some(start), Some(deadline)) = (job.start_time, spec.deadline_seconds)
             && now > start + SignedDuration::from_secs(deadline as i64)
@@ -496,6 +667,9 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         result,
         replaced_lost,
         retried,
+        accepted,
+        outvoted,
+        budget_stopped,
     }
 }
 
@@ -552,6 +726,9 @@ mod tests {
             recorded: &[],
             unschedulable: None,
             max_replicas: 3,
+            trusted: BTreeSet::new(),
+            spot_checked: BTreeSet::new(),
+            budget: None,
         }
     }
 
@@ -831,6 +1008,162 @@ mod tests {
             d.cancel.iter().map(|c| c.reason).collect::<Vec<_>>(),
             ["Verified"]
         );
+    }
+
+    #[test]
+    fn accepted_and_outvoted_results_are_reported_for_payment_and_trust() {
+        let s = verified(2, None);
+        let mut three = vec![
+            replica(0, "n0", Some("aa")),
+            replica(1, "cheat", Some("zz")),
+            replica(2, "n2", Some("aa")),
+        ];
+        three[0].cpu_core_millis = 1200;
+        let d = decide(&view(&s), &three, t0());
+        let paid: Vec<(u32, &str, bool)> = d
+            .accepted
+            .iter()
+            .map(|a| (a.replica, a.node.as_str(), a.verified))
+            .collect();
+        assert_eq!(paid, [(0, "n0", true), (2, "n2", true)]);
+        assert_eq!(d.accepted[0].cpu_core_millis, 1200);
+        assert_eq!(d.outvoted.len(), 1);
+        assert_eq!(d.outvoted[0].node, "cheat");
+        // Before a quorum nothing is paid and nobody is caught.
+        let d = decide(&view(&s), &three[..2], t0());
+        assert!(d.accepted.is_empty() && d.outvoted.is_empty());
+    }
+
+    #[test]
+    fn a_single_replica_job_pays_its_current_attempt_only() {
+        let s = spec(1);
+        let old = task(0, 1, "n0", Some(TaskPhase::Succeeded));
+        let new = task(0, 2, "n1", Some(TaskPhase::Succeeded));
+        let d = decide(&view(&s), &[old, new], t0());
+        assert_eq!(d.accepted.len(), 1);
+        assert_eq!(
+            (d.accepted[0].attempt, d.accepted[0].node.as_str()),
+            (2, "n1")
+        );
+        assert!(
+            !d.accepted[0].verified,
+            "an unverified result earns no trust"
+        );
+    }
+
+    fn adaptive(replicas: u32) -> ComputeJobSpec {
+        let mut s = spec(1);
+        s.verification = Some(
+            serde_json::from_value(serde_json::json!({"replicas": replicas, "adaptive": true}))
+                .expect("verification"),
+        );
+        s
+    }
+
+    #[test]
+    fn adaptive_runs_one_replica_first_and_accepts_a_trusted_node_alone() {
+        let s = adaptive(2);
+        let d = decide(&view(&s), &[], t0());
+        assert_eq!(d.needs.len(), 1, "one replica first");
+        let mut v = view(&s);
+        v.trusted.insert(("edge/edge-a".into(), "n0".into()));
+        let d = decide(&v, &[replica(0, "n0", None)], t0());
+        assert!(d.needs.is_empty(), "a trusted node runs alone");
+        let d = decide(&v, &[replica(0, "n0", Some("aa"))], t0());
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert_eq!(d.accepted.len(), 1);
+        assert!(!d.accepted[0].verified);
+        assert!(
+            d.shards[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("trusted"))
+        );
+    }
+
+    #[test]
+    fn adaptive_replicates_untrusted_and_spot_checked_shards() {
+        let s = adaptive(2);
+        // Untrusted node: the second replica is needed at once, not after the result.
+        let d = decide(&view(&s), &[replica(0, "n0", None)], t0());
+        assert_eq!(d.needs.iter().map(|n| n.replica).collect::<Vec<_>>(), [1]);
+        let d = decide(&view(&s), &[replica(0, "n0", Some("aa"))], t0());
+        assert_eq!(d.phase, JobPhase::Running, "not accepted alone");
+        // Trusted but spot-checked.
+        let mut v = view(&s);
+        v.trusted.insert(("edge/edge-a".into(), "n0".into()));
+        v.spot_checked.insert(0);
+        let d = decide(&v, &[replica(0, "n0", Some("aa"))], t0());
+        assert_eq!(d.needs.len(), 1);
+        let d = decide(
+            &v,
+            &[replica(0, "n0", Some("aa")), replica(1, "n1", Some("aa"))],
+            t0(),
+        );
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert!(
+            d.accepted.iter().all(|a| a.verified),
+            "a spot check that agrees earns trust"
+        );
+        // Once a shard had a second replica it keeps needing a quorum, trusted or not.
+        let mut v = view(&s);
+        v.trusted.insert(("edge/edge-a".into(), "n0".into()));
+        let d = decide(
+            &v,
+            &[replica(0, "n0", Some("aa")), replica(1, "n1", None)],
+            t0(),
+        );
+        assert_eq!(d.phase, JobPhase::Running);
+    }
+
+    #[test]
+    fn the_budget_stops_placement_and_fails_the_job_when_nothing_runs() {
+        let s = spec(4);
+        let amount = |x: &str| x.parse::<Amount>().expect("amount");
+        let mut v = view(&s);
+        v.budget = Some(BudgetView {
+            max: amount("1"),
+            spent: amount("0.5"),
+            per_task: Some(amount("0.25")),
+        });
+        // Shards 0 and 1 done (paid 0.5), 2 running, 3 needs a node: 0.5 + 2 x 0.25 = 1 fits.
+        let tasks = [
+            task(0, 1, "n0", Some(TaskPhase::Succeeded)),
+            task(1, 1, "n1", Some(TaskPhase::Succeeded)),
+            task(2, 1, "n2", Some(TaskPhase::Running)),
+        ];
+        let d = decide(&v, &tasks, t0());
+        assert_eq!(d.needs.len(), 1);
+        assert!(d.budget_stopped.is_none());
+        // Dearer tasks: 0.5 + 2 x 0.3 > 1: nothing more is placed, the running task goes on.
+        v.budget = Some(BudgetView {
+            per_task: Some(amount("0.3")),
+            ..v.budget.expect("budget")
+        });
+        let d = decide(&v, &tasks, t0());
+        assert!(d.needs.is_empty());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert!(
+            d.budget_stopped
+                .as_deref()
+                .is_some_and(|m| m.contains("budget 1"))
+        );
+        // Nothing running any more and still a shard without a node: the job fails.
+        let mut done = tasks.to_vec();
+        done[2] = task(2, 1, "n2", Some(TaskPhase::Succeeded));
+        v.budget = Some(BudgetView {
+            spent: amount("0.8"),
+            ..v.budget.expect("budget")
+        });
+        let d = decide(&v, &done, t0());
+        assert_eq!((d.phase, d.reason), (JobPhase::Failed, "BudgetExceeded"));
+        // Before the first receipt there is no estimate: placement goes on.
+        v.budget = Some(BudgetView {
+            max: amount("1"),
+            spent: Amount::ZERO,
+            per_task: None,
+        });
+        assert_eq!(decide(&v, &[], t0()).needs.len(), 4);
     }
 
     #[test]

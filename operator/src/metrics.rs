@@ -4,8 +4,8 @@
 //! configuration, few and stable, and alerts must name the unreachable one).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The operator's metrics.
@@ -36,6 +36,16 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Jobs finished, by phase.
     pub jobs_finished: IntCounterVec,
+    /// Receipts appended to ledgers, by pool.
+    pub receipts: IntCounterVec,
+    /// Rewards issued, by pool and unit (a float for dashboards; the ledger is exact).
+    pub rewards: CounterVec,
+    /// Verification verdicts on replica results: accepted, outvoted, rejected.
+    pub verification: IntCounterVec,
+    /// 1 while the pool's ledger verifies, 0 when a link is broken.
+    pub ledger_intact: IntGaugeVec,
+    /// Receipts in the pool's ledger.
+    pub ledger_receipts: IntGaugeVec,
 }
 
 /// Errors registering metrics (a programming error: duplicate names).
@@ -115,6 +125,46 @@ impl Metrics {
             ),
             &["phase"],
         )?;
+        let receipts = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_receipts_total",
+                "Reward receipts appended to the ledger",
+            ),
+            &["pool"],
+        )?;
+        let rewards = CounterVec::new(
+            Opts::new(
+                "edgeloom_operator_rewards_total",
+                "Rewards issued (approximate float; the ledger holds exact decimals)",
+            ),
+            &["pool", "unit"],
+        )?;
+        let verification = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_verification_results_total",
+                "Replica results by verdict: accepted, outvoted (mismatch), rejected (no quorum)",
+            ),
+            &["verdict"],
+        )?;
+        let ledger_intact = IntGaugeVec::new(
+            Opts::new(
+                "edgeloom_operator_ledger_intact",
+                "1 while the pool's ledger chain verifies",
+            ),
+            &["pool"],
+        )?;
+        let ledger_receipts = IntGaugeVec::new(
+            Opts::new(
+                "edgeloom_operator_ledger_receipts",
+                "Receipts in the pool's ledger",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(receipts.clone()))?;
+        registry.register(Box::new(rewards.clone()))?;
+        registry.register(Box::new(verification.clone()))?;
+        registry.register(Box::new(ledger_intact.clone()))?;
+        registry.register(Box::new(ledger_receipts.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -141,6 +191,11 @@ impl Metrics {
             member_ready_nodes,
             leader,
             jobs_finished,
+            receipts,
+            rewards,
+            verification,
+            ledger_intact,
+            ledger_receipts,
         })
     }
 

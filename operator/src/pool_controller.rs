@@ -5,9 +5,12 @@
 
 use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
+use crate::decimal::Amount;
+use crate::ledger_store::{StoreError, Summary};
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
-use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus};
+use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus, PoolRewards};
+use edgeloom_crds::schema::Decimal;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -133,6 +136,51 @@ async fn kubeconfig(ctx: &Context, name: &str, key: &str) -> Result<String, Stri
         .ok_or_else(|| format!("Secret {}/{name} has no key {key}", ctx.namespace))?;
     String::from_utf8(bytes)
         .map_err(|_| format!("Secret {}/{name} key {key} is not UTF-8", ctx.namespace))
+}
+
+/// Most accounts listed in the pool's status (the largest); `kubectl edgeloom ledger
+/// balance` lists them all.
+pub const STATUS_ACCOUNTS: usize = 100;
+
+fn pool_rewards(summary: &Summary) -> PoolRewards {
+    let mut accounts: Vec<(&String, &Amount)> = summary.totals.by_account.iter().collect();
+    accounts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    PoolRewards {
+        ledger_head: Some(summary.head.clone()),
+        receipts: summary.totals.receipts,
+        total: Some(Decimal(summary.totals.total.to_string())),
+        by_account: accounts
+            .into_iter()
+            .take(STATUS_ACCOUNTS)
+            .map(|(a, v)| (a.clone(), Decimal(v.to_string())))
+            .collect(),
+    }
+}
+
+fn ledger_problem(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    pool: &str,
+    e: &StoreError,
+    generation: Option<i64>,
+    now: Timestamp,
+    ctx: &Context,
+) -> Option<PoolRewards> {
+    match e {
+        StoreError::Broken(why) => {
+            ctx.metrics.ledger_intact.with_label_values(&[pool]).set(0);
+            conditions::set(
+                conds,
+                "LedgerVerified",
+                false,
+                "ChainBroken",
+                &format!("no receipts are written until it is repaired: {why}"),
+                generation,
+                now,
+            );
+        }
+        other => tracing::warn!(pool, error = %other, "reading the ledger failed"),
+    }
+    None
 }
 
 async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
@@ -265,13 +313,42 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         generation,
         now,
     );
+    // The ledger: re-read when a segment changed behind the operator's back, verified.
+    let ledger = ctx.books.ledger(&name);
+    let rewards = match ledger.refresh().await {
+        Ok(()) => match ledger.summary().await {
+            Ok(summary) => {
+                ctx.metrics.ledger_intact.with_label_values(&[&name]).set(1);
+                ctx.metrics
+                    .ledger_receipts
+                    .with_label_values(&[&name])
+                    .set(summary.totals.receipts as i64);
+                conditions::set(
+                    &mut conds,
+                    "LedgerVerified",
+                    true,
+                    "ChainIntact",
+                    &format!(
+                        "{} receipt(s), every link verified",
+                        summary.totals.receipts
+                    ),
+                    generation,
+                    now,
+                );
+                Some(pool_rewards(&summary))
+            }
+            Err(e) => ledger_problem(&mut conds, &name, &e, generation, now, ctx),
+        },
+        Err(e) => ledger_problem(&mut conds, &name, &e, generation, now, ctx),
+    }
+    .or(old.rewards.clone());
     let status = EdgePoolStatus {
         conditions: conds,
         observed_generation: generation,
         reachable: Some(format!("{reachable}/{}", clusters.len())),
         clusters,
         capacity: Some(capacity),
-        rewards: old.rewards.clone(),
+        rewards,
     };
     // last_seen moves every probe; write only when something else changed or every ~30 s.
     let changed = {

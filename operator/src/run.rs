@@ -1,7 +1,7 @@
 //! Wiring: the hub client, metrics endpoint, leader election, fleet, scheduler and the two
 //! controllers. `main` parses flags and calls [`run`].
 
-use crate::context::Context;
+use crate::context::{Books, Context};
 use crate::fleet::Fleet;
 use crate::http;
 use crate::job_controller;
@@ -110,6 +110,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         recorder,
         pools: pools.store(),
         identity: settings.identity.clone(),
+        books: Books::new(client.clone(), &settings.namespace),
     });
     tokio::spawn(scheduler.run(
         fleet,

@@ -2,13 +2,18 @@
 //!
 //! - `kubectl edgeloom status`: pools and jobs at a glance.
 //! - `kubectl edgeloom describe job NAME [-n NS]`: shards, placements, reasons, events.
+//! - `kubectl edgeloom ledger verify|export|balance [--pool P]`: the reward ledgers.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
-use k8s_openapi::api::core::v1::Event;
+use edgeloom_operator::ledger::Entry;
+use edgeloom_operator::ledger_store::{LEDGER_LABEL, RawSegment, parse_segments};
+use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -35,6 +40,27 @@ enum Cmd {
         /// Job name.
         name: String,
     },
+    /// The pools' reward ledgers (read from the operator's namespace).
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCmd,
+        /// Only this pool's ledger (default: every ledger found).
+        #[arg(long, global = true)]
+        pool: Option<String>,
+        /// Namespace the operator keeps ledgers in.
+        #[arg(long, global = true, default_value = "edgeloom-system")]
+        operator_namespace: String,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum LedgerCmd {
+    /// Recompute every hash; name the first broken link (exit 1) if any entry was altered.
+    Verify,
+    /// Write every entry as JSON lines to stdout.
+    Export,
+    /// Totals per contributor account.
+    Balance,
 }
 
 #[tokio::main]
@@ -81,6 +107,112 @@ async fn main() -> Result<()> {
                 .items;
             print!("{}", cli::describe_job(&job, &events, now));
         }
+        Cmd::Ledger {
+            action,
+            pool,
+            operator_namespace,
+        } => {
+            let broken = ledger(&client, action, pool, &operator_namespace).await?;
+            if broken {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
+}
+
+/// Runs a ledger command; true when a ledger is broken (verify) or unreadable.
+async fn ledger(
+    client: &kube::Client,
+    action: LedgerCmd,
+    pool: Option<String>,
+    namespace: &str,
+) -> Result<bool> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(LEDGER_LABEL))
+        .await
+        .with_context(|| format!("listing ledger ConfigMaps in {namespace}"))?
+        .items;
+    // Segments by pool (the annotation holds the full name; the label a short token).
+    let mut pools: BTreeMap<String, Vec<RawSegment>> = BTreeMap::new();
+    for cm in &cms {
+        let name = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("edgeloom.io/pool"))
+            .cloned()
+            .or_else(|| cm.labels().get(LEDGER_LABEL).cloned())
+            .unwrap_or_default();
+        pools
+            .entry(name)
+            .or_default()
+            .push(RawSegment::from_config_map(cm));
+    }
+    if let Some(p) = &pool {
+        pools.retain(|name, _| name == p);
+        if pools.is_empty() {
+            bail!("no ledger for pool {p} in namespace {namespace} (no receipts yet?)");
+        }
+    }
+    if pools.is_empty() {
+        eprintln!("no ledgers in namespace {namespace} (no receipts issued yet)");
+        return Ok(false);
+    }
+    let units: BTreeMap<String, String> = Api::<EdgePool>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .map(|p| (p.name_any(), p.spec.rewards.unit.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut broken = false;
+    for (name, segments) in pools {
+        let count = segments.len();
+        let unit = units.get(&name).cloned().unwrap_or_default();
+        match (action, parse_segments(segments.clone())) {
+            (LedgerCmd::Verify, Ok((entries, _))) => println!(
+                "pool {name}: {} receipt(s) in {count} segment(s), head {}: every link verified",
+                entries.len(),
+                entries
+                    .last()
+                    .map_or(edgeloom_operator::ledger::GENESIS, |e| e.hash.as_str())
+            ),
+            (LedgerCmd::Verify, Err(why)) => {
+                println!("pool {name}: BROKEN: {why}");
+                broken = true;
+            }
+            (LedgerCmd::Balance, Ok((entries, _))) => {
+                print!("{}", cli::ledger_balance(&name, &unit, &entries))
+            }
+            (LedgerCmd::Export, result) => {
+                // Export even a broken ledger (that is when it is needed), but say so.
+                if let Err(why) = &result {
+                    eprintln!("warning: pool {name}: {why}");
+                    broken = true;
+                }
+                let entries: Vec<Entry> = match result {
+                    Ok((entries, _)) => entries,
+                    Err(_) => segments
+                        .iter()
+                        .flat_map(|s| s.data.lines().map(str::to_string).collect::<Vec<_>>())
+                        .filter_map(|l| serde_json::from_str(&l).ok())
+                        .collect(),
+                };
+                for e in entries {
+                    let mut v = serde_json::to_value(&e)?;
+                    v["pool"] = serde_json::Value::String(name.clone());
+                    println!("{v}");
+                }
+            }
+            (LedgerCmd::Balance, Err(why)) => {
+                eprintln!("pool {name}: BROKEN, no balance: {why}");
+                broken = true;
+            }
+        }
+    }
+    Ok(broken)
 }

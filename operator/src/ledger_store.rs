@@ -1,0 +1,744 @@
+//! Where the ledger lives: ConfigMaps in the operator's namespace of the hub, one chain
+//! per EdgePool, split into segments of at most [`SEGMENT_ENTRIES`] entries and
+//! [`SEGMENT_BYTES`] bytes (far below etcd's 1.5 MiB object limit). Segment `i` is
+//! `edgeloom-ledger-<pool>-<i:06>`, labelled `edgeloom.io/ledger=<pool>`, holding its
+//! entries as JSON lines under `entries.jsonl`.
+//!
+//! Exactly once: receipts are prepared on the chain's head and written with the
+//! segment's resourceVersion (optimistic concurrency), so a write lands whole or not at
+//! all, and two writers cannot both extend the same head. The chain is the source of
+//! truth: job and pool totals are computed from it, so a crash between a write and a
+//! status update loses nothing, and a receipt key that is in the chain is never written
+//! again. A chain that does not verify is never extended.
+//!
+//! The reputation store (adaptive trust) keeps [`crate::trust::Reputation`] in 16
+//! ConfigMaps per pool (`edgeloom-reputation-<pool>-<k>`), by hash of the node.
+
+use crate::decimal::{Amount, DecimalError};
+use crate::ledger::{self, Broken, Entry, Ledger, Receipt};
+use crate::trust::{NodeRecord, Reputation};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use tokio::sync::Mutex;
+
+/// Most entries per segment.
+pub const SEGMENT_ENTRIES: usize = 1000;
+/// Most bytes of entries per segment.
+pub const SEGMENT_BYTES: usize = 768 * 1024;
+/// Label naming the pool of a ledger segment.
+pub const LEDGER_LABEL: &str = "edgeloom.io/ledger";
+/// Label naming the pool of a reputation shard.
+pub const REPUTATION_LABEL: &str = "edgeloom.io/reputation";
+/// Annotation with the segment's index.
+pub const SEGMENT_ANNOTATION: &str = "edgeloom.io/segment";
+/// Data key of the entries.
+pub const ENTRIES_KEY: &str = "entries.jsonl";
+const REPUTATION_KEY: &str = "reputation.json";
+const REPUTATION_SHARDS: usize = 16;
+
+/// A pool name usable in object names and label values (long names are shortened and
+/// made unique with a hash).
+pub fn pool_token(pool: &str) -> String {
+    if pool.len() <= 40 {
+        return pool.to_string();
+    }
+    let hash = hex::encode(Sha256::digest(pool.as_bytes()));
+    format!("{}-{}", pool[..31].trim_end_matches(['-', '.']), &hash[..8])
+}
+
+/// Name of segment `index` of `pool`'s ledger.
+pub fn segment_name(pool: &str, index: usize) -> String {
+    format!("edgeloom-ledger-{}-{index:06}", pool_token(pool))
+}
+
+/// Why the ledger cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The hub API failed.
+    #[error("hub API: {0}")]
+    Api(#[from] kube::Error),
+    /// Someone else wrote the ledger since it was read (it is re-read next time).
+    #[error("the ledger changed while writing (re-reading it)")]
+    Conflict,
+    /// The stored chain does not verify.
+    #[error("{0}")]
+    Broken(String),
+    /// An amount is unusable.
+    #[error("{0}")]
+    Decimal(#[from] DecimalError),
+}
+
+/// A segment as read from the API.
+#[derive(Clone, Debug)]
+pub struct RawSegment {
+    /// Object name.
+    pub name: String,
+    /// Index (annotation).
+    pub index: usize,
+    /// The JSON lines.
+    pub data: String,
+}
+
+impl RawSegment {
+    /// Reads a ConfigMap as a segment.
+    pub fn from_config_map(cm: &ConfigMap) -> RawSegment {
+        let name = cm.metadata.name.clone().unwrap_or_default();
+        let index = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SEGMENT_ANNOTATION))
+            .and_then(|i| i.parse().ok())
+            .or_else(|| name.rsplit('-').next().and_then(|i| i.parse().ok()))
+            .unwrap_or(usize::MAX);
+        let data = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(ENTRIES_KEY))
+            .cloned()
+            .unwrap_or_default();
+        RawSegment { name, index, data }
+    }
+}
+
+/// Where an entry is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Segment object name.
+    pub segment: String,
+    /// Line in it, from 1.
+    pub line: usize,
+}
+
+/// Reads segments (any order) into the chain and verifies it; an error names the segment
+/// and line of the first entry that is missing, unreadable or does not fit.
+pub fn parse_segments(
+    mut segments: Vec<RawSegment>,
+) -> Result<(Vec<Entry>, Vec<Location>), String> {
+    segments.sort_by_key(|s| s.index);
+    let mut entries = Vec::new();
+    let mut locations = Vec::new();
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.index != i {
+            return Err(format!(
+                "ledger segment {i} is missing (found {} in its place)",
+                seg.name
+            ));
+        }
+        for (n, line) in seg.data.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let entry: Entry = serde_json::from_str(line).map_err(|e| {
+                format!(
+                    "ledger entry {} ({} line {}) is unreadable: {e}",
+                    entries.len(),
+                    seg.name,
+                    n + 1
+                )
+            })?;
+            entries.push(entry);
+            locations.push(Location {
+                segment: seg.name.clone(),
+                line: n + 1,
+            });
+        }
+    }
+    if let Err(b) = ledger::verify(&entries) {
+        return Err(describe(&b, &locations));
+    }
+    Ok((entries, locations))
+}
+
+/// A broken link with where it is stored.
+pub fn describe(b: &Broken, locations: &[Location]) -> String {
+    match locations.get(b.index) {
+        Some(l) => format!("{b} ({} line {})", l.segment, l.line),
+        None => b.to_string(),
+    }
+}
+
+/// Totals of a set of receipts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Receipts.
+    pub receipts: u64,
+    /// Sum of amounts.
+    pub total: Amount,
+    /// Sum per account.
+    pub by_account: BTreeMap<String, Amount>,
+}
+
+impl Totals {
+    fn add(&mut self, r: &Receipt) -> Result<(), DecimalError> {
+        let amount: Amount = r.amount.parse()?;
+        self.receipts += 1;
+        self.total = self.total.checked_add(amount)?;
+        let a = self.by_account.entry(r.account.clone()).or_default();
+        *a = a.checked_add(amount)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    name: String,
+    resource_version: Option<String>,
+    entries: usize,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Loaded {
+    ledger: Ledger,
+    segments: Vec<Segment>,
+    /// The open (last) segment's text.
+    open_text: String,
+    by_job: HashMap<String, Totals>,
+    totals: Totals,
+}
+
+impl Loaded {
+    fn commit(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        for e in &entries {
+            self.by_job
+                .entry(e.receipt.job_uid.clone())
+                .or_default()
+                .add(&e.receipt)?;
+            self.totals.add(&e.receipt)?;
+        }
+        self.ledger
+            .commit(entries)
+            .map_err(|b| StoreError::Broken(b.to_string()))
+    }
+}
+
+/// One pool's ledger in the hub.
+pub struct LedgerStore {
+    api: Api<ConfigMap>,
+    pool: String,
+    state: Mutex<Option<Loaded>>,
+}
+
+/// The pool's ledger at a glance.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Head hash.
+    pub head: String,
+    /// Totals.
+    pub totals: Totals,
+}
+
+impl LedgerStore {
+    /// The store of `pool`'s ledger in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, pool: &str) -> LedgerStore {
+        LedgerStore {
+            api: Api::namespaced(client, namespace),
+            pool: pool.to_string(),
+            state: Mutex::new(None),
+        }
+    }
+
+    fn selector(&self) -> String {
+        format!("{LEDGER_LABEL}={}", pool_token(&self.pool))
+    }
+
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&self.selector()))
+            .await?;
+        let mut raw: Vec<(RawSegment, Option<String>)> = list
+            .items
+            .iter()
+            .map(|cm| {
+                (
+                    RawSegment::from_config_map(cm),
+                    cm.metadata.resource_version.clone(),
+                )
+            })
+            .collect();
+        raw.sort_by_key(|(s, _)| s.index);
+        let (entries, _) = parse_segments(raw.iter().map(|(s, _)| s.clone()).collect())
+            .map_err(StoreError::Broken)?;
+        let mut loaded = Loaded {
+            segments: raw
+                .iter()
+                .map(|(s, rv)| Segment {
+                    name: s.name.clone(),
+                    resource_version: rv.clone(),
+                    entries: s.data.lines().filter(|l| !l.trim().is_empty()).count(),
+                    bytes: s.data.len(),
+                })
+                .collect(),
+            open_text: raw.last().map(|(s, _)| s.data.clone()).unwrap_or_default(),
+            ..Loaded::default()
+        };
+        loaded.commit(entries)?;
+        Ok(loaded)
+    }
+
+    /// Runs `f` on the loaded ledger, reading it first if needed.
+    async fn with<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Loaded) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.state.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load().await?);
+        }
+        let loaded = guard.as_mut().expect("loaded above");
+        let result = f(loaded).await;
+        if matches!(
+            result,
+            Err(StoreError::Api(_) | StoreError::Conflict | StoreError::Broken(_))
+        ) {
+            // Re-read everything next time rather than trust a state the API disagrees with.
+            *guard = None;
+        }
+        result
+    }
+
+    /// Appends the receipts whose keys are not in the chain yet; returns the new entries.
+    pub async fn append(&self, receipts: Vec<Receipt>) -> Result<Vec<Entry>, StoreError> {
+        let pool = self.pool.clone();
+        let api = self.api.clone();
+        let label = pool_token(&self.pool);
+        self.with(async move |l: &mut Loaded| {
+            let prepared = l.ledger.prepare(receipts);
+            let mut written = Vec::new();
+            let mut rest = prepared.into_iter().peekable();
+            while rest.peek().is_some() {
+                let (room, space, open) = match l.segments.last() {
+                    Some(s) => (
+                        SEGMENT_ENTRIES.saturating_sub(s.entries),
+                        SEGMENT_BYTES.saturating_sub(s.bytes),
+                        true,
+                    ),
+                    None => (0, 0, false),
+                };
+                let (room, space, open) = if room == 0 || space < 4096 {
+                    (SEGMENT_ENTRIES, SEGMENT_BYTES, false)
+                } else {
+                    (room, space, open)
+                };
+                let mut chunk = Vec::new();
+                let mut text = String::new();
+                while let Some(e) = rest.peek() {
+                    let line = serde_json::to_string(e).unwrap_or_default() + "\n";
+                    if chunk.len() == room || (text.len() + line.len() > space && !chunk.is_empty())
+                    {
+                        break;
+                    }
+                    text.push_str(&line);
+                    chunk.push(rest.next().expect("peeked"));
+                }
+                let index = if open {
+                    l.segments.len() - 1
+                } else {
+                    l.segments.len()
+                };
+                let name = segment_name(&pool, index);
+                let full = if open {
+                    format!("{}{text}", l.open_text)
+                } else {
+                    text
+                };
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some(BTreeMap::from([(LEDGER_LABEL.into(), label.clone())])),
+                        annotations: Some(BTreeMap::from([
+                            (SEGMENT_ANNOTATION.into(), index.to_string()),
+                            ("edgeloom.io/pool".into(), pool.clone()),
+                        ])),
+                        resource_version: if open {
+                            l.segments.last().and_then(|s| s.resource_version.clone())
+                        } else {
+                            None
+                        },
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([(ENTRIES_KEY.into(), full.clone())])),
+                    ..ConfigMap::default()
+                };
+                let stored = if open {
+                    api.replace(&name, &PostParams::default(), &cm).await
+                } else {
+                    api.create(&PostParams::default(), &cm).await
+                };
+                let stored = match stored {
+                    Ok(s) => s,
+                    Err(kube::Error::Api(s)) if s.code == 409 => return Err(StoreError::Conflict),
+                    Err(e) => return Err(e.into()),
+                };
+                let segment = Segment {
+                    name,
+                    resource_version: stored.metadata.resource_version,
+                    entries: full.lines().count(),
+                    bytes: full.len(),
+                };
+                if open {
+                    *l.segments.last_mut().expect("open segment") = segment;
+                } else {
+                    l.segments.push(segment);
+                }
+                l.open_text = full;
+                written.extend(chunk.iter().cloned());
+                l.commit(chunk)?;
+            }
+            Ok(written)
+        })
+        .await
+    }
+
+    /// Whether the receipt key is in the chain.
+    pub async fn contains(&self, key: &str) -> Result<bool, StoreError> {
+        self.with(async |l: &mut Loaded| Ok(l.ledger.contains(key)))
+            .await
+    }
+
+    /// Head and totals.
+    pub async fn summary(&self) -> Result<Summary, StoreError> {
+        self.with(async |l: &mut Loaded| {
+            Ok(Summary {
+                head: l.ledger.head().to_string(),
+                totals: l.totals.clone(),
+            })
+        })
+        .await
+    }
+
+    /// Totals of one job's receipts.
+    pub async fn job_totals(&self, job_uid: &str) -> Result<Totals, StoreError> {
+        self.with(async |l: &mut Loaded| Ok(l.by_job.get(job_uid).cloned().unwrap_or_default()))
+            .await
+    }
+
+    /// Re-reads the chain when any segment changed (or appeared or vanished) in the API
+    /// since it was read, so that an alteration behind the operator's back is found.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let metas = self
+            .api
+            .list_metadata(&ListParams::default().labels(&self.selector()))
+            .await?;
+        let mut guard = self.state.lock().await;
+        let current: BTreeMap<String, Option<String>> = metas
+            .items
+            .iter()
+            .map(|m| {
+                (
+                    m.metadata.name.clone().unwrap_or_default(),
+                    m.metadata.resource_version.clone(),
+                )
+            })
+            .collect();
+        let known: Option<BTreeMap<String, Option<String>>> = guard.as_ref().map(|l| {
+            l.segments
+                .iter()
+                .map(|s| (s.name.clone(), s.resource_version.clone()))
+                .collect()
+        });
+        if known.as_ref() != Some(&current) {
+            *guard = None;
+            *guard = Some(self.load().await?);
+        }
+        Ok(())
+    }
+}
+
+/// One pool's reputation records in the hub.
+pub struct ReputationStore {
+    api: Api<ConfigMap>,
+    pool: String,
+    state: Mutex<Option<(Reputation, Vec<Option<String>>)>>,
+}
+
+fn shard_of(node: &str) -> usize {
+    Sha256::digest(node.as_bytes())[0] as usize % REPUTATION_SHARDS
+}
+
+fn random_salt() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    let mut h = Sha256::new();
+    h.update(bytes);
+    h.update(format!(
+        "{:?}{}",
+        std::time::SystemTime::now(),
+        std::process::id()
+    ));
+    hex::encode(h.finalize())
+}
+
+impl ReputationStore {
+    /// The store of `pool`'s reputation in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, pool: &str) -> ReputationStore {
+        ReputationStore {
+            api: Api::namespaced(client, namespace),
+            pool: pool.to_string(),
+            state: Mutex::new(None),
+        }
+    }
+
+    fn name(&self, shard: usize) -> String {
+        format!("edgeloom-reputation-{}-{shard:02}", pool_token(&self.pool))
+    }
+
+    async fn load(&self) -> Result<(Reputation, Vec<Option<String>>), StoreError> {
+        let list = self
+            .api
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{REPUTATION_LABEL}={}", pool_token(&self.pool))),
+            )
+            .await?;
+        let mut rep = Reputation::default();
+        let mut versions = vec![None; REPUTATION_SHARDS];
+        for cm in &list.items {
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            let Some(shard) = (0..REPUTATION_SHARDS).find(|s| self.name(*s) == name) else {
+                continue;
+            };
+            versions[shard] = cm.metadata.resource_version.clone();
+            let part: Reputation = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(REPUTATION_KEY))
+                .map(|j| serde_json::from_str(j))
+                .transpose()
+                .map_err(|e| StoreError::Broken(format!("{name}: {e}")))?
+                .unwrap_or_default();
+            if shard == 0 {
+                rep.salt = part.salt;
+            }
+            rep.nodes.extend(part.nodes);
+        }
+        Ok((rep, versions))
+    }
+
+    /// Reads the records (and creates the salt once).
+    async fn ensure(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<(Reputation, Vec<Option<String>>)>>, StoreError>
+    {
+        let mut guard = self.state.lock().await;
+        if guard.is_none() {
+            let (mut rep, versions) = self.load().await?;
+            *guard = Some((rep.clone(), versions));
+            if rep.salt.is_empty() {
+                rep.salt = random_salt();
+                let mut shards = vec![false; REPUTATION_SHARDS];
+                shards[0] = true;
+                if let Err(e) = self
+                    .write(guard.as_mut().expect("set"), &rep, &shards)
+                    .await
+                {
+                    *guard = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(guard)
+    }
+
+    async fn write(
+        &self,
+        state: &mut (Reputation, Vec<Option<String>>),
+        rep: &Reputation,
+        shards: &[bool],
+    ) -> Result<(), StoreError> {
+        for (shard, _) in shards.iter().enumerate().filter(|(_, w)| **w) {
+            let part = Reputation {
+                salt: if shard == 0 {
+                    rep.salt.clone()
+                } else {
+                    String::new()
+                },
+                nodes: rep
+                    .nodes
+                    .iter()
+                    .filter(|(n, _)| shard_of(n) == shard)
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect(),
+            };
+            let name = self.name(shard);
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(BTreeMap::from([(
+                        REPUTATION_LABEL.into(),
+                        pool_token(&self.pool),
+                    )])),
+                    resource_version: state.1[shard].clone(),
+                    ..ObjectMeta::default()
+                },
+                data: Some(BTreeMap::from([(
+                    REPUTATION_KEY.into(),
+                    serde_json::to_string(&part).unwrap_or_default(),
+                )])),
+                ..ConfigMap::default()
+            };
+            let stored = match &state.1[shard] {
+                Some(_) => self.api.replace(&name, &PostParams::default(), &cm).await,
+                None => self.api.create(&PostParams::default(), &cm).await,
+            };
+            match stored {
+                Ok(s) => state.1[shard] = s.metadata.resource_version,
+                Err(kube::Error::Api(s)) if s.code == 409 => return Err(StoreError::Conflict),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        state.0 = rep.clone();
+        Ok(())
+    }
+
+    /// The records as they are now.
+    pub async fn snapshot(&self) -> Result<Reputation, StoreError> {
+        Ok(self.ensure().await?.as_ref().expect("loaded").0.clone())
+    }
+
+    /// Whether `node` is trusted, the spot-check salt.
+    pub async fn view(
+        &self,
+        nodes: &[String],
+        threshold: u32,
+    ) -> Result<(Vec<bool>, String), StoreError> {
+        let guard = self.ensure().await?;
+        let rep = &guard.as_ref().expect("loaded").0;
+        Ok((
+            nodes.iter().map(|n| rep.trusted(n, threshold)).collect(),
+            rep.salt.clone(),
+        ))
+    }
+
+    /// One node's record.
+    pub async fn record(&self, node: &str) -> Result<NodeRecord, StoreError> {
+        let guard = self.ensure().await?;
+        Ok(guard
+            .as_ref()
+            .expect("loaded")
+            .0
+            .nodes
+            .get(node)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Applies verdicts: verified results of `valid` nodes, and `caught` (node, result key).
+    /// Retried on a conflicting write after re-reading. Returns how many caught results
+    /// were new.
+    pub async fn update(
+        &self,
+        valid: &[String],
+        caught: &[(String, String)],
+    ) -> Result<usize, StoreError> {
+        if valid.is_empty() && caught.is_empty() {
+            return Ok(0);
+        }
+        for _ in 0..3 {
+            let mut guard = self.ensure().await?;
+            let state = guard.as_mut().expect("loaded");
+            let mut rep = state.0.clone();
+            let mut shards = vec![false; REPUTATION_SHARDS];
+            let mut new_caught = 0;
+            for n in valid {
+                rep.record_valid(n);
+                shards[shard_of(n)] = true;
+            }
+            for (n, key) in caught {
+                if rep.record_caught(n, key) {
+                    shards[shard_of(n)] = true;
+                    new_caught += 1;
+                }
+            }
+            match self.write(state, &rep, &shards).await {
+                Ok(()) => return Ok(new_caught),
+                Err(StoreError::Conflict) => *guard = None,
+                Err(e) => {
+                    *guard = None;
+                    return Err(e);
+                }
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: u64) -> Vec<Entry> {
+        let mut l = Ledger::default();
+        for i in 0..n {
+            l.append(Receipt {
+                job_uid: format!("uid-{i}"),
+                job: "ns/j".into(),
+                shard: 0,
+                replica: 0,
+                attempt: 1,
+                node: "n".into(),
+                account: "alice".into(),
+                cpu_core_millis: 1,
+                gpu_millis: 0,
+                per_cpu_core_second: "1".into(),
+                per_gpu_second: "0".into(),
+                speed_factor_milli: 1000,
+                amount: "0.001".into(),
+                result_digest: "d".into(),
+                time: "t".into(),
+            });
+        }
+        l.entries().to_vec()
+    }
+
+    fn segments(e: &[Entry], per: usize) -> Vec<RawSegment> {
+        e.chunks(per)
+            .enumerate()
+            .map(|(i, c)| RawSegment {
+                name: segment_name("pool", i),
+                index: i,
+                data: c
+                    .iter()
+                    .map(|e| serde_json::to_string(e).expect("json") + "\n")
+                    .collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segments_read_in_index_order_and_breaks_are_located() {
+        let e = entries(10);
+        let mut segs = segments(&e, 4);
+        segs.reverse();
+        let (read, locations) = parse_segments(segs.clone()).expect("reads");
+        assert_eq!(read, e);
+        assert_eq!(locations[5].segment, "edgeloom-ledger-pool-000001");
+        assert_eq!(locations[5].line, 2);
+
+        let mut altered = segs.clone();
+        // segs reversed: index 1 is segment 1 (entries 4..8); its first line is entry 4.
+        altered[1].data = altered[1].data.replacen("0.001", "9.001", 3);
+        let why = parse_segments(altered).expect_err("altered");
+        assert!(why.contains("entry 4") && why.contains("altered"), "{why}");
+        assert!(why.contains("edgeloom-ledger-pool-000001 line 1"), "{why}");
+
+        let missing: Vec<RawSegment> = segs.into_iter().filter(|s| s.index != 1).collect();
+        let why = parse_segments(missing).expect_err("missing");
+        assert!(why.contains("segment 1 is missing"), "{why}");
+    }
+
+    #[test]
+    fn long_pool_names_make_valid_object_names() {
+        let long = "p".repeat(200);
+        let name = segment_name(&long, 3);
+        assert!(name.len() < 80, "{name}");
+        assert!(pool_token(&long).len() <= 63);
+        assert_ne!(pool_token(&long), pool_token(&"p".repeat(201)));
+    }
+}

@@ -1,0 +1,150 @@
+//! Adaptive trust, as BOINC's adaptive replication does it (DESIGN.md §3 step 7). Pure.
+//!
+//! Every node has a record: verified results (its result agreed with a quorum of at least
+//! two replicas), the current run of them, and how often it was caught (outvoted). A node
+//! is trusted when its run reaches the pool's `trustThreshold`, doubled for every time it
+//! was ever caught (capped at 2^10), so a cheater that is caught has to earn much more to
+//! be trusted again. A trusted node's shards run once and are accepted alone unless a
+//! spot check picks them: a hash of a secret salt (kept in the hub, never seen by
+//! agents), the job UID and the shard, compared with the pool's `spotCheckRate`. The draw
+//! is deterministic, so every reconcile and every operator restart agrees on it.
+
+use crate::decimal::Amount;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// One node's history.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// Verified results ever.
+    pub valid: u64,
+    /// Verified results since it was last caught.
+    pub streak: u64,
+    /// Times its result was outvoted.
+    pub caught: u64,
+    /// The last result it was caught on (job UID/shard/replica), so a verdict seen again
+    /// after a restart is not counted twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_caught: Option<String>,
+}
+
+impl NodeRecord {
+    /// The run of verified results this node needs to be trusted.
+    pub fn needed(&self, threshold: u32) -> u64 {
+        (threshold.max(1) as u64) << self.caught.min(10)
+    }
+
+    /// Whether its results may be accepted alone (subject to spot checks).
+    pub fn trusted(&self, threshold: u32) -> bool {
+        self.streak >= self.needed(threshold)
+    }
+}
+
+/// The records of one pool's nodes, keyed "cluster/node", and the pool's spot-check salt.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reputation {
+    /// Secret salt of the spot-check draw.
+    pub salt: String,
+    /// Records by "cluster/node".
+    pub nodes: BTreeMap<String, NodeRecord>,
+}
+
+impl Reputation {
+    /// Whether `node` is trusted.
+    pub fn trusted(&self, node: &str, threshold: u32) -> bool {
+        self.nodes.get(node).is_some_and(|r| r.trusted(threshold))
+    }
+
+    /// A verified result of `node`.
+    pub fn record_valid(&mut self, node: &str) {
+        let r = self.nodes.entry(node.to_string()).or_default();
+        r.valid += 1;
+        r.streak += 1;
+    }
+
+    /// `node` was outvoted on `result` (job UID/shard/replica): it loses its trust.
+    /// Returns false when this very result was already counted.
+    pub fn record_caught(&mut self, node: &str, result: &str) -> bool {
+        let r = self.nodes.entry(node.to_string()).or_default();
+        if r.last_caught.as_deref() == Some(result) {
+            return false;
+        }
+        r.caught += 1;
+        r.streak = 0;
+        r.last_caught = Some(result.to_string());
+        true
+    }
+}
+
+/// Whether the shard is spot-checked: sha256(salt, job UID, shard) read as a number in
+/// [0, 1) is below `rate`. Exact (integer) comparison, no floating point.
+pub fn spot_checked(salt: &str, job_uid: &str, shard: u32, rate: Amount) -> bool {
+    let mut h = Sha256::new();
+    h.update(salt.as_bytes());
+    h.update([0]);
+    h.update(job_uid.as_bytes());
+    h.update(shard.to_be_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let draw = u64::from_be_bytes(first) as u128;
+    // draw / 2^64 < atto / 10^18  <=>  draw * 10^18 < atto * 2^64 (both fit in u128).
+    draw * 1_000_000_000_000_000_000 < rate.atto().min(1_000_000_000_000_000_000) << 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn trust_is_earned_by_a_run_and_lost_when_caught() {
+        let mut rep = Reputation::default();
+        for _ in 0..9 {
+            rep.record_valid("edge-a/n1");
+        }
+        assert!(!rep.trusted("edge-a/n1", 10));
+        rep.record_valid("edge-a/n1");
+        assert!(rep.trusted("edge-a/n1", 10));
+        assert!(rep.record_caught("edge-a/n1", "uid/0/1"));
+        assert!(
+            !rep.record_caught("edge-a/n1", "uid/0/1"),
+            "same verdict twice"
+        );
+        assert!(!rep.trusted("edge-a/n1", 10));
+        for _ in 0..19 {
+            rep.record_valid("edge-a/n1");
+        }
+        assert!(
+            !rep.trusted("edge-a/n1", 10),
+            "a caught node needs twice the run"
+        );
+        rep.record_valid("edge-a/n1");
+        assert!(rep.trusted("edge-a/n1", 10));
+        assert!(!rep.trusted("edge-b/unknown", 10));
+    }
+
+    #[test]
+    fn spot_check_rate_zero_and_one_are_exact() {
+        let zero = Amount::ZERO;
+        let one: Amount = "1".parse().expect("one");
+        for shard in 0..200 {
+            assert!(!spot_checked("s", "uid", shard, zero));
+            assert!(spot_checked("s", "uid", shard, one));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn spot_checks_hit_about_the_rate(salt in "[a-z0-9]{8}", permille in 0u64..=1000) {
+            let rate = Amount::from_atto(permille as u128 * 1_000_000_000_000_000);
+            let hits = (0..4000).filter(|s| spot_checked(&salt, "job", *s, rate)).count();
+            let expected = 4000.0 * permille as f64 / 1000.0;
+            // Binomial(4000, p): 6 standard deviations (at most ~190) plus slack.
+            prop_assert!((hits as f64 - expected).abs() <= 200.0, "{} hits, expected {}", hits, expected);
+        }
+    }
+}
