@@ -155,6 +155,16 @@ impl Federation {
 
     /// Starts an edgeloom-operator process (binary `bin`) against the hub.
     pub fn operator(&self, bin: &Path, identity: &str) -> Result<Operator, FederationError> {
+        self.operator_with_env(bin, identity, &[])
+    }
+
+    /// [`Federation::operator`] with extra environment variables (e.g. a failpoint).
+    pub fn operator_with_env(
+        &self,
+        bin: &Path,
+        identity: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Operator, FederationError> {
         let port = free_port()?;
         let log = self.plane.dir().join(format!("operator-{identity}.log"));
         let args = vec![
@@ -165,8 +175,9 @@ impl Federation {
             "--lease-duration-seconds=4".into(),
             "--scheduler-interval-ms=200".into(),
         ];
-        let process = Process::spawn(&format!("operator[{identity}]"), bin, &args, &log)
-            .map_err(|e| FederationError::Spawn(bin.display().to_string(), e))?;
+        let process =
+            Process::spawn_with_env(&format!("operator[{identity}]"), bin, &args, env, &log)
+                .map_err(|e| FederationError::Spawn(bin.display().to_string(), e))?;
         Ok(Operator {
             process,
             port,

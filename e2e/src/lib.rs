@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod federation;
 pub mod jobs;
 pub mod kubeconfig;
+pub mod ledger;
 pub mod manifests;
 pub mod pki;
 pub mod process;

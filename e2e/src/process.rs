@@ -22,10 +22,22 @@ impl Process {
         args: &[String],
         log: &Path,
     ) -> std::io::Result<Process> {
+        Process::spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> std::io::Result<Process> {
         let out = File::options().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));

@@ -4,7 +4,7 @@
 //! "killed" (heartbeat and work stop) and made to fail their tasks.
 
 use edgeloom_crds::TaskPhase;
-use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL};
+use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL, Usage};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// CPU core-milliseconds a simulated agent reports for every task (2 core-seconds).
+pub const SIM_CPU_CORE_MILLIS: u64 = 2000;
 
 /// Field manager of the simulated agent.
 pub const MANAGER: &str = "edgeloom-sim-agent";
@@ -192,6 +195,11 @@ async fn run(
                             } else {
                                 s.phase = Some(TaskPhase::Succeeded);
                                 s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard));
+                                s.usage = Some(Usage {
+                                    cpu_core_millis: SIM_CPU_CORE_MILLIS,
+                                    wall_millis: work.as_millis() as u64,
+                                    ..Usage::default()
+                                });
                                 s.metrics = BTreeMap::from([(
                                     "accuracy".to_string(),
                                     0.9 + t.spec.shard as f64 * 0.01,

@@ -23,3 +23,29 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// [`until`] for a probe that answers `Some` when done.
+pub async fn until_some<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    until(what, timeout, || {
+        let fut = probe();
+        async move { fut.await.ok_or_else(|| "not yet".to_string()) }
+    })
+    .await
+}
+
+/// [`until`] for a probe that answers `true` when done.
+pub async fn until_true<F, Fut>(what: &str, timeout: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    until_some(what, timeout, || {
+        let fut = probe();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}

@@ -246,3 +246,23 @@ pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) 
     ]);
     format!("pool {pool}\n{}", table(&rows))
 }
+
+/// `kubectl edgeloom ledger trust` for one pool.
+pub fn trust_table(pool: &str, threshold: u32, rep: &crate::trust::Reputation) -> String {
+    let mut rows = vec![
+        ["NODE", "VERIFIED", "STREAK", "CAUGHT", "NEEDED", "TRUSTED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for (node, r) in &rep.nodes {
+        rows.push(vec![
+            node.clone(),
+            r.valid.to_string(),
+            r.streak.to_string(),
+            r.caught.to_string(),
+            r.needed(threshold).to_string(),
+            if r.trusted(threshold) { "yes" } else { "no" }.into(),
+        ]);
+    }
+    format!("pool {pool} (trustThreshold {threshold})\n{}", table(&rows))
+}

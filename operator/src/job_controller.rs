@@ -248,28 +248,37 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let views = task_views(&uid, ctx, now);
-    let paid = job_totals(&uid, &members, ctx).await?;
-    let (trusted, spot_checked) = trust_view(&job, &views, ctx).await?;
-    let budget = job
+    // The ledger is not needed to run the job: when it cannot be read or written, work
+    // goes on, receipts wait (they are idempotent, so they are written once it is back),
+    // and a budgeted job places nothing (its spending cannot be checked).
+    let mut ledger_problem: Option<String> = None;
+    let paid_before = job_totals(&uid, &members, ctx).await.unwrap_or_else(|e| {
+        ledger_problem = Some(e.to_string());
+        Totals::default()
+    });
+    let (trusted, spot_checked) = trust_view(&job, &views, ctx).await.unwrap_or_else(|e| {
+        ledger_problem.get_or_insert(e.to_string());
+        Default::default()
+    });
+    let max_amount = job
         .spec
         .budget
         .as_ref()
-        .map(|b| -> Result<BudgetView, Error> {
-            let max: Amount =
-                b.max_amount
-                    .0
-                    .parse()
-                    .map_err(|e: crate::decimal::DecimalError| {
-                        Error::Reward(format!("{ns}/{name} budget"), e.to_string())
-                    })?;
-            Ok(BudgetView {
-                max,
-                spent: paid.total,
-                per_task: (paid.receipts > 0)
-                    .then(|| Amount::from_atto(paid.total.atto() / paid.receipts as u128)),
-            })
+        .map(|b| {
+            b.max_amount
+                .0
+                .parse::<Amount>()
+                .map_err(|e| Error::Reward(format!("{ns}/{name} budget"), e.to_string()))
         })
         .transpose()?;
+    let budget_view = |paid: &Totals| {
+        max_amount.map(|max| BudgetView {
+            max,
+            spent: paid.total,
+            per_task: (paid.receipts > 0)
+                .then(|| Amount::from_atto(paid.total.atto() / paid.receipts as u128)),
+        })
+    };
     let created = job
         .metadata
         .creation_timestamp
@@ -281,28 +290,52 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         .as_ref()
         .map(|t| t.0)
         .or_else(|| (!views.is_empty()).then_some(now));
-    let decision = lifecycle::decide(
-        &JobView {
-            spec: &job.spec,
-            created,
-            start_time,
-            phase: old.phase,
-            recorded: &old.shards,
-            unschedulable: ctx.scheduler.unfit(&ns, &name),
-            max_replicas: members
-                .iter()
-                .map(|m| m.pool_spec().verification.max_replicas)
-                .max()
-                .unwrap_or(3),
-            trusted,
-            spot_checked,
-            budget,
-        },
-        &views,
-        now,
-    );
-    settle(&job, &decision, ctx, now).await?;
-    let paid = job_totals(&uid, &members, ctx).await?;
+    let max_replicas = members
+        .iter()
+        .map(|m| m.pool_spec().verification.max_replicas)
+        .max()
+        .unwrap_or(3);
+    let unschedulable = ctx.scheduler.unfit(&ns, &name);
+    let decide = |budget: Option<BudgetView>| {
+        lifecycle::decide(
+            &JobView {
+                spec: &job.spec,
+                created,
+                start_time,
+                phase: old.phase,
+                recorded: &old.shards,
+                unschedulable: unschedulable.clone(),
+                max_replicas,
+                trusted: trusted.clone(),
+                spot_checked: spot_checked.clone(),
+                budget,
+            },
+            &views,
+            now,
+        )
+    };
+    let mut decision = decide(budget_view(&paid_before));
+    // Pay first: the ledger is written before anything else depends on this decision.
+    let mut paid = paid_before.clone();
+    if ledger_problem.is_none() {
+        match settle(&job, &decision, ctx, now).await {
+            Ok(()) => match job_totals(&uid, &members, ctx).await {
+                Ok(t) => paid = t,
+                Err(e) => ledger_problem = Some(e.to_string()),
+            },
+            Err(e) => ledger_problem = Some(e.to_string()),
+        }
+    }
+    if max_amount.is_some() && paid != paid_before {
+        // What was just paid counts against the budget before anything more is placed.
+        decision = decide(budget_view(&paid));
+    }
+    if let Some(why) = &ledger_problem {
+        tracing::warn!(job = %name, problem = %why, "receipts are waiting for the ledger");
+        if max_amount.is_some() && !decision.needs.is_empty() {
+            decision.needs.clear();
+        }
+    }
 
     for c in &decision.cancel {
         if let Some(m) = ctx.fleet.members().into_iter().find(|m| m.key == c.member) {
@@ -373,6 +406,19 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 replicas,
                 members: members.iter().map(|m| m.key.clone()).collect(),
                 gang: job.spec.placement.gang == Some(true) && views.is_empty(),
+                finished_seen: job.spec.budget.is_some().then(|| {
+                    views
+                        .iter()
+                        .filter(|v| {
+                            matches!(
+                                v.phase,
+                                Some(
+                                    TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled
+                                )
+                            )
+                        })
+                        .count()
+                }),
             });
         } else {
             ctx.scheduler.withdraw(&ns, &name);
@@ -453,6 +499,30 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         ),
         None => {}
     }
+    match &ledger_problem {
+        Some(why) => conditions::set(
+            &mut conds,
+            "Paid",
+            false,
+            "LedgerUnavailable",
+            &format!("receipts wait until the ledger can be written: {why}"),
+            generation,
+            now,
+        ),
+        None if paid.receipts > 0 => conditions::set(
+            &mut conds,
+            "Paid",
+            true,
+            "ReceiptsIssued",
+            &format!(
+                "{} receipt(s) in the ledger for accepted results",
+                paid.receipts
+            ),
+            generation,
+            now,
+        ),
+        None => {}
+    }
     let finished = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
     // A finished job keeps the verdict it was given.
     if !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
@@ -518,6 +588,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     }
     Ok(match decision.phase {
+        _ if ledger_problem.is_some() => Action::requeue(Duration::from_secs(10)),
         JobPhase::Succeeded | JobPhase::Failed if decision.cancel.is_empty() => {
             Action::requeue(Duration::from_secs(300))
         }

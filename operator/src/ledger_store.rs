@@ -449,6 +449,19 @@ impl LedgerStore {
     }
 }
 
+/// The records in one reputation ConfigMap.
+pub fn reputation_shard(cm: &ConfigMap) -> Result<Reputation, String> {
+    let name = cm.metadata.name.clone().unwrap_or_default();
+    Ok(cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(REPUTATION_KEY))
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .map_err(|e| format!("{name}: {e}"))?
+        .unwrap_or_default())
+}
+
 /// One pool's reputation records in the hub.
 pub struct ReputationStore {
     api: Api<ConfigMap>,
@@ -505,14 +518,7 @@ impl ReputationStore {
                 continue;
             };
             versions[shard] = cm.metadata.resource_version.clone();
-            let part: Reputation = cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(REPUTATION_KEY))
-                .map(|j| serde_json::from_str(j))
-                .transpose()
-                .map_err(|e| StoreError::Broken(format!("{name}: {e}")))?
-                .unwrap_or_default();
+            let part = reputation_shard(cm).map_err(StoreError::Broken)?;
             if shard == 0 {
                 rep.salt = part.salt;
             }
@@ -573,6 +579,10 @@ impl ReputationStore {
                     labels: Some(BTreeMap::from([(
                         REPUTATION_LABEL.into(),
                         pool_token(&self.pool),
+                    )])),
+                    annotations: Some(BTreeMap::from([(
+                        "edgeloom.io/pool".into(),
+                        self.pool.clone(),
                     )])),
                     resource_version: state.1[shard].clone(),
                     ..ObjectMeta::default()

@@ -51,6 +51,10 @@ pub struct Work {
     pub members: Vec<String>,
     /// Place all or none (the job's first placement with `gang: true`).
     pub gang: bool,
+    /// For a job with a budget: how many of its tasks had finished when this work was
+    /// decided. Once more have finished, the work waits for the job's next decision (a
+    /// receipt may have used up the budget), so no stale work overspends it.
+    pub finished_seen: Option<usize>,
 }
 
 /// Requested resources of one task, kept until the task shows up in its member's cache.
@@ -171,6 +175,22 @@ impl Scheduler {
                     .any(|m| !m.synced() && !m.lost(now));
             if cold {
                 continue;
+            }
+            if let Some(seen) = work.finished_seen {
+                let finished: usize = members
+                    .iter()
+                    .filter(|m| work.members.contains(&m.key))
+                    .map(|m| {
+                        m.tasks
+                            .state()
+                            .iter()
+                            .filter(|t| *t.job_uid == *work.uid && t.terminal())
+                            .count()
+                    })
+                    .sum();
+                if finished > seen {
+                    continue;
+                }
             }
             let started = Instant::now();
             let (request, slots) = world.request(&work);

@@ -6,7 +6,7 @@ use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use edgeloom_e2e::federation::Federation;
-use edgeloom_e2e::{jobs, manifests, scrape, wait};
+use edgeloom_e2e::{jobs, ledger, manifests, scrape, wait};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams};
@@ -270,6 +270,328 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
             .iter()
             .any(|(r, m)| r == "Replaced" && m.contains("attempt 2")),
         "{events:?}"
+    );
+    // Only the accepted attempt is paid: one receipt, attempt 2, the second node.
+    let uid = done.metadata.uid.clone().expect("uid");
+    let paid = wait_receipts(&fed, &uid, 1).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert_eq!((paid[0].2, paid[0].3.as_str()), (2, shard.node.as_str()));
+    assert_eq!(
+        paid[0].5, "0.0002",
+        "2 core-seconds at 0.0001 per core-second"
+    );
+}
+
+fn plugin_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kubectl-edgeloom"))
+}
+
+type Paid = (u64, u64, u64, String, String, String);
+
+/// Waits until the job has `n` receipts in the ledgers (read with `kubectl edgeloom
+/// ledger export`), then returns them.
+async fn wait_receipts(fed: &Federation, uid: &str, n: usize) -> Vec<Paid> {
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    wait::until_true(
+        &format!("{n} receipt(s) for job {uid}"),
+        Duration::from_secs(30),
+        || {
+            let kubeconfig = kubeconfig.clone();
+            async move {
+                ledger::receipts_of(&ledger::export(plugin_bin(), &kubeconfig), uid).len() >= n
+            }
+        },
+    )
+    .await;
+    ledger::receipts_of(&ledger::export(plugin_bin(), &kubeconfig), uid)
+}
+
+#[tokio::test]
+async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    // The first operator dies (abort, like kill -9) right after its first ledger write,
+    // before the job's status says anything about it.
+    let mut crashing = fed
+        .operator_with_env(
+            operator_bin(),
+            "op-1",
+            &[("EDGELOOM_FAILPOINT", "after-ledger-append")],
+        )
+        .expect("operator");
+    let ns = fed.namespace("crash").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("crash", 3, "")).await;
+    wait::until_true(
+        "the operator hit its failpoint",
+        Duration::from_secs(90),
+        || std::future::ready(crashing.process.exited().is_some()),
+    )
+    .await;
+    assert!(
+        crashing
+            .log_tail(5)
+            .contains("failpoint after-ledger-append"),
+        "{}",
+        crashing.log_tail(20)
+    );
+    let before = job(&fed, &ns, "crash").await;
+    let uid = before.metadata.uid.clone().expect("uid");
+    let written = ledger::receipts_of(
+        &ledger::export(plugin_bin(), &fed.plane.hub().kubeconfig),
+        &uid,
+    );
+    assert!(
+        !written.is_empty(),
+        "the receipt was written before the crash"
+    );
+    assert!(
+        before
+            .status
+            .as_ref()
+            .and_then(|s| s.rewards.as_ref())
+            .is_none(),
+        "the status was not: {:?}",
+        before.status
+    );
+    // A fresh operator finishes the job and pays every shard exactly once.
+    let _op = fed.operator(operator_bin(), "op-2").expect("operator");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "crash",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    let paid = wait_receipts(&fed, &uid, 3).await;
+    let slots: Vec<(u64, u64)> = paid.iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(
+        slots,
+        [(0, 0), (1, 0), (2, 0)],
+        "one receipt per shard: {paid:?}"
+    );
+    for p in &written {
+        assert!(
+            paid.contains(p),
+            "the receipt written before the crash stands: {p:?}"
+        );
+    }
+    let verify = ledger::plugin(
+        plugin_bin(),
+        &fed.plane.hub().kubeconfig,
+        &["ledger", "verify"],
+    );
+    assert_eq!(verify.code, Some(0), "{verify:?}");
+    assert!(verify.stdout.contains("3 receipt(s)"), "{}", verify.stdout);
+    // Status comes from the ledger: wait for it to catch up.
+    let rewards = wait::until_some("job rewards in status", Duration::from_secs(30), || {
+        let fed = &fed;
+        let ns = ns.clone();
+        async move {
+            job(fed, &ns, "crash")
+                .await
+                .status
+                .and_then(|s| s.rewards)
+                .filter(|r| r.receipts == 3)
+        }
+    })
+    .await;
+    assert_eq!(rewards.total.as_deref(), Some("0.0006 credits"));
+    assert_eq!(
+        done.status.expect("status").progress.as_deref(),
+        Some("3/3")
+    );
+    let pool = wait::until_some("pool rewards in status", Duration::from_secs(30), || {
+        let hub = fed.hub.clone();
+        async move {
+            Api::<edgeloom_crds::EdgePool>::all(hub)
+                .get("edge")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.rewards)
+                .filter(|r| r.receipts == 3)
+        }
+    })
+    .await;
+    assert_eq!(pool.total.as_ref().map(|d| d.0.as_str()), Some("0.0006"));
+    assert_eq!(pool.ledger_head.as_ref().map(String::len), Some(64));
+    assert_eq!(
+        pool.by_account.len(),
+        3,
+        "three nodes' accounts: {:?}",
+        pool.by_account
+    );
+}
+
+#[tokio::test]
+async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("tamper").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("tamper", 4, "")).await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "tamper",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    wait_receipts(&fed, &done.metadata.uid.clone().expect("uid"), 4).await;
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    let balance = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "balance"]);
+    assert_eq!(balance.code, Some(0), "{balance:?}");
+    let total = balance
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("TOTAL"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>());
+    assert_eq!(
+        total,
+        Some(vec!["TOTAL", "0.0008", "credits", "4"]),
+        "{}",
+        balance.stdout
+    );
+
+    // Someone with write access to the hub raises the amount of the third entry.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let name = "edgeloom-ledger-edge-000000";
+    let mut cm = cms.get(name).await.expect("ledger segment");
+    let data = cm.data.as_mut().expect("data");
+    let text = data["entries.jsonl"].clone();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    assert_eq!(lines.len(), 4);
+    lines[2] = lines[2].replace("\"amount\":\"0.0002\"", "\"amount\":\"20.0002\"");
+    data.insert("entries.jsonl".into(), lines.join("\n") + "\n");
+    cms.replace(name, &Default::default(), &cm)
+        .await
+        .expect("altered");
+
+    let verify = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "verify"]);
+    assert_eq!(verify.code, Some(1), "{verify:?}");
+    assert!(
+        verify.stdout.contains("ledger entry 2 (seq 2) is broken")
+            && verify.stdout.contains("altered")
+            && verify.stdout.contains(&format!("{name} line 3")),
+        "{}",
+        verify.stdout
+    );
+    // The operator notices too, says so on the pool, and stops writing receipts.
+    let cond = wait::until_some("LedgerVerified=False", Duration::from_secs(30), || {
+        let hub = fed.hub.clone();
+        async move {
+            Api::<edgeloom_crds::EdgePool>::all(hub)
+                .get("edge")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| {
+                    s.conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "LedgerVerified")
+                })
+                .filter(|c| c.status == "False")
+        }
+    })
+    .await;
+    assert!(cond.message.contains("ledger entry 2"), "{}", cond.message);
+    let (_, metrics) = scrape::get(op.port, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("edgeloom_operator_ledger_intact{pool=\"edge\"} 0"),
+        "{metrics}"
+    );
+    apply(&fed, &ns, &job_yaml("after", 1, "")).await;
+    jobs::wait_phase(
+        &fed,
+        &ns,
+        "after",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let paid = wait::until_some("Paid=False on the job", Duration::from_secs(30), || {
+        let fed = &fed;
+        let ns = ns.clone();
+        async move {
+            job(fed, &ns, "after")
+                .await
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Paid" && c.status == "False")
+        }
+    })
+    .await;
+    assert_eq!(paid.reason, "LedgerUnavailable");
+    assert!(paid.message.contains("ledger entry 2"), "{}", paid.message);
+    let after = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "export"]);
+    assert_eq!(
+        after.stdout.lines().count(),
+        4,
+        "nothing appended to a broken chain"
+    );
+}
+
+#[tokio::test]
+async fn a_job_stops_placing_when_its_budget_would_be_exceeded() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 1, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("budget").await.expect("ns");
+    // One node, one slot: shards run one after another at 0.0002 credits each. After the
+    // first is paid, a second would bring the total to 0.0004 > 0.0003.
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("budget", 3, "  budget:\n    maxAmount: \"0.0003\"\n"),
+    )
+    .await;
+    let failed = jobs::wait_phase(
+        &fed,
+        &ns,
+        "budget",
+        JobPhase::Failed,
+        Duration::from_secs(90),
+    )
+    .await;
+    let status = failed.status.expect("status");
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "BudgetExceeded")
+        .expect("BudgetExceeded condition");
+    assert_eq!(cond.status, "True");
+    assert!(
+        cond.message.contains("budget 0.0003 reached: 0.0002 spent"),
+        "{}",
+        cond.message
+    );
+    let failed_cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed");
+    assert_eq!(failed_cond.reason, "BudgetExceeded");
+    assert_eq!(status.progress.as_deref(), Some("1/3"));
+    let uid = failed.metadata.uid.expect("uid");
+    assert_eq!(wait_receipts(&fed, &uid, 1).await.len(), 1);
+    assert_eq!(
+        all_tasks(&fed, &uid).await.len(),
+        1,
+        "nothing placed past the budget"
     );
 }
 

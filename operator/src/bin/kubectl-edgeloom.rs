@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
 use edgeloom_operator::ledger::Entry;
-use edgeloom_operator::ledger_store::{LEDGER_LABEL, RawSegment, parse_segments};
+use edgeloom_operator::ledger_store::{
+    LEDGER_LABEL, REPUTATION_LABEL, RawSegment, parse_segments, reputation_shard,
+};
+use edgeloom_operator::trust::Reputation;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -61,6 +64,9 @@ enum LedgerCmd {
     Export,
     /// Totals per contributor account.
     Balance,
+    /// Nodes' verification record (adaptive trust): verified results, current run,
+    /// times caught, and whether they are trusted.
+    Trust,
 }
 
 #[tokio::main]
@@ -128,6 +134,9 @@ async fn ledger(
     pool: Option<String>,
     namespace: &str,
 ) -> Result<bool> {
+    if action == LedgerCmd::Trust {
+        return trust(client, pool, namespace).await;
+    }
     let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(LEDGER_LABEL))
         .await
@@ -212,7 +221,46 @@ async fn ledger(
                 eprintln!("pool {name}: BROKEN, no balance: {why}");
                 broken = true;
             }
+            (LedgerCmd::Trust, _) => unreachable!("handled above"),
         }
     }
     Ok(broken)
+}
+
+async fn trust(client: &kube::Client, pool: Option<String>, namespace: &str) -> Result<bool> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(REPUTATION_LABEL))
+        .await
+        .with_context(|| format!("listing reputation ConfigMaps in {namespace}"))?
+        .items;
+    let mut pools: BTreeMap<String, Reputation> = BTreeMap::new();
+    for cm in &cms {
+        let name = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("edgeloom.io/pool"))
+            .cloned()
+            .unwrap_or_default();
+        if pool.as_ref().is_some_and(|p| *p != name) {
+            continue;
+        }
+        let part = reputation_shard(cm).map_err(anyhow::Error::msg)?;
+        pools.entry(name).or_default().nodes.extend(part.nodes);
+    }
+    let thresholds: BTreeMap<String, u32> = Api::<EdgePool>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .map(|p| (p.name_any(), p.spec.verification.trust_threshold))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (name, rep) in pools {
+        let threshold = thresholds.get(&name).copied().unwrap_or(10);
+        print!("{}", cli::trust_table(&name, threshold, &rep));
+    }
+    Ok(false)
 }
