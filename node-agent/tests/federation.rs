@@ -6,7 +6,7 @@ use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
 use edgeloom_e2e::federation::{AgentProcess, AgentSpec, Federation};
-use edgeloom_e2e::{jobs, manifests, scrape, wait};
+use edgeloom_e2e::{jobs, ledger, manifests, scrape, wait};
 use kube::api::{Api, ListParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -494,6 +494,49 @@ async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
         shards[0].result_digest, shards[1].result_digest,
         "deterministic mode: two nodes, one digest"
     );
+    // Both honest nodes are paid, each exactly once, for the CPU time their agent measured.
+    let uid = done.metadata.uid.clone().expect("uid");
+    let paid = receipts(&fed, &uid, 2).await;
+    assert_eq!(paid.len(), 2, "{paid:?}");
+    let mut nodes: Vec<&str> = paid.iter().map(|p| p.3.as_str()).collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 2, "one receipt per node: {paid:?}");
+    for p in &paid {
+        assert_eq!(p.4, format!("acct-{}", p.3), "paid to the node's account");
+        assert!(p.5.parse::<f64>().expect("amount") > 0.0, "{p:?}");
+    }
+    let rewards = jobs::wait_phase(
+        &fed,
+        &ns,
+        "replicated",
+        JobPhase::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await
+    .status
+    .and_then(|s| s.rewards)
+    .expect("job rewards in status");
+    assert_eq!(rewards.by_account.len(), 2, "{rewards:?}");
+}
+
+fn plugin() -> PathBuf {
+    bin("kubectl-edgeloom")
+}
+
+/// Waits for `n` receipts of the job in the ledgers (`kubectl edgeloom ledger export`).
+async fn receipts(
+    fed: &Federation,
+    uid: &str,
+    n: usize,
+) -> Vec<(u64, u64, u64, String, String, String)> {
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    wait::until_true(&format!("{n} receipt(s)"), Duration::from_secs(30), || {
+        let kubeconfig = kubeconfig.clone();
+        async move { ledger::receipts_of(&ledger::export(&plugin(), &kubeconfig), uid).len() >= n }
+    })
+    .await;
+    ledger::receipts_of(&ledger::export(&plugin(), &kubeconfig), uid)
 }
 
 #[tokio::test]
@@ -661,4 +704,51 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
         }
     }
     assert_eq!(seen.len(), 3);
+    // The two honest replicas are paid; the cheater is not, and loses its trust.
+    let uid = done.metadata.uid.clone().expect("uid");
+    let paid = receipts(&fed, &uid, 2).await;
+    let nodes: Vec<&str> = paid.iter().map(|p| p.3.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "{paid:?}");
+    assert!(
+        !nodes.contains(&"edge-b-node-0"),
+        "the cheater is not paid: {paid:?}"
+    );
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    let trust = wait::until_some("the cheater's record", Duration::from_secs(30), || {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
+            out.stdout
+                .lines()
+                .find(|l| l.starts_with("edge-b/edge-b-node-0"))
+                .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        }
+    })
+    .await;
+    // NODE VERIFIED STREAK CAUGHT NEEDED TRUSTED
+    assert_eq!(trust[1..], ["0", "0", "1", "20", "no"], "{trust:?}");
+    let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
+    let honest_row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("edge-a/edge-a-node-0"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .expect("the honest node's record");
+    assert_eq!(honest_row[1..4], ["1", "1", "0"], "{}", out.stdout);
+    let events: Vec<String> =
+        Api::<k8s_openapi::api::core::v1::Event>::namespaced(fed.hub.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("ResultOutvoted"))
+            .filter_map(|e| e.message)
+            .collect();
+    assert!(
+        events.iter().any(|m| m.contains("edge-b/edge-b-node-0")),
+        "{events:?}"
+    );
+    let verify = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "verify"]);
+    assert_eq!(verify.code, Some(0), "{verify:?}");
 }
