@@ -141,6 +141,11 @@ pub struct VerificationPolicy {
     #[serde(default = "default_trust_threshold")]
     #[schemars(range(min = 1, max = 100_000))]
     pub trust_threshold: u32,
+    /// Times a node may be caught with a wrong result before it gets no more work
+    /// (quarantine, until its record is cleared); 0 = never.
+    #[serde(default = "default_quarantine_after")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub quarantine_after: u32,
 }
 
 impl Default for VerificationPolicy {
@@ -150,6 +155,7 @@ impl Default for VerificationPolicy {
             max_replicas: default_max_replicas(),
             spot_check_rate: default_spot_check_rate(),
             trust_threshold: default_trust_threshold(),
+            quarantine_after: default_quarantine_after(),
         }
     }
 }
@@ -162,6 +168,9 @@ fn default_max_replicas() -> u32 {
 }
 fn default_spot_check_rate() -> Decimal {
     Decimal("0.1".into())
+}
+fn default_quarantine_after() -> u32 {
+    2
 }
 fn default_trust_threshold() -> u32 {
     10

@@ -725,8 +725,8 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
         }
     })
     .await;
-    // NODE VERIFIED STREAK CAUGHT NEEDED TRUSTED
-    assert_eq!(trust[1..], ["0", "0", "1", "20", "no"], "{trust:?}");
+    // NODE VERIFIED STREAK CAUGHT NEEDED TRUSTED QUARANTINED (after 2 catches)
+    assert_eq!(trust[1..], ["0", "0", "1", "20", "no", "no"], "{trust:?}");
     let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
     let honest_row = out
         .stdout

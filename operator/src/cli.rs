@@ -248,11 +248,24 @@ pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) 
 }
 
 /// `kubectl edgeloom ledger trust` for one pool.
-pub fn trust_table(pool: &str, threshold: u32, rep: &crate::trust::Reputation) -> String {
+pub fn trust_table(
+    pool: &str,
+    threshold: u32,
+    quarantine_after: u32,
+    rep: &crate::trust::Reputation,
+) -> String {
     let mut rows = vec![
-        ["NODE", "VERIFIED", "STREAK", "CAUGHT", "NEEDED", "TRUSTED"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "NODE",
+            "VERIFIED",
+            "STREAK",
+            "CAUGHT",
+            "NEEDED",
+            "TRUSTED",
+            "QUARANTINED",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for (node, r) in &rep.nodes {
         rows.push(vec![
@@ -262,7 +275,16 @@ pub fn trust_table(pool: &str, threshold: u32, rep: &crate::trust::Reputation) -
             r.caught.to_string(),
             r.needed(threshold).to_string(),
             if r.trusted(threshold) { "yes" } else { "no" }.into(),
+            if quarantine_after > 0 && r.caught >= quarantine_after as u64 {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
         ]);
     }
-    format!("pool {pool} (trustThreshold {threshold})\n{}", table(&rows))
+    format!(
+        "pool {pool} (trustThreshold {threshold}, quarantineAfter {quarantine_after})\n{}",
+        table(&rows)
+    )
 }

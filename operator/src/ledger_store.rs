@@ -20,7 +20,7 @@ use crate::trust::{NodeRecord, Reputation};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio::sync::Mutex;
 
 /// Most entries per segment.
@@ -624,6 +624,23 @@ impl ReputationStore {
             nodes.iter().map(|n| rep.trusted(n, threshold)).collect(),
             rep.salt.clone(),
         ))
+    }
+
+    /// Nodes caught at least `after` times (none when `after` is 0).
+    pub async fn quarantined(&self, after: u32) -> Result<HashSet<String>, StoreError> {
+        let guard = self.ensure().await?;
+        if after == 0 {
+            return Ok(HashSet::new());
+        }
+        Ok(guard
+            .as_ref()
+            .expect("loaded")
+            .0
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.caught >= after as u64)
+            .map(|(n, _)| n.clone())
+            .collect())
     }
 
     /// One node's record.

@@ -342,6 +342,20 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         Err(e) => ledger_problem(&mut conds, &name, &e, generation, now, ctx),
     }
     .or(old.rewards.clone());
+    match ctx
+        .books
+        .reputation(&name)
+        .quarantined(pool.spec.verification.quarantine_after)
+        .await
+    {
+        Ok(q) => {
+            if !q.is_empty() {
+                tracing::debug!(pool = %name, nodes = ?q, "quarantined nodes get no work");
+            }
+            ctx.scheduler.set_quarantined(&name, q);
+        }
+        Err(e) => tracing::warn!(pool = %name, error = %e, "reading reputation failed"),
+    }
     let status = EdgePoolStatus {
         conditions: conds,
         observed_generation: generation,

@@ -73,12 +73,25 @@ struct InFlight {
 #[derive(Default)]
 pub struct Scheduler {
     pending: Mutex<HashMap<String, Work>>,
+    /// Per pool, the nodes ("cluster/node") caught too often to get work.
+    quarantine: Mutex<HashMap<String, HashSet<String>>>,
     unfit: Mutex<HashMap<String, String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     notify: Notify,
 }
 
 impl Scheduler {
+    /// Replaces the quarantined nodes ("cluster/node") of `pool`.
+    pub fn set_quarantined(&self, pool: &str, nodes: HashSet<String>) {
+        if let Ok(mut q) = self.quarantine.lock() {
+            if nodes.is_empty() {
+                q.remove(pool);
+            } else {
+                q.insert(pool.to_string(), nodes);
+            }
+        }
+    }
+
     /// Asks for placement of `work` (replacing an earlier request of the same job).
     pub fn submit(&self, work: Work) {
         let key = format!("{}/{}", work.namespace, work.name);
@@ -153,7 +166,12 @@ impl Scheduler {
             })
             .filter(|w| !w.needs.is_empty())
             .collect();
-        let mut world = World::build(&members, now, &in_flight);
+        let quarantine = self
+            .quarantine
+            .lock()
+            .map(|q| q.clone())
+            .unwrap_or_default();
+        let mut world = World::build(&members, now, &in_flight, &quarantine);
         let waiting = work
             .into_iter()
             .map(|w| Waiting {
@@ -365,7 +383,12 @@ pub struct World {
 
 impl World {
     /// Builds the snapshot from the members' caches at `now`.
-    fn build(members: &[Arc<Member>], now: Timestamp, in_flight: &[InFlight]) -> World {
+    fn build(
+        members: &[Arc<Member>],
+        now: Timestamp,
+        in_flight: &[InFlight],
+        quarantine: &HashMap<String, HashSet<String>>,
+    ) -> World {
         let mut interner = Interner::default();
         let mut nodes = Vec::new();
         let mut node_names = Vec::new();
@@ -408,11 +431,15 @@ impl World {
             }
             let region = m.spec.region.as_deref().map(|r| interner.intern(r));
             let zone = m.spec.zone.as_deref().map(|z| interner.intern(z));
+            let quarantined = quarantine.get(&m.pool);
             for entry in m.nodes.state() {
                 let name = entry.name.to_string();
                 if let Some(sel) = selector
                     && !selector_matches(sel, &entry.label_map())
                 {
+                    continue;
+                }
+                if quarantined.is_some_and(|q| q.contains(&format!("{}/{name}", m.spec.name))) {
                     continue;
                 }
                 let inv = entry.inventory.clone();

@@ -6,6 +6,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use edgeloom_crds::edge_pool::VerificationPolicy;
 use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
 use edgeloom_operator::ledger::Entry;
@@ -248,19 +249,22 @@ async fn trust(client: &kube::Client, pool: Option<String>, namespace: &str) -> 
         let part = reputation_shard(cm).map_err(anyhow::Error::msg)?;
         pools.entry(name).or_default().nodes.extend(part.nodes);
     }
-    let thresholds: BTreeMap<String, u32> = Api::<EdgePool>::all(client.clone())
+    let policies: BTreeMap<String, VerificationPolicy> = Api::<EdgePool>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map(|l| {
             l.items
                 .iter()
-                .map(|p| (p.name_any(), p.spec.verification.trust_threshold))
+                .map(|p| (p.name_any(), p.spec.verification.clone()))
                 .collect()
         })
         .unwrap_or_default();
     for (name, rep) in pools {
-        let threshold = thresholds.get(&name).copied().unwrap_or(10);
-        print!("{}", cli::trust_table(&name, threshold, &rep));
+        let policy = policies.get(&name).cloned().unwrap_or_default();
+        print!(
+            "{}",
+            cli::trust_table(&name, policy.trust_threshold, policy.quarantine_after, &rep)
+        );
     }
     Ok(false)
 }
