@@ -177,14 +177,30 @@ async fn demo(nodes: u32) -> Result<()> {
             .map(|(k, v)| format!("{k}={v:.4}"))
             .collect();
         let digest = s.result.and_then(|r| r.digest).unwrap_or_default();
+        let paid = s
+            .rewards
+            .map(|r| {
+                format!(
+                    "paid {} in {} receipt(s)",
+                    r.total.unwrap_or_default(),
+                    r.receipts
+                )
+            })
+            .unwrap_or_else(|| "not paid yet".into());
         println!(
-            "  {:<17} {:<9} result {}  {}",
+            "  {:<17} {:<9} result {}  {}  {paid}",
             j.metadata.name.unwrap_or_default(),
             format!("{:?}", s.phase.unwrap_or(JobPhase::Pending)),
             digest.get(..16).unwrap_or("-"),
             metrics.join(" ")
         );
     }
+    println!("\n== kubectl edgeloom ledger balance   (rewards per contributor account)");
+    kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "balance"])?;
+    println!("\n== kubectl edgeloom ledger verify    (recomputes every hash of the chain)");
+    kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "verify"])?;
+    println!("\n== kubectl edgeloom ledger trust     (verified results per node)");
+    kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "trust"])?;
     for member in fed.plane.members() {
         println!(
             "\n== kubectl get ct -n edgeloom-system   (cluster {})",
