@@ -60,4 +60,48 @@ build "$tools/kube" "$cache/tools/$kube_key" kube-apiserver k8s.io/kubernetes/cm
 build "$tools/kube" "$cache/tools/$kube_key" kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kv"
 build "$tools/kube" "$cache/tools/$kube_key" kubectl k8s.io/kubernetes/cmd/kubectl "$kv"
 build "$tools/helm" "$cache/tools/$helm_key" helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}"
+
+# Prometheus + promtool: Debian's package, extracted (no root needed once downloaded).
+prom_dir="$cache/prometheus-${PROMETHEUS_DEB_VERSION}"
+if [ -x "$prom_dir/usr/bin/prometheus" ] && [ -x "$prom_dir/usr/bin/promtool" ]; then
+  echo "install-tools: prometheus ${PROMETHEUS_DEB_VERSION} is cached ($prom_dir)"
+else
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || {
+    echo "install-tools: prometheus comes from Debian's package; apt-get and dpkg-deb are required" >&2; exit 1; }
+  echo "install-tools: downloading Debian package prometheus=${PROMETHEUS_DEB_VERSION} (about 20 MB)..."
+  tmp=$(mktemp -d)
+  if ! ( cd "$tmp" && apt-get download "prometheus=${PROMETHEUS_DEB_VERSION}" ); then
+    if [ "$(id -u)" = 0 ]; then
+      echo "install-tools: refreshing apt's package lists and retrying..."
+      apt-get update -qq
+      ( cd "$tmp" && apt-get download "prometheus=${PROMETHEUS_DEB_VERSION}" )
+    else
+      echo "install-tools: apt-get download prometheus=${PROMETHEUS_DEB_VERSION} failed; run 'sudo apt-get update' and retry" >&2
+      exit 1
+    fi
+  fi
+  rm -rf "$prom_dir.tmp" && mkdir -p "$prom_dir.tmp"
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$prom_dir.tmp"
+  rm -rf "$tmp" "$prom_dir" && mv "$prom_dir.tmp" "$prom_dir"
+  echo "install-tools: prometheus installed in $prom_dir"
+fi
+ln -sfn "$prom_dir/usr/bin/prometheus" "$cache/bin/prometheus"
+ln -sfn "$prom_dir/usr/bin/promtool" "$cache/bin/promtool"
+
+# The Prometheus Operator's CRDs, from its Go module (only three YAML files are kept).
+crd_dir="$cache/crds/prometheus-operator-${PROMETHEUS_OPERATOR_VERSION}"
+if [ -f "$crd_dir/monitoring.coreos.com_prometheusrules.yaml" ]; then
+  echo "install-tools: Prometheus Operator CRDs ${PROMETHEUS_OPERATOR_VERSION} are cached ($crd_dir)"
+else
+  echo "install-tools: downloading the Prometheus Operator ${PROMETHEUS_OPERATOR_VERSION} Go module for its CRDs..."
+  moddir=$(cd "$tools/kube" && go mod download -json "github.com/prometheus-operator/prometheus-operator@${PROMETHEUS_OPERATOR_VERSION}" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -n "$moddir" ] || { echo "install-tools: could not download the Prometheus Operator module" >&2; exit 1; }
+  mkdir -p "$crd_dir.tmp"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    cp "$moddir/example/prometheus-operator-crd/monitoring.coreos.com_${kind}.yaml" "$crd_dir.tmp/"
+  done
+  chmod -R u+w "$crd_dir.tmp" && rm -rf "$crd_dir" && mv "$crd_dir.tmp" "$crd_dir"
+fi
+ln -sfn "$crd_dir" "$cache/crds/prometheus-operator"
 echo "install-tools: ready in $cache/bin ($(ls "$cache/bin" | tr '\n' ' '))"

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod manifests;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod scrape;
 pub mod sim_agent;
 pub mod tools;

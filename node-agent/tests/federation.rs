@@ -752,3 +752,174 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
     let verify = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "verify"]);
     assert_eq!(verify.code, Some(0), "{verify:?}");
 }
+
+#[tokio::test]
+async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_alert_evaluates() {
+    use edgeloom_e2e::prometheus::{self, Prometheus};
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 6, 1).await.expect("pool");
+    let start = |member: &str, node: &str, cheat: bool| {
+        let spec = AgentSpec {
+            member: member.into(),
+            node: node.into(),
+            account: format!("acct-{node}"),
+            datasets: BTreeMap::new(),
+            cheat,
+        };
+        fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+            .expect("agent")
+    };
+    let agents = vec![
+        start("edge-a", "edge-a-node-0", false),
+        start("edge-a", "edge-a-node-1", false),
+        start("edge-b", "edge-b-node-0", false),
+        start("edge-b", "edge-b-node-1", true),
+    ];
+    let op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    // The chart's alert rules, checked by promtool, loaded into a real Prometheus that
+    // scrapes the operator and every agent each second.
+    let rules = fed.plane.dir().join("edgeloom-rules.yml");
+    let spec = prometheus::write_chart_rules(&rules).expect("rules");
+    prometheus::promtool_check_rules(&rules).expect("promtool");
+    let prom = Prometheus::start(
+        fed.plane.dir(),
+        &[
+            ("edgeloom-operator", vec![op.port]),
+            ("edgeloom-agent", agents.iter().map(|a| a.port).collect()),
+        ],
+        Some(&rules),
+    )
+    .await
+    .expect("prometheus");
+    eprintln!("prometheus at {}", prom.url());
+
+    // Work that exercises every part: 2 shards x 2 replicas on the 4 nodes, one of them a
+    // cheater that a third replica outvotes.
+    let ns = fed.namespace("observed").await.expect("ns");
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: observed\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n    parameters:\n      epochs: 5\n  shards: 2\n  verification:\n    replicas: 2\n";
+    manifests::apply_all(&fed.hub, job, &ns, false)
+        .await
+        .expect("job");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "observed",
+        JobPhase::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    receipts(&fed, &done.metadata.uid.clone().expect("uid"), 4).await;
+    // Let Prometheus scrape the final state.
+    wait::until_true(
+        "Prometheus to see the finished job and its rewards",
+        Duration::from_secs(30),
+        || {
+            let prom = &prom;
+            async move {
+                let finished = prom
+                    .query("edgeloom_operator_jobs_finished_total{phase=\"Succeeded\"}")
+                    .await
+                    .unwrap_or_default();
+                let outvoted = prom
+                    .query("edgeloom_operator_verification_results_total{verdict=\"outvoted\"}")
+                    .await
+                    .unwrap_or_default();
+                !finished.is_empty() && !outvoted.is_empty()
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Every target is up.
+    let targets = prom.api("/api/v1/targets").await.expect("targets");
+    let active = targets["data"]["activeTargets"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(active.len(), 5, "{targets}");
+    for t in &active {
+        assert_eq!(t["health"], "up", "{t}");
+    }
+    // Every rule loaded and evaluates without error.
+    let loaded = prom.api("/api/v1/rules").await.expect("rules");
+    let mut rule_count = 0;
+    for g in loaded["data"]["groups"].as_array().into_iter().flatten() {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            rule_count += 1;
+            assert_eq!(r["health"], "ok", "{r}");
+        }
+    }
+    let alerts = prometheus::alerts(&spec);
+    assert_eq!(rule_count, alerts.len(), "{loaded}");
+
+    // Every dashboard panel's query evaluates, and returns data unless its description
+    // says when it is empty (GPU panels on this GPU-less machine, error panels).
+    let mut report = Vec::new();
+    for q in prometheus::dashboard_queries().expect("dashboard") {
+        let result = prom
+            .query(&q.expr)
+            .await
+            .unwrap_or_else(|e| panic!("panel {:?}: {e}", q.title));
+        report.push(format!("{:<32} {} series", q.title, result.len()));
+        assert!(
+            !result.is_empty() || q.may_be_empty(),
+            "panel {:?} returned no data: {}",
+            q.title,
+            q.expr
+        );
+    }
+    eprintln!("{}", report.join("\n"));
+
+    // Every alert expression evaluates; in this healthy federation only the verification
+    // alert has data (the cheater was outvoted).
+    let mut firing = Vec::new();
+    for (name, expr) in &alerts {
+        let result = prom
+            .query(expr)
+            .await
+            .unwrap_or_else(|e| panic!("alert {name}: {e}"));
+        if !result.is_empty() {
+            firing.push(name.clone());
+        }
+    }
+    assert_eq!(
+        firing,
+        ["EdgeloomVerificationMismatches"],
+        "alerts with data"
+    );
+
+    // A member cluster goes away: its unreachable and lost-heartbeat alerts have data.
+    fed.plane.kill_apiserver("edge-b").expect("kill");
+    for name in [
+        "EdgeloomMemberClusterUnreachable",
+        "EdgeloomNodeHeartbeatsLost",
+    ] {
+        let expr = alerts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e.clone())
+            .expect("alert");
+        wait::until_some(
+            &format!("{name} to have data"),
+            Duration::from_secs(60),
+            || {
+                let prom = &prom;
+                let expr = expr.clone();
+                async move {
+                    let r = prom.query(&expr).await.ok()?;
+                    r.iter()
+                        .any(|s| s["metric"]["cluster"] == "edge-b")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    drop(agents);
+}
