@@ -237,6 +237,33 @@ impl Prometheus {
         Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Waits until `n` targets are up (Prometheus hands new targets to its scrapers only
+    /// every few seconds), so that what follows is recorded from its start.
+    pub async fn wait_targets_up(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(), PrometheusError> {
+        let start = Instant::now();
+        loop {
+            let v = self.api("/api/v1/targets").await?;
+            let up = v["data"]["activeTargets"]
+                .as_array()
+                .map(|t| t.iter().filter(|t| t["health"] == "up").count())
+                .unwrap_or(0);
+            if up >= n {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(PrometheusError::NotReady(
+                    timeout,
+                    format!("{up}/{n} targets up: {v}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The URL of its UI.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

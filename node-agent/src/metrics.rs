@@ -86,6 +86,10 @@ impl Metrics {
         registry.register(Box::new(tflops.clone()))?;
         registry.register(Box::new(heartbeats.clone()))?;
         registry.register(Box::new(heartbeat_failures.clone()))?;
+        // Start at 0 so the first finished task is an increase, not a new series.
+        for outcome in ["succeeded", "failed", "cancelled"] {
+            tasks.with_label_values(&[outcome]).inc_by(0);
+        }
         Ok(Metrics {
             registry,
             dcgm,

@@ -797,6 +797,9 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
     .await
     .expect("prometheus");
     eprintln!("prometheus at {}", prom.url());
+    prom.wait_targets_up(5, Duration::from_secs(30))
+        .await
+        .expect("every target scraped");
 
     // Work that exercises every part: 2 shards x 2 replicas on the 4 nodes, one of them a
     // cheater that a third replica outvotes.
@@ -826,7 +829,7 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
                     .await
                     .unwrap_or_default();
                 let outvoted = prom
-                    .query("edgeloom_operator_verification_results_total{verdict=\"outvoted\"}")
+                    .query("edgeloom_operator_verification_results_total{verdict=\"outvoted\"} > 0")
                     .await
                     .unwrap_or_default();
                 !finished.is_empty() && !outvoted.is_empty()
@@ -888,10 +891,16 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
             firing.push(name.clone());
         }
     }
+    let debug = prom
+        .api(&format!(
+            "/api/v1/query?query={}",
+            edgeloom_e2e::scrape::encode("edgeloom_operator_verification_results_total[1h]")
+        ))
+        .await;
     assert_eq!(
         firing,
         ["EdgeloomVerificationMismatches"],
-        "alerts with data"
+        "alerts with data; verification samples: {debug:?}"
     );
 
     // A member cluster goes away: its unreachable and lost-heartbeat alerts have data.

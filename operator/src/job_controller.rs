@@ -582,6 +582,10 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         publish_events(&job, &old, &status, &unfit, ctx).await;
         if finished && !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
             ctx.metrics
+                .verification
+                .with_label_values(&["rejected"])
+                .inc_by(u64::from(decision.reason == "VerificationFailed"));
+            ctx.metrics
                 .jobs_finished
                 .with_label_values(&[phase_label(decision.phase)])
                 .inc();

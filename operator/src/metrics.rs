@@ -177,6 +177,17 @@ impl Metrics {
         registry.register(Box::new(member_ready_nodes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(jobs_finished.clone()))?;
+        // Counters that dashboards and alerts read with increase()/rate() start at 0, so
+        // that their first event is an increase and not a new series.
+        for phase in ["Succeeded", "Failed"] {
+            jobs_finished.with_label_values(&[phase]).inc_by(0);
+        }
+        for verdict in ["accepted", "outvoted", "rejected"] {
+            verification.with_label_values(&[verdict]).inc_by(0);
+        }
+        for reason in ["failed", "node_lost"] {
+            retries.with_label_values(&[reason]).inc_by(0);
+        }
         Ok(Metrics {
             registry,
             reconciles,

@@ -313,6 +313,12 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         generation,
         now,
     );
+    // Reward counters of this pool start at 0 (dashboards use increase()).
+    ctx.metrics
+        .rewards
+        .with_label_values(&[&name, &pool.spec.rewards.unit])
+        .inc_by(0.0);
+    ctx.metrics.receipts.with_label_values(&[&name]).inc_by(0);
     // The ledger: re-read when a segment changed behind the operator's back, verified.
     let ledger = ctx.books.ledger(&name);
     let rewards = match ledger.refresh().await {
