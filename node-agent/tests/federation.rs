@@ -932,3 +932,38 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
     }
     drop(agents);
 }
+
+#[test]
+fn the_charts_agent_configuration_is_one_the_agent_accepts() {
+    let rendered = edgeloom_e2e::prometheus::helm_template(&[
+        "agent.account=acct-clinic",
+        "agent.maxTasks=3",
+        "agent.datasets.clinic-records=/data/clinic.csv",
+    ])
+    .expect("helm template");
+    let cm = manifests::parse(&rendered)
+        .expect("yaml")
+        .into_iter()
+        .find(|o| {
+            o.types.as_ref().is_some_and(|t| t.kind == "ConfigMap")
+                && o.metadata.name.as_deref() == Some("edgeloom-agent")
+        })
+        .expect("the agent's ConfigMap");
+    let text = cm.data["data"]["agent.yaml"].as_str().expect("agent.yaml");
+    let path = std::env::temp_dir().join(format!("edgeloom-agent-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).expect("write");
+    let mut config = edgeloom_agent::config::Config::from_file(&path).expect("the agent parses it");
+    std::fs::remove_file(&path).ok();
+    config.node = "from-the-downward-api".into();
+    config.validate().expect("valid");
+    assert_eq!(config.account.as_deref(), Some("acct-clinic"));
+    assert_eq!(config.max_tasks, 3);
+    assert_eq!(
+        config
+            .datasets
+            .get("clinic-records")
+            .map(|p| p.display().to_string()),
+        Some("/data/clinic.csv".into())
+    );
+    assert_eq!(config.runner, Path::new("/usr/local/bin/edgeloom-runner"));
+}

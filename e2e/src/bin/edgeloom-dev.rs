@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edgeloom_crds::{ComputeJob, JobPhase};
 use edgeloom_e2e::federation::Federation;
-use edgeloom_e2e::{Config, ControlPlane, manifests, tools};
+use edgeloom_e2e::{Config, ControlPlane, manifests, prometheus, tools};
 use kube::api::Api;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,7 +40,12 @@ enum Cmd {
     /// Start the clusters and keep them running until Ctrl-C.
     Up,
     /// The federated demo: clusters, operator, example jobs placed across members.
-    Demo,
+    Demo {
+        /// Keep the clusters, agents, operator and Prometheus running after the demo until
+        /// Ctrl-C (to look around with kubectl and the Prometheus UI).
+        #[arg(long)]
+        hold: bool,
+    },
 }
 
 #[tokio::main]
@@ -53,8 +58,8 @@ async fn main() -> Result<()> {
         dir: cli.dir,
         ..Config::default()
     };
-    if let Cmd::Demo = cli.command {
-        return demo(cli.nodes).await;
+    if let Cmd::Demo { hold } = cli.command {
+        return demo(cli.nodes, hold).await;
     }
     let plane = ControlPlane::start(config)
         .await
@@ -96,7 +101,7 @@ async fn up(plane: &ControlPlane) -> Result<()> {
 }
 
 /// The demo: the federation, the operator, example jobs placed across both edge clusters.
-async fn demo(nodes: u32) -> Result<()> {
+async fn demo(nodes: u32, hold: bool) -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let exe = |name: &str| std::env::current_exe().map(|p| p.with_file_name(name));
     let (operator, plugin, agent, runner) = (
@@ -118,7 +123,7 @@ async fn demo(nodes: u32) -> Result<()> {
     println!(
         "== starting one edgeloom-agent per node (each measures its node with libtorch first)"
     );
-    let _agents = fed.start_agents(&agent, &runner, "contributor", &Default::default())?;
+    let agents = fed.start_agents(&agent, &runner, "contributor", &Default::default())?;
     let hub = fed.plane.hub();
     let kubectl = tools::tool("kubectl")?;
     println!(
@@ -127,7 +132,8 @@ async fn demo(nodes: u32) -> Result<()> {
     let pool = std::fs::read_to_string(repo.join("manifests/edgepool-edge.yaml"))?;
     manifests::apply_all(&fed.hub, &pool, "default", false).await?;
     println!("== starting edgeloom-operator");
-    let _operator = fed.operator(&operator, "demo")?;
+    let operator_process = fed.operator(&operator, "demo")?;
+    let prom = start_prometheus(&fed, operator_process.port, &agents).await;
     let ns = fed.namespace("demo").await?;
     for example in [
         "job-train-digits.yaml",
@@ -212,14 +218,150 @@ async fn demo(nodes: u32) -> Result<()> {
             &["get", "ct", "-n", "edgeloom-system"],
         )?;
     }
+    if let Some(prom) = &prom {
+        show_prometheus(prom).await;
+    }
     println!("\n== rejected at admission: manifests/invalid/job-negative-shards.yaml");
     let bad = std::fs::read_to_string(repo.join("manifests/invalid/job-negative-shards.yaml"))?;
     match manifests::apply_all(&fed.hub, &bad, &ns, true).await {
         Ok(_) => bail!("an invalid manifest was accepted"),
         Err(e) => println!("  {e}"),
     }
+    if hold {
+        println!("\n== holding (Ctrl-C to tear down)");
+        println!("  hub kubeconfig:  {}", hub.kubeconfig.display());
+        for m in fed.plane.members() {
+            println!("  {} kubeconfig: {}", m.name, m.kubeconfig.display());
+        }
+        if let Some(prom) = &prom {
+            println!(
+                "  Prometheus:      {}/alerts  {}/graph",
+                prom.url(),
+                prom.url()
+            );
+        }
+        println!(
+            "  operator:        http://127.0.0.1:{}/metrics",
+            operator_process.port
+        );
+        tokio::signal::ctrl_c().await?;
+    }
     println!("\ndemo done; tearing down");
     Ok(())
+}
+
+/// A real Prometheus (from install-tools) scraping the operator and every agent each
+/// second, with the Helm chart's alert rules; None, saying why, when it cannot start.
+async fn start_prometheus(
+    fed: &Federation,
+    operator_port: u16,
+    agents: &[edgeloom_e2e::federation::AgentProcess],
+) -> Option<prometheus::Prometheus> {
+    let rules = fed.plane.dir().join("edgeloom-rules.yml");
+    let started = async {
+        prometheus::write_chart_rules(&rules)?;
+        let prom = prometheus::Prometheus::start(
+            fed.plane.dir(),
+            &[
+                ("edgeloom-operator", vec![operator_port]),
+                ("edgeloom-agent", agents.iter().map(|a| a.port).collect()),
+            ],
+            Some(&rules),
+        )
+        .await?;
+        prom.wait_targets_up(1 + agents.len(), Duration::from_secs(30))
+            .await?;
+        Ok::<_, prometheus::PrometheusError>(prom)
+    };
+    match started.await {
+        Ok(prom) => {
+            println!(
+                "== Prometheus scraping the operator and {} agents: {} (the chart's alert rules loaded)",
+                agents.len(),
+                prom.url()
+            );
+            Some(prom)
+        }
+        Err(e) => {
+            println!("== (no Prometheus: {e}; run e2e/scripts/install-tools.sh)");
+            None
+        }
+    }
+}
+
+/// What Prometheus saw of the demo: a few dashboard queries and the alerts.
+async fn show_prometheus(prom: &prometheus::Prometheus) {
+    // One more scrape after the last status change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "\n== Prometheus {} (dashboard queries of charts/edgeloom/files/dashboard.json)",
+        prom.url()
+    );
+    for (what, expr) in [
+        (
+            "jobs finished",
+            "sum by (phase) (edgeloom_operator_jobs_finished_total)",
+        ),
+        (
+            "rewards issued",
+            "sum by (pool, unit) (edgeloom_operator_rewards_total)",
+        ),
+        ("ledger receipts", "edgeloom_operator_ledger_receipts"),
+        (
+            "verification verdicts",
+            "sum by (verdict) (edgeloom_operator_verification_results_total)",
+        ),
+        ("ready agent nodes", "edgeloom_operator_member_ready_nodes"),
+        ("node TFLOP/s", "edgeloom_agent_node_tflops"),
+    ] {
+        match prom.query(expr).await {
+            Ok(series) => {
+                let values: Vec<String> = series
+                    .iter()
+                    .map(|s| {
+                        let labels: Vec<String> = s["metric"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .filter(|(k, _)| !matches!(k.as_str(), "__name__" | "job"))
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect();
+                        format!(
+                            "{{{}}} {}",
+                            labels.join(","),
+                            s["value"][1].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                println!("  {what:<22} {expr}\n  {:<22} {}", "", values.join("  "));
+            }
+            Err(e) => println!("  {what:<22} {e}"),
+        }
+    }
+    if let Ok(rules) = prom.api("/api/v1/rules").await {
+        let all: Vec<&serde_json::Value> = rules["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let healthy = all.iter().filter(|r| r["health"] == "ok").count();
+        let firing: Vec<&str> = all
+            .iter()
+            .filter(|r| r["state"] == "firing" || r["state"] == "pending")
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        println!(
+            "  alert rules: {}/{} evaluate without error; pending or firing: {}",
+            healthy,
+            all.len(),
+            if firing.is_empty() {
+                "none".to_string()
+            } else {
+                firing.join(", ")
+            }
+        );
+    }
 }
 
 fn kubectl_run(kubectl: &Path, kubeconfig: &Path, args: &[&str]) -> Result<()> {
