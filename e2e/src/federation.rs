@@ -8,16 +8,20 @@ use crate::process::Process;
 use crate::sim_agent::{SimAgents, SimNode};
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A running federation.
 pub struct Federation {
     /// Simulated agents per member cluster name.
     pub agents: BTreeMap<String, SimAgents>,
+    /// Per node: a kubeconfig with the agent's pod-bound service-account token (set up by
+    /// [`Federation::start_bare`]; nodes without one use the member's admin kubeconfig).
+    pub agent_kubeconfigs: BTreeMap<String, PathBuf>,
     /// The clusters (dropped last).
     pub plane: ControlPlane,
     /// Admin client of the hub.
@@ -36,6 +40,9 @@ pub enum FederationError {
     /// An API call failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    /// helm failed.
+    #[error("helm {0}: {1}")]
+    Helm(String, String),
     /// A process failed to start.
     #[error("starting {0}: {1}")]
     Spawn(String, std::io::Error),
@@ -86,6 +93,145 @@ pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, Federati
     Ok(hub)
 }
 
+/// Real identities, as on a real cluster (DESIGN.md §4a): the Helm chart's edge-cluster
+/// part is installed with real helm into every member (the agent's ServiceAccount, RBAC
+/// and node-identity admission policy, and the hub operator's ServiceAccount); the hub's
+/// Secret for each member then holds a kubeconfig with the `edgeloom-hub` token instead of
+/// the admin's; and each node gets a Pod object bound to it (nothing runs it) and a token
+/// from the TokenRequest API bound to that Pod, so the agent on that node authenticates
+/// exactly as a DaemonSet pod would. Returns the agents' kubeconfigs by node.
+pub async fn member_identities(
+    plane: &ControlPlane,
+    hub: &kube::Client,
+) -> Result<BTreeMap<String, PathBuf>, FederationError> {
+    let helm = crate::tools::tool("helm")
+        .map_err(|e| FederationError::Helm("not found".into(), e.to_string()))?;
+    let chart = crate::prometheus::chart_dir();
+    let mut kubeconfigs = BTreeMap::new();
+    for m in plane.members() {
+        let out = std::process::Command::new(&helm)
+            .arg("--kubeconfig")
+            .arg(&m.kubeconfig)
+            .args(["install", "edgeloom"])
+            .arg(&chart)
+            .args(["-n", SYSTEM_NAMESPACE, "--wait=false"])
+            .args([
+                "--set",
+                "operator.enabled=false",
+                "--set",
+                "memberAccess.create=true",
+            ])
+            .output()
+            .map_err(|e| FederationError::Helm("install".into(), e.to_string()))?;
+        if !out.status.success() {
+            return Err(FederationError::Helm(
+                format!("install into {}", m.name),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        let client = m.client().await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        // The hub operator's identity in this member.
+        let token = request_token(&sas, "edgeloom-hub", None).await?;
+        let text = token_kubeconfig(&m.kubeconfig, &m.name, &token)?;
+        let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-kubeconfig", m.name)),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "kubeconfig".to_string(),
+                ByteString(text.into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        secrets
+            .replace(
+                &format!("{}-kubeconfig", m.name),
+                &PostParams::default(),
+                &secret,
+            )
+            .await?;
+        // Each node's agent identity.
+        let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        for node in &m.nodes {
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("edgeloom-agent-{node}"),
+                             "labels": {"app.kubernetes.io/name": "edgeloom-agent-e2e"}},
+                "spec": {"nodeName": node, "serviceAccountName": "edgeloom-agent",
+                         // The simulated nodes have no kubelet: never evict the Pod, or
+                         // its token would stop working.
+                         "tolerations": [{"operator": "Exists"}],
+                         "containers": [{"name": "agent", "image": "edgeloom:e2e"}]}
+            }))
+            .map_err(|e| FederationError::Helm("pod".into(), e.to_string()))?;
+            let pod = pods.create(&PostParams::default(), &pod).await?;
+            let token = request_token(&sas, "edgeloom-agent", Some(&pod)).await?;
+            let path = plane.dir().join(format!("agent-{node}.kubeconfig"));
+            let text = token_kubeconfig(&m.kubeconfig, &m.name, &token)?;
+            std::fs::write(&path, text)
+                .map_err(|e| FederationError::Spawn(path.display().to_string(), e))?;
+            kubeconfigs.insert(node.clone(), path);
+        }
+    }
+    Ok(kubeconfigs)
+}
+
+/// A token of ServiceAccount `sa` (valid 24 h), bound to `pod` if given.
+async fn request_token(
+    sas: &Api<ServiceAccount>,
+    sa: &str,
+    pod: Option<&Pod>,
+) -> Result<String, FederationError> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            bound_object_ref: pod.map(|p| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: p.metadata.name.clone(),
+                uid: p.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(86_400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    sas.create_token_request(sa, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| FederationError::Helm("token request".into(), "no token returned".into()))
+}
+
+/// A kubeconfig for the cluster of `admin_kubeconfig` that authenticates with `token`.
+fn token_kubeconfig(
+    admin_kubeconfig: &Path,
+    cluster: &str,
+    token: &str,
+) -> Result<String, FederationError> {
+    let kc = kube::config::Kubeconfig::read_from(admin_kubeconfig)
+        .map_err(|e| FederationError::Helm("kubeconfig".into(), e.to_string()))?;
+    let server = kc
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .ok_or_else(|| FederationError::Helm("kubeconfig".into(), "no cluster".into()))?;
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": cluster, "cluster": {
+            "server": server.server,
+            "certificate-authority-data": server.certificate_authority_data,
+            "certificate-authority": server.certificate_authority,
+        }}],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": "token"}}],
+        "current-context": cluster,
+    });
+    Ok(doc.to_string())
+}
+
 impl Federation {
     /// Starts `members` with `nodes` simulated nodes each, whose tasks take `work`.
     pub async fn start(
@@ -116,8 +262,10 @@ impl Federation {
         })
         .await?;
         let hub = link_members(&plane).await?;
+        let agent_kubeconfigs = member_identities(&plane, &hub).await?;
         Ok(Federation {
             agents: BTreeMap::new(),
+            agent_kubeconfigs,
             plane,
             hub,
         })
@@ -212,8 +360,9 @@ pub struct AgentProcess {
 }
 
 impl Federation {
-    /// Starts a real edgeloom-agent (`bin`, running `runner`) for one node, with the
-    /// member's admin kubeconfig, a 2 s heartbeat and a quick start-up benchmark.
+    /// Starts a real edgeloom-agent (`bin`, running `runner`) for one node, with the node's
+    /// pod-bound token (see [`member_identities`]; else the member's admin kubeconfig), a
+    /// 2 s heartbeat and a quick start-up benchmark.
     pub fn agent(
         &self,
         bin: &Path,
@@ -246,8 +395,13 @@ impl Federation {
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config)
             .map_err(|e| FederationError::Spawn(config_path.display().to_string(), e))?;
+        let kubeconfig = self
+            .agent_kubeconfigs
+            .get(&spec.node)
+            .cloned()
+            .unwrap_or_else(|| member.kubeconfig.clone());
         let args = vec![
-            format!("--kubeconfig={}", member.kubeconfig.display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
             format!("--config={}", config_path.display()),
             format!("--metrics-addr=127.0.0.1:{port}"),
         ];
