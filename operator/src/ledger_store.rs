@@ -274,6 +274,8 @@ impl LedgerStore {
                 })
                 .collect(),
             open_text: raw.last().map(|(s, _)| s.data.clone()).unwrap_or_default(),
+            // Appending needs keys, length and head only; receipts stay in the API.
+            ledger: Ledger::default().index_only(),
             ..Loaded::default()
         };
         loaded.commit(entries)?;

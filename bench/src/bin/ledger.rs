@@ -41,6 +41,12 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         receipts: usize,
     },
+    /// (Used by `store`.) Loads the bench ledger and prints the memory it holds.
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        kubeconfig: std::path::PathBuf,
+    },
     /// Verification overhead: fixed replicas=2 against adaptive trust.
     Verification {
         #[arg(long, default_value_t = 2000)]
@@ -187,6 +193,15 @@ async fn store(n: usize) -> Result<()> {
     let cold = LedgerStore::new(client, "edgeloom-system", "bench");
     let summary = cold.summary().await?;
     let load = t.elapsed();
+    drop(cold);
+    // The memory a loaded store holds, measured in a fresh process (this one's allocator
+    // still holds what the writes used).
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("load")
+        .arg("--kubeconfig")
+        .arg(&plane.hub().kubeconfig)
+        .output()?;
+    let memory = String::from_utf8_lossy(&out.stdout).trim().to_string();
     println!(
         "ledger store: {n} receipts through kube-apiserver (ConfigMap segments), batches of 100"
     );
@@ -207,8 +222,21 @@ async fn store(n: usize) -> Result<()> {
         summary.totals.receipts,
         &summary.head[..12]
     );
+    println!("  {memory}");
     drop(plane);
     Ok(())
+}
+
+/// Resident memory of this process in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 struct Node {
@@ -416,6 +444,28 @@ async fn main() -> Result<()> {
     match Flags::parse().cmd {
         Cmd::Chain { receipts } => chain(receipts),
         Cmd::Store { receipts } => store(receipts).await?,
+        Cmd::Load { kubeconfig } => {
+            let client = edgeloom_e2e::control_plane::client_for("hub", &kubeconfig).await?;
+            client.apiserver_version().await?;
+            // Load once to warm the allocator up (the listed JSON is large and transient),
+            // then a second store: the RSS it adds is what a loaded store keeps.
+            let warm = LedgerStore::new(client.clone(), "edgeloom-system", "bench");
+            warm.summary().await?;
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe { libc::malloc_trim(0) };
+            let before = rss_kib();
+            let store = LedgerStore::new(client, "edgeloom-system", "bench");
+            let summary = store.summary().await?;
+            // SAFETY: as above.
+            unsafe { libc::malloc_trim(0) };
+            let after = rss_kib();
+            println!(
+                "memory a loaded store keeps: {:.1} MiB RSS for {} receipts (receipts stay in the API; the operator keeps keys, head, totals and the open segment)",
+                after.saturating_sub(before) as f64 / 1024.0,
+                summary.totals.receipts
+            );
+            drop(warm);
+        }
         Cmd::Verification {
             nodes,
             shards,
