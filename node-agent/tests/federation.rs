@@ -751,6 +751,111 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
     );
     let verify = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "verify"]);
     assert_eq!(verify.code, Some(0), "{verify:?}");
+
+    // Quarantine after one catch: the cheater gets no more work ...
+    let pools: Api<edgeloom_crds::EdgePool> = Api::all(fed.hub.clone());
+    pools
+        .patch(
+            "edge",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"spec": {"verification": {"quarantineAfter": 1}}}),
+            ),
+        )
+        .await
+        .expect("pool patched");
+    let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("edge-b/edge-b-node-0") && l.trim_end().ends_with("yes")),
+        "quarantined: {}",
+        out.stdout
+    );
+    // Three one-shard-per-node jobs' worth of work on three free nodes: without the
+    // quarantine one shard would go to each node.
+    let three = |name: &str| {
+        format!(
+            "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Benchmark\n  shards: 3\n"
+        )
+    };
+    let quarantined = |n: usize| {
+        let port = _op.port;
+        async move {
+            wait::until_true(
+                &format!("{n} quarantined node(s) in the operator"),
+                Duration::from_secs(30),
+                || async move {
+                    scrape::get(port, "/metrics").await.is_ok_and(|(_, m)| {
+                        m.contains(&format!(
+                            "edgeloom_operator_quarantined_nodes{{pool=\"edge\"}} {n}"
+                        ))
+                    })
+                },
+            )
+            .await
+        }
+    };
+    quarantined(1).await;
+    manifests::apply_all(&fed.hub, &three("quarantined"), &ns, false)
+        .await
+        .expect("job");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "quarantined",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let nodes: Vec<String> = done
+        .status
+        .expect("status")
+        .shards
+        .iter()
+        .map(|s| s.node.clone())
+        .collect();
+    assert!(
+        !nodes.contains(&"edge-b-node-0".to_string()),
+        "no work for a quarantined node: {nodes:?}"
+    );
+    // ... until an admin forgives it.
+    let out = ledger::plugin(
+        &plugin(),
+        &kubeconfig,
+        &[
+            "ledger",
+            "forgive",
+            "edge-b/edge-b-node-0",
+            "--pool",
+            "edge",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("caught 1 time(s)"), "{}", out.stdout);
+    quarantined(0).await;
+    manifests::apply_all(&fed.hub, &three("forgiven"), &ns, false)
+        .await
+        .expect("job");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "forgiven",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let nodes: Vec<String> = done
+        .status
+        .expect("status")
+        .shards
+        .iter()
+        .map(|s| s.node.clone())
+        .collect();
+    assert!(
+        nodes.contains(&"edge-b-node-0".to_string()),
+        "back in the pool: {nodes:?}"
+    );
 }
 
 #[tokio::test]

@@ -35,7 +35,8 @@ pub const REPUTATION_LABEL: &str = "edgeloom.io/reputation";
 pub const SEGMENT_ANNOTATION: &str = "edgeloom.io/segment";
 /// Data key of the entries.
 pub const ENTRIES_KEY: &str = "entries.jsonl";
-const REPUTATION_KEY: &str = "reputation.json";
+/// Data key of a reputation shard.
+pub const REPUTATION_KEY: &str = "reputation.json";
 const REPUTATION_SHARDS: usize = 16;
 
 /// A pool name usable in object names and label values (long names are shortened and
@@ -451,6 +452,16 @@ impl LedgerStore {
     }
 }
 
+/// Name of reputation shard `shard` of `pool`.
+pub fn reputation_name(pool: &str, shard: usize) -> String {
+    format!("edgeloom-reputation-{}-{shard:02}", pool_token(pool))
+}
+
+/// The shard holding `node`'s record ("cluster/node").
+pub fn reputation_shard_of(node: &str) -> usize {
+    shard_of(node)
+}
+
 /// The records in one reputation ConfigMap.
 pub fn reputation_shard(cm: &ConfigMap) -> Result<Reputation, String> {
     let name = cm.metadata.name.clone().unwrap_or_default();
@@ -501,7 +512,7 @@ impl ReputationStore {
     }
 
     fn name(&self, shard: usize) -> String {
-        format!("edgeloom-reputation-{}-{shard:02}", pool_token(&self.pool))
+        reputation_name(&self.pool, shard)
     }
 
     async fn load(&self) -> Result<(Reputation, Vec<Option<String>>), StoreError> {
@@ -607,6 +618,34 @@ impl ReputationStore {
         }
         state.0 = rep.clone();
         Ok(())
+    }
+
+    /// Re-reads the records when any of the pool's reputation ConfigMaps changed behind the
+    /// operator's back (e.g. `kubectl edgeloom ledger forgive` cleared a node's record).
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let metas = self
+            .api
+            .list_metadata(
+                &ListParams::default()
+                    .labels(&format!("{REPUTATION_LABEL}={}", pool_token(&self.pool))),
+            )
+            .await?;
+        let mut current = vec![None; REPUTATION_SHARDS];
+        for m in &metas.items {
+            let name = m.metadata.name.clone().unwrap_or_default();
+            if let Some(shard) = (0..REPUTATION_SHARDS).find(|s| self.name(*s) == name) {
+                current[shard] = m.metadata.resource_version.clone();
+            }
+        }
+        let mut guard = self.state.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|(_, versions)| *versions != current)
+        {
+            *guard = None;
+        }
+        drop(guard);
+        self.ensure().await.map(|_| ())
     }
 
     /// The records as they are now.

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub ledger_intact: IntGaugeVec,
     /// Receipts in the pool's ledger.
     pub ledger_receipts: IntGaugeVec,
+    /// Nodes of the pool that get no work (caught quarantineAfter times).
+    pub quarantined_nodes: IntGaugeVec,
 }
 
 /// Errors registering metrics (a programming error: duplicate names).
@@ -160,6 +162,14 @@ impl Metrics {
             ),
             &["pool"],
         )?;
+        let quarantined_nodes = IntGaugeVec::new(
+            Opts::new(
+                "edgeloom_operator_quarantined_nodes",
+                "Nodes that get no work because they were caught with wrong results",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(quarantined_nodes.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(rewards.clone()))?;
         registry.register(Box::new(verification.clone()))?;
@@ -207,6 +217,7 @@ impl Metrics {
             verification,
             ledger_intact,
             ledger_receipts,
+            quarantined_nodes,
         })
     }
 

@@ -348,9 +348,11 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         Err(e) => ledger_problem(&mut conds, &name, &e, generation, now, ctx),
     }
     .or(old.rewards.clone());
-    match ctx
-        .books
-        .reputation(&name)
+    let reputation = ctx.books.reputation(&name);
+    if let Err(e) = reputation.refresh().await {
+        tracing::warn!(pool = %name, error = %e, "re-reading reputation failed");
+    }
+    match reputation
         .quarantined(pool.spec.verification.quarantine_after)
         .await
     {
@@ -358,6 +360,10 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             if !q.is_empty() {
                 tracing::debug!(pool = %name, nodes = ?q, "quarantined nodes get no work");
             }
+            ctx.metrics
+                .quarantined_nodes
+                .with_label_values(&[&name])
+                .set(q.len() as i64);
             ctx.scheduler.set_quarantined(&name, q);
         }
         Err(e) => tracing::warn!(pool = %name, error = %e, "reading reputation failed"),

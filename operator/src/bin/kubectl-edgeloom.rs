@@ -11,7 +11,8 @@ use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
 use edgeloom_operator::ledger::Entry;
 use edgeloom_operator::ledger_store::{
-    LEDGER_LABEL, REPUTATION_LABEL, RawSegment, parse_segments, reputation_shard,
+    LEDGER_LABEL, REPUTATION_KEY, REPUTATION_LABEL, RawSegment, parse_segments, reputation_name,
+    reputation_shard, reputation_shard_of,
 };
 use edgeloom_operator::trust::Reputation;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
@@ -57,7 +58,7 @@ enum Cmd {
     },
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Clone, PartialEq, Eq)]
 enum LedgerCmd {
     /// Recompute every hash; name the first broken link (exit 1) if any entry was altered.
     Verify,
@@ -68,6 +69,12 @@ enum LedgerCmd {
     /// Nodes' verification record (adaptive trust): verified results, current run,
     /// times caught, and whether they are trusted.
     Trust,
+    /// Clear a node's record ("cluster/node", with --pool): it is no longer quarantined
+    /// and earns trust from zero.
+    Forgive {
+        /// The node, as "cluster/node".
+        node: String,
+    },
 }
 
 #[tokio::main]
@@ -135,8 +142,13 @@ async fn ledger(
     pool: Option<String>,
     namespace: &str,
 ) -> Result<bool> {
-    if action == LedgerCmd::Trust {
-        return trust(client, pool, namespace).await;
+    match &action {
+        LedgerCmd::Trust => return trust(client, pool, namespace).await,
+        LedgerCmd::Forgive { node } => {
+            let pool = pool.context("forgive needs --pool")?;
+            return forgive(client, &pool, node, namespace).await;
+        }
+        _ => {}
     }
     let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(LEDGER_LABEL))
@@ -183,7 +195,7 @@ async fn ledger(
     for (name, segments) in pools {
         let count = segments.len();
         let unit = units.get(&name).cloned().unwrap_or_default();
-        match (action, parse_segments(segments.clone())) {
+        match (action.clone(), parse_segments(segments.clone())) {
             (LedgerCmd::Verify, Ok((entries, _))) => println!(
                 "pool {name}: {} receipt(s) in {count} segment(s), head {}: every link verified",
                 entries.len(),
@@ -222,10 +234,34 @@ async fn ledger(
                 eprintln!("pool {name}: BROKEN, no balance: {why}");
                 broken = true;
             }
-            (LedgerCmd::Trust, _) => unreachable!("handled above"),
+            (LedgerCmd::Trust | LedgerCmd::Forgive { .. }, _) => unreachable!("handled above"),
         }
     }
     Ok(broken)
+}
+
+async fn forgive(client: &kube::Client, pool: &str, node: &str, namespace: &str) -> Result<bool> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let name = reputation_name(pool, reputation_shard_of(node));
+    let mut cm = api
+        .get_opt(&name)
+        .await?
+        .with_context(|| format!("no reputation records for pool {pool} ({namespace}/{name})"))?;
+    let mut part = reputation_shard(&cm).map_err(anyhow::Error::msg)?;
+    let Some(old) = part.nodes.remove(node) else {
+        bail!("pool {pool} has no record of node {node} (give it as cluster/node)");
+    };
+    cm.data
+        .get_or_insert_with(Default::default)
+        .insert(REPUTATION_KEY.into(), serde_json::to_string(&part)?);
+    // resourceVersion from the read: a concurrent write by the operator makes this fail
+    // rather than be lost.
+    api.replace(&name, &Default::default(), &cm).await?;
+    println!(
+        "pool {pool}: cleared the record of {node} (was: {} verified, caught {} time(s)); it is no longer quarantined",
+        old.valid, old.caught
+    );
+    Ok(false)
 }
 
 async fn trust(client: &kube::Client, pool: Option<String>, namespace: &str) -> Result<bool> {
