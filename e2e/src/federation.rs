@@ -65,6 +65,22 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), k
     }
 }
 
+/// The hub's Secret `<member>-kubeconfig` holding a kubeconfig for `member`, as an EdgePool
+/// names it.
+fn kubeconfig_secret(member: &str, kubeconfig: String) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("{member}-kubeconfig")),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "kubeconfig".to_string(),
+            ByteString(kubeconfig.into_bytes()),
+        )])),
+        ..Default::default()
+    }
+}
+
 /// Readies a control plane for edgeloom: the CRDs and the system namespace in every
 /// cluster, and each member's kubeconfig as a Secret `<member>-kubeconfig` in the hub's
 /// system namespace (what an EdgePool names). Returns the hub's client.
@@ -77,17 +93,7 @@ pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, Federati
     let hub = plane.hub().client().await?;
     let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
     for m in plane.members() {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(format!("{}-kubeconfig", m.name)),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                "kubeconfig".to_string(),
-                ByteString(m.kubeconfig_yaml()?.into_bytes()),
-            )])),
-            ..Default::default()
-        };
+        let secret = kubeconfig_secret(&m.name, m.kubeconfig_yaml()?);
         secrets.create(&PostParams::default(), &secret).await?;
     }
     Ok(hub)
@@ -135,17 +141,7 @@ pub async fn member_identities(
         let token = request_token(&sas, "edgeloom-hub", None).await?;
         let text = token_kubeconfig(&m.kubeconfig, &m.name, &token)?;
         let secrets: Api<Secret> = Api::namespaced(hub.clone(), SYSTEM_NAMESPACE);
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(format!("{}-kubeconfig", m.name)),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([(
-                "kubeconfig".to_string(),
-                ByteString(text.into_bytes()),
-            )])),
-            ..Default::default()
-        };
+        let secret = kubeconfig_secret(&m.name, text);
         secrets
             .replace(
                 &format!("{}-kubeconfig", m.name),

@@ -772,12 +772,33 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
         "quarantined: {}",
         out.stdout
     );
-    // Three one-shard-per-node jobs' worth of work on three free nodes: without the
-    // quarantine one shard would go to each node.
-    let three = |name: &str| {
-        format!(
-            "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Benchmark\n  shards: 3\n"
-        )
+    // A 3-shard job on three free nodes (one slot each): without the quarantine one
+    // shard goes to each node. Returns the nodes its shards ran on.
+    let run_three = |name: &'static str| {
+        let fed = &fed;
+        let ns = ns.clone();
+        async move {
+            let yaml = format!(
+                "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Benchmark\n  shards: 3\n"
+            );
+            manifests::apply_all(&fed.hub, &yaml, &ns, false)
+                .await
+                .expect("job");
+            let done = jobs::wait_phase(
+                fed,
+                &ns,
+                name,
+                JobPhase::Succeeded,
+                Duration::from_secs(120),
+            )
+            .await;
+            done.status
+                .expect("status")
+                .shards
+                .iter()
+                .map(|s| s.node.clone())
+                .collect::<Vec<String>>()
+        }
     };
     let quarantined = |n: usize| {
         let port = _op.port;
@@ -797,24 +818,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
         }
     };
     quarantined(1).await;
-    manifests::apply_all(&fed.hub, &three("quarantined"), &ns, false)
-        .await
-        .expect("job");
-    let done = jobs::wait_phase(
-        &fed,
-        &ns,
-        "quarantined",
-        JobPhase::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
-    let nodes: Vec<String> = done
-        .status
-        .expect("status")
-        .shards
-        .iter()
-        .map(|s| s.node.clone())
-        .collect();
+    let nodes = run_three("quarantined").await;
     assert!(
         !nodes.contains(&"edge-b-node-0".to_string()),
         "no work for a quarantined node: {nodes:?}"
@@ -834,24 +838,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("caught 1 time(s)"), "{}", out.stdout);
     quarantined(0).await;
-    manifests::apply_all(&fed.hub, &three("forgiven"), &ns, false)
-        .await
-        .expect("job");
-    let done = jobs::wait_phase(
-        &fed,
-        &ns,
-        "forgiven",
-        JobPhase::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
-    let nodes: Vec<String> = done
-        .status
-        .expect("status")
-        .shards
-        .iter()
-        .map(|s| s.node.clone())
-        .collect();
+    let nodes = run_three("forgiven").await;
     assert!(
         nodes.contains(&"edge-b-node-0".to_string()),
         "back in the pool: {nodes:?}"

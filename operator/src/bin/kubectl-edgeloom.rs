@@ -158,14 +158,7 @@ async fn ledger(
     // Segments by pool (the annotation holds the full name; the label a short token).
     let mut pools: BTreeMap<String, Vec<RawSegment>> = BTreeMap::new();
     for cm in &cms {
-        let name = cm
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("edgeloom.io/pool"))
-            .cloned()
-            .or_else(|| cm.labels().get(LEDGER_LABEL).cloned())
-            .unwrap_or_default();
+        let name = pool_of(cm, LEDGER_LABEL);
         pools
             .entry(name)
             .or_default()
@@ -240,6 +233,16 @@ async fn ledger(
     Ok(broken)
 }
 
+/// The pool a ledger or reputation ConfigMap belongs to: its annotation holds the full
+/// name, its label a token (the name, shortened when long).
+fn pool_of(cm: &ConfigMap, label: &str) -> String {
+    cm.annotations()
+        .get("edgeloom.io/pool")
+        .or_else(|| cm.labels().get(label))
+        .cloned()
+        .unwrap_or_default()
+}
+
 async fn forgive(client: &kube::Client, pool: &str, node: &str, namespace: &str) -> Result<bool> {
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let name = reputation_name(pool, reputation_shard_of(node));
@@ -272,13 +275,7 @@ async fn trust(client: &kube::Client, pool: Option<String>, namespace: &str) -> 
         .items;
     let mut pools: BTreeMap<String, Reputation> = BTreeMap::new();
     for cm in &cms {
-        let name = cm
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("edgeloom.io/pool"))
-            .cloned()
-            .unwrap_or_default();
+        let name = pool_of(cm, REPUTATION_LABEL);
         if pool.as_ref().is_some_and(|p| *p != name) {
             continue;
         }
