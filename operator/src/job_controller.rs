@@ -685,6 +685,20 @@ async fn trust_view(
     Ok((trusted, spot))
 }
 
+/// The median measured TFLOP/s of a pool's nodes (0 when none measured).
+fn median_tflops(ctx: &Context, pool: &str) -> f64 {
+    let mut speeds: Vec<f64> = ctx
+        .fleet
+        .pool_members(pool)
+        .iter()
+        .flat_map(|pm| pm.nodes.state())
+        .map(|n| n.inventory.tflops)
+        .filter(|t| *t > 0.0)
+        .collect();
+    speeds.sort_by(f64::total_cmp);
+    speeds.get(speeds.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Pays accepted results: one receipt each, appended to the ledger of the pool where the
 /// work ran (a receipt already there is not written again), then trust is updated: nodes
 /// whose newly paid result was verified by another replica gain, outvoted nodes lose.
@@ -702,6 +716,7 @@ async fn settle(
     let members = ctx.fleet.members();
     // pool -> (receipts, verified node keys by receipt key)
     let mut by_pool: BTreeMap<String, (Vec<Receipt>, BTreeMap<String, String>)> = BTreeMap::new();
+    let mut medians: BTreeMap<String, f64> = BTreeMap::new();
     for a in &decision.accepted {
         let Some(m) = members.iter().find(|m| m.key == a.member) else {
             tracing::warn!(member = %a.member, job = %job_key, "accepted result from a member that is gone; not paid");
@@ -717,16 +732,10 @@ async fn settle(
         let per_gpu = rate(&spec.rewards.per_gpu_second, "perGpuSecond")?;
         let node = m.nodes.get(&a.node);
         let speed = if spec.rewards.normalize_by_speed {
-            let mut speeds: Vec<f64> = ctx
-                .fleet
-                .pool_members(&m.pool)
-                .iter()
-                .flat_map(|pm| pm.nodes.state())
-                .map(|n| n.inventory.tflops)
-                .filter(|t| *t > 0.0)
-                .collect();
-            speeds.sort_by(f64::total_cmp);
-            let median = speeds.get(speeds.len() / 2).copied().unwrap_or(0.0);
+            // Once per pool and call, not per result: it reads every node of the pool.
+            let median = *medians
+                .entry(m.pool.clone())
+                .or_insert_with(|| median_tflops(ctx, &m.pool));
             ledger::speed_factor_milli(node.as_ref().map_or(0.0, |n| n.inventory.tflops), median)
         } else {
             1000
@@ -769,6 +778,8 @@ async fn settle(
             ));
         }
     }
+    // Nodes whose newly paid result was verified, by pool.
+    let mut valid: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (pool, (receipts, verified)) in by_pool {
         let written = ctx
             .books
@@ -806,24 +817,22 @@ async fn settle(
             .verification
             .with_label_values(&["accepted"])
             .inc_by(written.len() as u64);
-        let valid: Vec<String> = written
-            .iter()
-            .filter_map(|e| verified.get(&e.receipt.key()).cloned())
-            .collect();
+        valid.insert(
+            pool,
+            written
+                .iter()
+                .filter_map(|e| verified.get(&e.receipt.key()).cloned())
+                .collect(),
+        );
+    }
+    let pools: BTreeSet<String> = valid.keys().chain(caught.keys()).cloned().collect();
+    for pool in pools {
+        let valid = valid.remove(&pool).unwrap_or_default();
         let outvoted = caught.remove(&pool).unwrap_or_default();
         let new_caught = ctx
             .books
             .reputation(&pool)
             .update(&valid, &outvoted)
-            .await
-            .map_err(|e| Error::Ledger(pool.clone(), e))?;
-        record_caught(job, &outvoted, new_caught, ctx).await;
-    }
-    for (pool, outvoted) in caught {
-        let new_caught = ctx
-            .books
-            .reputation(&pool)
-            .update(&[], &outvoted)
             .await
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
         record_caught(job, &outvoted, new_caught, ctx).await;

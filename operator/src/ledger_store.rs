@@ -16,7 +16,7 @@
 
 use crate::decimal::{Amount, DecimalError};
 use crate::ledger::{self, Broken, Entry, Ledger, Receipt};
-use crate::trust::{NodeRecord, Reputation};
+use crate::trust::Reputation;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
@@ -262,19 +262,22 @@ impl LedgerStore {
             })
             .collect();
         raw.sort_by_key(|(s, _)| s.index);
-        let (entries, _) = parse_segments(raw.iter().map(|(s, _)| s.clone()).collect())
+        let segments = raw
+            .iter()
+            .map(|(s, rv)| Segment {
+                name: s.name.clone(),
+                resource_version: rv.clone(),
+                entries: s.data.lines().filter(|l| !l.trim().is_empty()).count(),
+                bytes: s.data.len(),
+            })
+            .collect();
+        let open_text = raw.last().map(|(s, _)| s.data.clone()).unwrap_or_default();
+        // The segments' text moves into parsing (it can be tens of MiB): no second copy.
+        let (entries, _) = parse_segments(raw.into_iter().map(|(s, _)| s).collect())
             .map_err(StoreError::Broken)?;
         let mut loaded = Loaded {
-            segments: raw
-                .iter()
-                .map(|(s, rv)| Segment {
-                    name: s.name.clone(),
-                    resource_version: rv.clone(),
-                    entries: s.data.lines().filter(|l| !l.trim().is_empty()).count(),
-                    bytes: s.data.len(),
-                })
-                .collect(),
-            open_text: raw.last().map(|(s, _)| s.data.clone()).unwrap_or_default(),
+            segments,
+            open_text,
             // Appending needs keys, length and head only; receipts stay in the API.
             ledger: Ledger::default().index_only(),
             ..Loaded::default()
@@ -395,12 +398,6 @@ impl LedgerStore {
             Ok(written)
         })
         .await
-    }
-
-    /// Whether the receipt key is in the chain.
-    pub async fn contains(&self, key: &str) -> Result<bool, StoreError> {
-        self.with(async |l: &mut Loaded| Ok(l.ledger.contains(key)))
-            .await
     }
 
     /// Head and totals.
@@ -648,11 +645,6 @@ impl ReputationStore {
         self.ensure().await.map(|_| ())
     }
 
-    /// The records as they are now.
-    pub async fn snapshot(&self) -> Result<Reputation, StoreError> {
-        Ok(self.ensure().await?.as_ref().expect("loaded").0.clone())
-    }
-
     /// Whether `node` is trusted, the spot-check salt.
     pub async fn view(
         &self,
@@ -682,19 +674,6 @@ impl ReputationStore {
             .filter(|(_, r)| r.caught >= after as u64)
             .map(|(n, _)| n.clone())
             .collect())
-    }
-
-    /// One node's record.
-    pub async fn record(&self, node: &str) -> Result<NodeRecord, StoreError> {
-        let guard = self.ensure().await?;
-        Ok(guard
-            .as_ref()
-            .expect("loaded")
-            .0
-            .nodes
-            .get(node)
-            .cloned()
-            .unwrap_or_default())
     }
 
     /// Applies verdicts: verified results of `valid` nodes, and `caught` (node, result key).
