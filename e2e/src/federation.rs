@@ -110,31 +110,13 @@ pub async fn member_identities(
     plane: &ControlPlane,
     hub: &kube::Client,
 ) -> Result<BTreeMap<String, PathBuf>, FederationError> {
-    let helm = crate::tools::tool("helm")
-        .map_err(|e| FederationError::Helm("not found".into(), e.to_string()))?;
-    let chart = crate::prometheus::chart_dir();
     let mut kubeconfigs = BTreeMap::new();
     for m in plane.members() {
-        let out = std::process::Command::new(&helm)
-            .arg("--kubeconfig")
-            .arg(&m.kubeconfig)
-            .args(["install", "edgeloom"])
-            .arg(&chart)
-            .args(["-n", SYSTEM_NAMESPACE, "--wait=false"])
-            .args([
-                "--set",
-                "operator.enabled=false",
-                "--set",
-                "memberAccess.create=true",
-            ])
-            .output()
-            .map_err(|e| FederationError::Helm("install".into(), e.to_string()))?;
-        if !out.status.success() {
-            return Err(FederationError::Helm(
-                format!("install into {}", m.name),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ));
-        }
+        crate::helm::install(
+            &m.kubeconfig,
+            &["operator.enabled=false", "memberAccess.create=true"],
+        )
+        .map_err(|e| FederationError::Helm(format!("install into {}", m.name), e.to_string()))?;
         let client = m.client().await?;
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
         // The hub operator's identity in this member.
@@ -176,7 +158,7 @@ pub async fn member_identities(
 }
 
 /// A token of ServiceAccount `sa` (valid 24 h), bound to `pod` if given.
-async fn request_token(
+pub async fn request_token(
     sas: &Api<ServiceAccount>,
     sa: &str,
     pod: Option<&Pod>,

@@ -4,6 +4,7 @@
 
 pub mod control_plane;
 pub mod federation;
+pub mod helm;
 pub mod jobs;
 pub mod kubeconfig;
 pub mod ledger;

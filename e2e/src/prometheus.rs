@@ -3,18 +3,22 @@
 //! rules and dashboard queries of the Helm chart.
 
 use crate::control_plane::free_port;
+use crate::helm;
 use crate::process::Process;
 use crate::scrape;
 use crate::tools::{self, MissingTool};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Errors of the Prometheus helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum PrometheusError {
-    /// prometheus, promtool or helm is missing.
+    /// prometheus or promtool is missing.
     #[error(transparent)]
     Missing(#[from] MissingTool),
+    /// helm failed.
+    #[error(transparent)]
+    Helm(#[from] helm::HelmError),
     /// A file or process could not be handled.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
@@ -29,37 +33,10 @@ pub enum PrometheusError {
     NotReady(Duration, String),
 }
 
-/// The chart's directory in this repository.
-pub fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/edgeloom")
-}
-
-/// Runs `helm template` on the chart with `--set` values; returns the rendered YAML.
-pub fn helm_template(sets: &[&str]) -> Result<String, PrometheusError> {
-    let helm = tools::tool("helm")?;
-    let mut cmd = std::process::Command::new(&helm);
-    cmd.args(["template", "edgeloom"])
-        .arg(chart_dir())
-        .args(["--namespace", "edgeloom-system"]);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| PrometheusError::Io("helm template".into(), e))?;
-    if !out.status.success() {
-        return Err(PrometheusError::Command(
-            "helm template".into(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The rendered chart's PrometheusRule as a Prometheus rule file (JSON, which is YAML),
 /// written to `path`.
 pub fn write_chart_rules(path: &Path) -> Result<serde_json::Value, PrometheusError> {
-    let rendered = helm_template(&["prometheusRule.enabled=true"])?;
+    let rendered = helm::template(&["prometheusRule.enabled=true"])?;
     let rule = crate::manifests::parse(&rendered)
         .map_err(|e| PrometheusError::Parse(e.to_string()))?
         .into_iter()
@@ -110,7 +87,7 @@ impl PanelQuery {
 
 /// Every query of the chart's Grafana dashboard.
 pub fn dashboard_queries() -> Result<Vec<PanelQuery>, PrometheusError> {
-    let path = chart_dir().join("files/dashboard.json");
+    let path = helm::chart_dir().join("files/dashboard.json");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| PrometheusError::Io(path.display().to_string(), e))?;
     let dash: serde_json::Value =

@@ -6,11 +6,12 @@
 
 use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_e2e::control_plane::Cluster;
-use edgeloom_e2e::prometheus::{self, chart_dir};
+use edgeloom_e2e::federation::request_token;
+use edgeloom_e2e::helm::{self, chart_dir};
+use edgeloom_e2e::prometheus;
 use edgeloom_e2e::{Config, ControlPlane, manifests, tools, wait};
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -32,19 +33,8 @@ const EVERYTHING: &[&str] = &[
 ];
 
 fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> (bool, String) {
-    let mut cmd = std::process::Command::new(tools::tool("helm").expect("helm"));
-    if let Some(k) = kubeconfig {
-        cmd.arg("--kubeconfig").arg(k);
-    }
-    let out = cmd.args(args).output().expect("helm runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let out = edgeloom_e2e::helm::run(kubeconfig, args).expect("helm runs");
+    (out.ok, out.text())
 }
 
 #[test]
@@ -338,7 +328,7 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
     }
 
     // Everything the chart renders is accepted by the API server (server-side dry run).
-    let rendered = prometheus::helm_template(EVERYTHING).expect("helm template");
+    let rendered = helm::template(EVERYTHING).expect("helm template");
     let objects = manifests::parse(&rendered).expect("rendered YAML");
     assert!(objects.len() >= 25, "{} objects", objects.len());
     // The CRDs of the chart first (helm installs crds/ before templates).
@@ -353,22 +343,7 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
     }
 
     // helm install on the hub (operator, agent, monitoring) ...
-    let chart = chart_dir();
-    let chart = chart.to_str().expect("path");
-    let mut args = vec![
-        "install",
-        "edgeloom",
-        chart,
-        "-n",
-        NS,
-        "--create-namespace",
-        "--wait=false",
-    ];
-    for s in EVERYTHING {
-        args.extend(["--set", s]);
-    }
-    let (ok, out) = helm(Some(&hub.kubeconfig), &args);
-    assert!(ok, "helm install on the hub: {out}");
+    let out = helm::install(&hub.kubeconfig, EVERYTHING).expect("helm install on the hub");
     assert!(out.contains("Operator: 2 replica(s)"), "NOTES: {out}");
     let deploy = Api::<Deployment>::namespaced(hub_client.clone(), NS)
         .get("edgeloom-operator")
@@ -475,23 +450,11 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
     );
 
     // ... and on an edge cluster: the agent and the hub operator's identity, no operator.
-    let (ok, out) = helm(
-        Some(&edge.kubeconfig),
-        &[
-            "install",
-            "edgeloom",
-            chart,
-            "-n",
-            NS,
-            "--create-namespace",
-            "--wait=false",
-            "--set",
-            "operator.enabled=false",
-            "--set",
-            "memberAccess.create=true",
-        ],
-    );
-    assert!(ok, "helm install on edge-a: {out}");
+    helm::install(
+        &edge.kubeconfig,
+        &["operator.enabled=false", "memberAccess.create=true"],
+    )
+    .expect("helm install on edge-a");
     assert!(
         Api::<Deployment>::namespaced(edge_client.clone(), NS)
             .get_opt("edgeloom-operator")
@@ -569,26 +532,9 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
         .create(&PostParams::default(), &pod)
         .await
         .expect("pod");
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = Api::<ServiceAccount>::namespaced(edge_client.clone(), NS)
-        .create_token_request("edgeloom-agent", &PostParams::default(), &request)
+    let sas = Api::<ServiceAccount>::namespaced(edge_client.clone(), NS);
+    let token = request_token(&sas, "edgeloom-agent", Some(&pod))
         .await
-        .expect("token")
-        .status
-        .expect("token status")
-        .token
         .expect("token");
     let bound = with_token(edge, &token).await;
     check_agent_identity(bound, &edge_client, "pod-bound token on edge-a-node-0").await;

@@ -337,39 +337,17 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
         .expect("Failed")
         .message;
     assert!(msg.contains("model digest mismatch"), "{msg}");
-    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
-    wait::until(
-        "the missing ConfigMap to be reported",
+    jobs::wait_job_condition(
+        &fed,
+        &ns,
+        "no-configmap",
+        "Scheduled",
+        "False",
+        &["ConfigMap models/missing (the job's model) not found"],
         Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                let s = api
-                    .get("no-configmap")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .status
-                    .unwrap_or_default();
-                let c = s
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == "Scheduled")
-                    .cloned();
-                match c {
-                    Some(c)
-                        if c.status == "False"
-                            && c.message.contains(
-                                "ConfigMap models/missing (the job's model) not found",
-                            ) =>
-                    {
-                        Ok(())
-                    }
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        },
     )
     .await;
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
     // The mirrored ConfigMap is removed with its job.
     api.delete("by-configmap", &Default::default())
         .await
@@ -916,19 +894,25 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
         || {
             let prom = &prom;
             async move {
+                // (The counters start at 0, so "> 0" means the event was scraped.)
                 let finished = prom
-                    .query("edgeloom_operator_jobs_finished_total{phase=\"Succeeded\"}")
+                    .query("edgeloom_operator_jobs_finished_total{phase=\"Succeeded\"} > 0")
+                    .await
+                    .unwrap_or_default();
+                let receipts = prom
+                    .query("edgeloom_operator_ledger_receipts >= 4")
                     .await
                     .unwrap_or_default();
                 let outvoted = prom
                     .query("edgeloom_operator_verification_results_total{verdict=\"outvoted\"} > 0")
                     .await
                     .unwrap_or_default();
-                !finished.is_empty() && !outvoted.is_empty()
+                !finished.is_empty() && !outvoted.is_empty() && !receipts.is_empty()
             }
         },
     )
     .await;
+    // Rate and increase windows need a few more samples after the last change.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Every target is up.
@@ -1027,7 +1011,7 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
 
 #[test]
 fn the_charts_agent_configuration_is_one_the_agent_accepts() {
-    let rendered = edgeloom_e2e::prometheus::helm_template(&[
+    let rendered = edgeloom_e2e::helm::template(&[
         "agent.account=acct-clinic",
         "agent.maxTasks=3",
         "agent.datasets.clinic-records=/data/clinic.csv",

@@ -486,24 +486,15 @@ async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
         verify.stdout
     );
     // The operator notices too, says so on the pool, and stops writing receipts.
-    let cond = wait::until_some("LedgerVerified=False", Duration::from_secs(30), || {
-        let hub = fed.hub.clone();
-        async move {
-            Api::<edgeloom_crds::EdgePool>::all(hub)
-                .get("edge")
-                .await
-                .ok()
-                .and_then(|p| p.status)
-                .and_then(|s| {
-                    s.conditions
-                        .into_iter()
-                        .find(|c| c.type_ == "LedgerVerified")
-                })
-                .filter(|c| c.status == "False")
-        }
-    })
+    jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "LedgerVerified",
+        "False",
+        &["ledger entry 2"],
+        Duration::from_secs(30),
+    )
     .await;
-    assert!(cond.message.contains("ledger entry 2"), "{}", cond.message);
     let (_, metrics) = scrape::get(op.port, "/metrics").await.expect("metrics");
     assert!(
         metrics.contains("edgeloom_operator_ledger_intact{pool=\"edge\"} 0"),
@@ -518,22 +509,17 @@ async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
         Duration::from_secs(60),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let paid = wait::until_some("Paid=False on the job", Duration::from_secs(30), || {
-        let fed = &fed;
-        let ns = ns.clone();
-        async move {
-            job(fed, &ns, "after")
-                .await
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Paid" && c.status == "False")
-        }
-    })
+    let paid = jobs::wait_job_condition(
+        &fed,
+        &ns,
+        "after",
+        "Paid",
+        "False",
+        &["ledger entry 2"],
+        Duration::from_secs(30),
+    )
     .await;
     assert_eq!(paid.reason, "LedgerUnavailable");
-    assert!(paid.message.contains("ledger entry 2"), "{}", paid.message);
     let after = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "export"]);
     assert_eq!(
         after.stdout.lines().count(),
