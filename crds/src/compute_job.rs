@@ -208,6 +208,9 @@ pub enum TaskPhase {
     Pending,
     /// Claimed and running.
     Running,
+    /// Finished; the result is sealed by a commitment until the operator asks for its
+    /// reveal (verified jobs only: see `commitment`).
+    Committed,
     /// Finished with a result.
     Succeeded,
     /// Finished without a result; see message.
@@ -242,6 +245,13 @@ pub struct ShardStatus {
     /// When it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// When the operator first saw this attempt's task, by the operator's own clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<Time>,
+    /// When the operator first saw this attempt's result (or commitment), by its own
+    /// clock. Paid usage is at most (reportedAt - dispatchedAt) x the resources requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<Time>,
     /// sha256 of the canonical result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_digest: Option<String>,

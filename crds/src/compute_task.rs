@@ -66,6 +66,12 @@ pub struct ComputeTaskSpec {
     /// Limits the agent enforces.
     #[serde(default)]
     pub limits: TaskLimits,
+    /// Set on tasks of verified jobs: the agent first reports only a commitment to its
+    /// result bound to this nonce (phase Committed), and reveals the result when the
+    /// operator asks (see `commitment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub nonce: Option<String>,
 }
 
 /// Identifies the ComputeJob of a task.
@@ -107,7 +113,7 @@ pub struct TaskLimits {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComputeTaskStatus {
-    /// Pending, Running, Succeeded, Failed or Cancelled.
+    /// Pending, Running, Committed, Succeeded, Failed or Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<TaskPhase>,
     /// Percent done.
@@ -122,10 +128,21 @@ pub struct ComputeTaskStatus {
     pub finished_at: Option<Time>,
     /// Workload metrics (accuracy, loss, samplesPerSecond, tflops, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub metrics: BTreeMap<String, f64>,
     /// Resources used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// With a nonce in the spec: sha256 commitment to the result, written before the
+    /// result itself (phase Committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub commitment: Option<String>,
+    /// With a nonce in the spec: the agent's secret salt of the commitment, revealed with
+    /// the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub salt: Option<String>,
     /// sha256 (hex) of the canonical result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
@@ -136,6 +153,7 @@ pub struct ComputeTaskStatus {
     pub result_vector: Vec<f64>,
     /// Human-readable result values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub result_summary: BTreeMap<String, String>,
     /// Why it failed, or what it is doing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,20 +161,32 @@ pub struct ComputeTaskStatus {
     pub message: Option<String>,
 }
 
-/// Resources a task used, in integer units so that rewards are computed exactly.
+/// Most wall-clock milliseconds a usage report may claim: one year, the longest timeout.
+pub const MAX_WALL_MILLIS: u64 = 31_536_000_000;
+/// Most CPU core-milliseconds: 1,024 cores for a year.
+pub const MAX_CPU_CORE_MILLIS: u64 = 1_024 * MAX_WALL_MILLIS;
+/// Most GPU-milliseconds: 16 GPUs (the most a task may ask for) for a year.
+pub const MAX_GPU_MILLIS: u64 = 16 * MAX_WALL_MILLIS;
+
+/// Resources a task used, in integer units so that rewards are computed exactly. A claim
+/// of the agent's: the operator pays at most what it observed itself (see `rewards`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     /// CPU time, in core-milliseconds.
     #[serde(default)]
+    #[schemars(range(max = 32_292_864_000_000u64))]
     pub cpu_core_millis: u64,
     /// GPU busy time, in GPU-milliseconds.
     #[serde(default)]
+    #[schemars(range(max = 504_576_000_000u64))]
     pub gpu_millis: u64,
     /// Energy in millijoules, where NVML reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1_000_000_000_000_000_000u64))]
     pub energy_millijoules: Option<u64>,
     /// Wall-clock milliseconds.
     #[serde(default)]
+    #[schemars(range(max = 31_536_000_000u64))]
     pub wall_millis: u64,
 }

@@ -1,12 +1,18 @@
-//! What an agent publishes about its node (DESIGN.md §1): labels and annotations on the
-//! Node object, and the heartbeat Lease. The agent writes them; the operator reads them.
-//! No extra CRD for nodes.
+//! What is known about a node (docs/ARCHITECTURE.md, "Nodes"): labels and annotations on
+//! the Node object, and the heartbeat Lease. No extra CRD for nodes.
+//!
+//! Who writes what: the agent writes only its inventory ([`AGENT_LABEL_KEYS`],
+//! [`AGENT_ANNOTATION_KEYS`]); these are claims. Every other label, among them the
+//! contributor account ([`ACCOUNT_LABEL`]) and anything a job's placement may require
+//! (region, zone, residency), belongs to the platform team: the chart's node-identity
+//! admission policy refuses an agent that changes one.
 
 use std::collections::BTreeMap;
 
 /// Label: `"true"` on nodes that run an edgeloom agent.
 pub const AGENT_LABEL: &str = "edgeloom.io/agent";
-/// Label: the contributor account paid for this node's work.
+/// Label: the contributor account paid for this node's work. Set by the platform team
+/// (`kubectl label node`), never by the agent.
 pub const ACCOUNT_LABEL: &str = "edgeloom.io/account";
 /// Label: number of GPUs.
 pub const GPU_COUNT_LABEL: &str = "edgeloom.io/gpu-count";
@@ -25,6 +31,19 @@ pub const DATASETS_ANNOTATION: &str = "edgeloom.io/datasets";
 /// Annotation: the contributor's price factor (1.0 = the pool's rate), used in scoring.
 pub const PRICE_ANNOTATION: &str = "edgeloom.io/price-factor";
 
+/// The Node labels an agent may write (add, change or remove); all others are the
+/// platform team's. The chart's admission policy lists the same keys (a test checks).
+pub const AGENT_LABEL_KEYS: &[&str] = &[AGENT_LABEL, GPU_COUNT_LABEL, GPU_MEMORY_LABEL];
+/// The Node annotations an agent may write; all others are the platform team's.
+pub const AGENT_ANNOTATION_KEYS: &[&str] = &[
+    GPU_PRODUCT_ANNOTATION,
+    CPU_CORES_ANNOTATION,
+    MEMORY_ANNOTATION,
+    TFLOPS_ANNOTATION,
+    DATASETS_ANNOTATION,
+    PRICE_ANNOTATION,
+];
+
 /// Namespace in member clusters that holds ComputeTasks and agent heartbeat Leases.
 pub const SYSTEM_NAMESPACE: &str = "edgeloom-system";
 /// Label on agent heartbeat Leases (named after the node).
@@ -36,7 +55,7 @@ pub const HEARTBEAT_LABEL: &str = "edgeloom.io/heartbeat";
 pub struct NodeInventory {
     /// Runs an agent.
     pub agent: bool,
-    /// Contributor account.
+    /// Contributor account (the platform team's label; never published by the agent).
     pub account: Option<String>,
     /// GPU product name.
     pub gpu_product: Option<String>,
@@ -101,14 +120,13 @@ impl NodeInventory {
         }
     }
 
-    /// The labels and annotations that publish this inventory (what the agent writes).
+    /// The labels and annotations that publish this inventory (what the agent writes:
+    /// only keys of [`AGENT_LABEL_KEYS`] and [`AGENT_ANNOTATION_KEYS`], so never the
+    /// account).
     pub fn to_metadata(&self) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let mut labels = BTreeMap::new();
         let mut annotations = BTreeMap::new();
         labels.insert(AGENT_LABEL.to_string(), self.agent.to_string());
-        if let Some(a) = &self.account {
-            labels.insert(ACCOUNT_LABEL.to_string(), a.clone());
-        }
         labels.insert(GPU_COUNT_LABEL.to_string(), self.gpus.to_string());
         labels.insert(
             GPU_MEMORY_LABEL.to_string(),
@@ -144,8 +162,43 @@ mod tests {
             datasets: vec!["clinic-records".into(), "cams".into()],
             price_factor: 0.8,
         };
-        let (labels, annotations) = inv.to_metadata();
+        let (mut labels, annotations) = inv.to_metadata();
+        assert!(
+            labels
+                .keys()
+                .all(|k| AGENT_LABEL_KEYS.contains(&k.as_str()))
+        );
+        assert!(
+            annotations
+                .keys()
+                .all(|k| AGENT_ANNOTATION_KEYS.contains(&k.as_str()))
+        );
+        assert!(
+            !labels.contains_key(ACCOUNT_LABEL),
+            "the agent never writes the account"
+        );
+        labels.insert(ACCOUNT_LABEL.into(), "alice".into());
         assert_eq!(NodeInventory::parse(&labels, &annotations), inv);
+    }
+
+    #[test]
+    fn the_admission_policy_lets_the_agent_write_exactly_its_inventory_keys() {
+        let policy = include_str!("../../charts/edgeloom/templates/admission-policy.yaml");
+        let list = |name: &str| -> Vec<String> {
+            let line = policy
+                .lines()
+                .skip_while(|l| !l.contains(&format!("name: {name}")))
+                .nth(1)
+                .unwrap_or_else(|| panic!("variable {name} in the policy"));
+            let inner = line.split('[').nth(1).and_then(|r| r.split(']').next());
+            inner
+                .unwrap_or_else(|| panic!("a list in {line}"))
+                .split(',')
+                .map(|k| k.trim().trim_matches('\'').to_string())
+                .collect()
+        };
+        assert_eq!(list("agentLabelKeys"), AGENT_LABEL_KEYS);
+        assert_eq!(list("agentAnnotationKeys"), AGENT_ANNOTATION_KEYS);
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! The edgeloom.io/v1alpha1 API (DESIGN.md §1): ComputeJob and EdgePool in the hub,
+//! The edgeloom.io/v1alpha1 API (docs/ARCHITECTURE.md, "The API"): ComputeJob and EdgePool in the hub,
 //! ComputeTask in member clusters. Validation lives in the schema and in CEL rules
 //! (`x-kubernetes-validations`) so that the API server rejects bad input itself.
 //!
 //! The CRD YAML under `crds/generated/` and `charts/edgeloom/crds/` is generated from
 //! these types by `cargo xtask crdgen`; a test fails when it is stale.
 
+pub mod commitment;
 pub mod compute_job;
 pub mod compute_task;
 pub mod edge_pool;

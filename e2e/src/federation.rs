@@ -319,12 +319,16 @@ pub struct AgentSpec {
     pub member: String,
     /// Node.
     pub node: String,
-    /// Contributor account.
+    /// Contributor account (labelled on the Node by the harness, as the platform team would).
     pub account: String,
     /// Node-local datasets: name -> CSV path.
     pub datasets: BTreeMap<String, std::path::PathBuf>,
     /// Test only: the agent alters its result digests (a cheating node).
     pub cheat: bool,
+    /// Test only: the agent does no work and copies another replica's report (a copier).
+    pub copy_peers: bool,
+    /// Test only: the agent claims far more CPU and GPU time than it used.
+    pub inflate_usage: bool,
 }
 
 /// A running edgeloom-agent process.
@@ -357,13 +361,17 @@ impl Federation {
             .iter()
             .map(|(k, v)| format!("  {k}: {}\n", v.display()))
             .collect();
+        // The account is the platform team's label on the Node (the agent may not write
+        // it), set the way an admin would.
+        label_account(&member.kubeconfig, &spec.node, &spec.account)?;
         let config = format!(
-            "node: {}\naccount: {}\nrunner: {}\nworkDir: {}\nheartbeatSeconds: 2\nbenchmarkMatrixSize: 128\nshutdownGraceSeconds: 5\ncorruptResults: {}\ndatasets:\n{}",
+            "node: {}\nrunner: {}\nworkDir: {}\nheartbeatSeconds: 2\nbenchmarkMatrixSize: 128\nshutdownGraceSeconds: 5\ncorruptResults: {}\ncopyPeers: {}\ninflateUsage: {}\ndatasets:\n{}",
             spec.node,
-            spec.account,
             runner.display(),
             dir.join("work").display(),
             spec.cheat,
+            spec.copy_peers,
+            spec.inflate_usage,
             if datasets.is_empty() {
                 "  {}\n".to_string()
             } else {
@@ -398,6 +406,30 @@ impl Federation {
     }
 }
 
+/// `kubectl label node NODE edgeloom.io/account=ACCOUNT --overwrite`, with the member's
+/// admin kubeconfig: what the platform team does when a contributor's machine joins.
+pub fn label_account(kubeconfig: &Path, node: &str, account: &str) -> Result<(), FederationError> {
+    let kubectl = crate::tools::tool("kubectl")
+        .map_err(|e| FederationError::Spawn("kubectl".into(), std::io::Error::other(e)))?;
+    let out = std::process::Command::new(&kubectl)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(["label", "node", node, "--overwrite"])
+        .arg(format!(
+            "{}={account}",
+            edgeloom_crds::inventory::ACCOUNT_LABEL
+        ))
+        .output()
+        .map_err(|e| FederationError::Spawn(kubectl.display().to_string(), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(FederationError::Spawn(
+            format!("kubectl label node {node}"),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).to_string()),
+        ))
+    }
+}
+
 impl Federation {
     /// Starts a real agent on every member node, paid to `<account_prefix>-<node>`, with the
     /// node-local datasets `datasets` names for it.
@@ -417,6 +449,8 @@ impl Federation {
                     account: format!("{account_prefix}-{node}"),
                     datasets: datasets.get(node).cloned().unwrap_or_default(),
                     cheat: false,
+                    copy_peers: false,
+                    inflate_usage: false,
                 };
                 agents.push(self.agent(bin, runner, &spec)?);
             }

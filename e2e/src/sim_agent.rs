@@ -4,8 +4,9 @@
 //! "killed" (heartbeat and work stop) and made to fail their tasks.
 
 use edgeloom_crds::TaskPhase;
+use edgeloom_crds::commitment;
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL, Usage};
-use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
+use edgeloom_crds::inventory::{ACCOUNT_LABEL, NodeInventory, SYSTEM_NAMESPACE};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
@@ -66,6 +67,11 @@ impl Drop for SimAgents {
     }
 }
 
+/// The salt of a simulated agent's commitment for task `name` (a real agent's is random).
+fn sim_salt(name: &str) -> String {
+    hex::encode(Sha256::digest(format!("sim-salt/{name}")))
+}
+
 /// The digest a simulated agent reports for a shard: equal for equal (job, shard).
 pub fn digest(job_uid: &str, shard: u32) -> String {
     hex::encode(Sha256::digest(format!("{job_uid}/{shard}")))
@@ -82,7 +88,12 @@ impl SimAgents {
         crate::federation::ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
         let node_api: Api<Node> = Api::all(client.clone());
         for n in &nodes {
-            let (labels, annotations) = n.inventory.to_metadata();
+            let (mut labels, annotations) = n.inventory.to_metadata();
+            // The simulation also plays the platform team, who labels the account (a real
+            // agent may not: docs/ARCHITECTURE.md, "Who may write what").
+            if let Some(a) = &n.inventory.account {
+                labels.insert(ACCOUNT_LABEL.to_string(), a.clone());
+            }
             let patch = serde_json::json!({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": n.name, "labels": labels, "annotations": annotations}
@@ -185,7 +196,10 @@ async fn run(
                         let since = *started
                             .entry(name.clone())
                             .or_insert_with(std::time::Instant::now);
-                        (since.elapsed() >= work).then(|| {
+                        // The operator pays at most the time it saw the task run: a
+                        // simulated task runs a second longer than the usage it claims.
+                        let at_least = Duration::from_millis(SIM_CPU_CORE_MILLIS + 1000);
+                        (since.elapsed() >= work.max(at_least)).then(|| {
                             let mut s = t.status.clone().unwrap_or_default();
                             s.finished_at = Some(Time(now));
                             s.progress = 100;
@@ -193,8 +207,23 @@ async fn run(
                                 s.phase = Some(TaskPhase::Failed);
                                 s.message = Some(format!("simulated failure on {node}"));
                             } else {
-                                s.phase = Some(TaskPhase::Succeeded);
-                                s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard));
+                                let d = digest(&t.spec.job.uid, t.spec.shard);
+                                // Commit–reveal for verified jobs, as the real agent does.
+                                match &t.spec.nonce {
+                                    Some(nonce) => {
+                                        s.phase = Some(TaskPhase::Committed);
+                                        s.commitment = Some(commitment::commitment(
+                                            nonce,
+                                            &d,
+                                            &[],
+                                            &sim_salt(&name),
+                                        ));
+                                    }
+                                    None => {
+                                        s.phase = Some(TaskPhase::Succeeded);
+                                        s.result_digest = Some(d);
+                                    }
+                                }
                                 s.usage = Some(Usage {
                                     cpu_core_millis: SIM_CPU_CORE_MILLIS,
                                     wall_millis: work.as_millis() as u64,
@@ -207,6 +236,19 @@ async fn run(
                             }
                             s
                         })
+                    }
+                    Some(TaskPhase::Committed)
+                        if t.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(commitment::REVEAL_ANNOTATION))
+                            .is_some_and(|v| v == commitment::REVEAL_REQUESTED) =>
+                    {
+                        let mut s = t.status.clone().unwrap_or_default();
+                        s.phase = Some(TaskPhase::Succeeded);
+                        s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard));
+                        s.salt = Some(sim_salt(&name));
+                        Some(s)
                     }
                     _ => None,
                 };

@@ -4,7 +4,9 @@
 //! policy checked with real requests as the agent's ServiceAccount (impersonation, and a
 //! pod-bound token from the TokenRequest API), and `promtool check rules`.
 
+use edgeloom_crds::commitment::{REVEAL_ANNOTATION, REVEAL_REQUESTED};
 use edgeloom_crds::compute_task::ComputeTask;
+use edgeloom_crds::inventory::{ACCOUNT_LABEL, GPU_COUNT_LABEL, TFLOPS_ANNOTATION};
 use edgeloom_e2e::control_plane::Cluster;
 use edgeloom_e2e::federation::request_token;
 use edgeloom_e2e::helm::{self, chart_dir};
@@ -29,7 +31,6 @@ const EVERYTHING: &[&str] = &[
     "memberAccess.create=true",
     "agent.runtimeClassName=nvidia",
     "agent.nvidiaLibraryPath=/usr/lib/x86_64-linux-gnu",
-    "agent.account=acct-test",
 ];
 
 fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> (bool, String) {
@@ -158,6 +159,12 @@ fn label_patch(key: &str) -> Patch<serde_json::Value> {
     Patch::Merge(serde_json::json!({"metadata": {"labels": {key: "yes"}}}))
 }
 
+fn reveal_patch() -> Patch<serde_json::Value> {
+    Patch::Merge(
+        serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: REVEAL_REQUESTED}}}),
+    )
+}
+
 fn task(name: &str, node: &str) -> ComputeTask {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask",
@@ -175,20 +182,88 @@ fn task(name: &str, node: &str) -> ComputeTask {
 /// What an agent identity (a client) may and may not do on edge-a.
 async fn check_agent_identity(agent: kube::Client, admin: &kube::Client, how: &str) {
     let nodes: Api<Node> = Api::all(agent.clone());
+    // Its own inventory: allowed.
     nodes
         .patch(
             "edge-a-node-0",
             &PatchParams::default(),
-            &label_patch("edgeloom.io/probe"),
+            &label_patch(GPU_COUNT_LABEL),
         )
         .await
-        .unwrap_or_else(|e| panic!("{how}: its own Node: {e}"));
+        .unwrap_or_else(|e| panic!("{how}: its own Node's inventory label: {e}"));
+    nodes
+        .patch(
+            "edge-a-node-0",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"annotations": {TFLOPS_ANNOTATION: "1.5"}}}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{how}: its own Node's inventory annotation: {e}"));
+    // Relabelling itself: the account (who gets paid), a region or residency label a job
+    // may require, a node-restriction label, removing a label the platform team set, or
+    // any annotation outside its inventory: denied, naming the key.
+    let platform_label = "edgeloom.io/cluster";
+    for (patch, key) in [
+        (label_patch(ACCOUNT_LABEL), ACCOUNT_LABEL),
+        (
+            label_patch("topology.kubernetes.io/region"),
+            "topology.kubernetes.io/region",
+        ),
+        (
+            label_patch("example.org/residency"),
+            "example.org/residency",
+        ),
+        (
+            label_patch("node-restriction.kubernetes.io/trusted"),
+            "node-restriction.kubernetes.io/trusted",
+        ),
+        (
+            Patch::Merge(serde_json::json!({"metadata": {"labels": {platform_label: null}}})),
+            platform_label,
+        ),
+    ] {
+        let (code, msg) = denied(
+            nodes
+                .patch("edge-a-node-0", &PatchParams::default(), &patch)
+                .await,
+            &format!("label {key} on its own Node"),
+        );
+        assert_eq!(code, 403, "{how}: {msg}");
+        assert!(
+            msg.contains("only its inventory labels") && msg.contains(key),
+            "{how}: {msg}"
+        );
+    }
+    let (code, msg) = denied(
+        nodes
+            .patch(
+                "edge-a-node-0",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"metadata": {"annotations": {"edgeloom.io/verified-tflops": "999"}}}),
+                ),
+            )
+            .await,
+        "a foreign annotation on its own Node",
+    );
+    assert_eq!(code, 403, "{how}: {msg}");
+    assert!(
+        msg.contains("only its inventory annotations") && msg.contains("verified-tflops"),
+        "{how}: {msg}"
+    );
+    let own = nodes.get("edge-a-node-0").await.expect("own node");
+    let labels = own.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get(GPU_COUNT_LABEL).map(String::as_str), Some("yes"));
+    assert!(!labels.contains_key(ACCOUNT_LABEL), "{how}: {labels:?}");
+    assert!(labels.contains_key(platform_label), "{how}: {labels:?}");
     let (code, msg) = denied(
         nodes
             .patch(
                 "edge-a-node-1",
                 &PatchParams::default(),
-                &label_patch("edgeloom.io/probe"),
+                &label_patch(GPU_COUNT_LABEL),
             )
             .await,
         "another node's Node",
@@ -251,6 +326,30 @@ async fn check_agent_identity(agent: kube::Client, admin: &kube::Client, how: &s
         msg.contains("ComputeTasks of its own node, not edge-a-node-1"),
         "{how}: {msg}"
     );
+    // Usage beyond the schema's maxima is refused by the API server, naming the field.
+    let (code, msg) = denied(
+        tasks
+            .patch_status(
+                "mine",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"status": {"usage": {"cpuCoreMillis": 100_000_000_000_000_000u64}}}),
+                ),
+            )
+            .await,
+        "an absurd usage claim",
+    );
+    assert_eq!(code, 422, "{how}: {msg}");
+    assert!(msg.contains("cpuCoreMillis"), "{how}: {msg}");
+    // Only the operator asks for a reveal (commit–reveal): the agent cannot set the
+    // annotation on its own task, so it cannot reveal before the other replicas commit.
+    let (code, _) = denied(
+        tasks
+            .patch("mine", &PatchParams::default(), &reveal_patch())
+            .await,
+        "asking for its own reveal",
+    );
+    assert_eq!(code, 403, "{how}");
     // RBAC: reading tasks is allowed (the agent watches its own with a field selector),
     // creating or deleting them is not, nor reading Secrets.
     assert!(
@@ -487,6 +586,10 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
             .await
             .is_ok()
     );
+    Api::<ComputeTask>::namespaced(hub_identity.clone(), NS)
+        .patch("from-hub", &PatchParams::default(), &reveal_patch())
+        .await
+        .expect("the hub identity asks a task for its reveal");
     let (code, _) = denied(
         Api::<Node>::all(hub_identity.clone())
             .patch("edge-a-node-0", &PatchParams::default(), &label_patch("x"))

@@ -1,7 +1,9 @@
-//! The agent's loop (DESIGN.md §1, §5): measure the node, publish its inventory on the
-//! Node, renew the heartbeat Lease, and run this node's ComputeTasks, at most `maxTasks` at
-//! a time: claim (status Running), run edgeloom-runner, report progress every few seconds
-//! and a final status with metrics, usage and the result digest. A deleted task is
+//! The agent's loop (docs/ARCHITECTURE.md, "The agent"): measure the node, publish its
+//! inventory on the Node, renew the heartbeat Lease, and run this node's ComputeTasks, at
+//! most `maxTasks` at a time: claim (status Running), run edgeloom-runner, report progress
+//! every few seconds and a final status with metrics, usage and the result digest. A task
+//! of a verified job (a nonce in its spec) first reports only a commitment to its result
+//! (phase Committed) and reveals the result when the operator asks. A deleted task is
 //! cancelled; on SIGTERM running tasks get a grace period, then are cancelled.
 
 use crate::config::Config;
@@ -9,8 +11,10 @@ use crate::execution::{self, Execution, Limits, Outcome};
 use crate::metrics::Metrics;
 use crate::model_source;
 use crate::probe::{self, Gpus};
+use crate::sealed::{self, Sealed};
 use edgeloom_crds::TaskPhase;
-use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus};
+use edgeloom_crds::commitment::{self, REVEAL_ANNOTATION, REVEAL_REQUESTED};
+use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, JOB_UID_LABEL};
 use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
 use edgeloom_crds::runner_protocol::Spec as RunnerSpec;
 use edgeloom_crds::workload::{Workload, WorkloadKind, WorkloadParameters};
@@ -20,7 +24,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::HashMap;
@@ -131,7 +135,7 @@ impl Agent {
         let gpus = self.gpus.read();
         let inv = NodeInventory {
             agent: true,
-            account: self.config.account.clone(),
+            account: None,
             gpu_product: gpus.first().map(|g| g.name.clone()),
             gpus: gpus.len() as u32,
             gpu_memory_mib: gpus.iter().map(|g| g.memory_total_mib).min().unwrap_or(0),
@@ -282,6 +286,9 @@ impl Agent {
         mut status: ComputeTaskStatus,
         cancel: watch::Receiver<Option<String>>,
     ) {
+        if self.config.copy_peers {
+            return self.copy_peer(&task, status, cancel).await;
+        }
         let name = task.name_any();
         let spec = &task.spec;
         let workload = &spec.workload;
@@ -296,6 +303,7 @@ impl Agent {
                     return self
                         .finish(
                             &name,
+                            spec.nonce.as_deref(),
                             status,
                             Execution {
                                 outcome: Outcome::Failed(format!(
@@ -324,6 +332,7 @@ impl Agent {
                     return self
                         .finish(
                             &name,
+                            spec.nonce.as_deref(),
                             status,
                             Execution {
                                 outcome: Outcome::Failed(e.to_string()),
@@ -421,12 +430,29 @@ impl Agent {
         if let Some((p, _)) = latest.lock().ok().and_then(|l| l.clone()) {
             status.progress = p;
         }
-        self.finish(&name, status, run).await;
+        self.finish(&name, spec.nonce.as_deref(), status, run).await;
     }
 
-    async fn finish(&self, name: &str, mut status: ComputeTaskStatus, run: Execution) {
+    fn sealed_dir(&self) -> std::path::PathBuf {
+        self.config.work_dir.join("sealed")
+    }
+
+    async fn finish(
+        &self,
+        name: &str,
+        nonce: Option<&str>,
+        mut status: ComputeTaskStatus,
+        run: Execution,
+    ) {
         status.finished_at = Some(Time(Timestamp::now()));
         status.usage = Some(run.usage.clone());
+        if self.config.inflate_usage
+            && let Some(u) = status.usage.as_mut()
+        {
+            tracing::warn!(task = %name, "inflateUsage is set: claiming more than was used (test only)");
+            u.cpu_core_millis = u.cpu_core_millis.saturating_mul(1000).max(3_600_000);
+            u.gpu_millis = 3_600_000;
+        }
         let outcome = match run.outcome {
             Outcome::Succeeded {
                 digest,
@@ -437,8 +463,8 @@ impl Agent {
                 if let Some(s) = metrics.get("samplesPerSecond") {
                     self.metrics.samples_per_second.set(*s);
                 }
-                status.phase = Some(TaskPhase::Succeeded);
                 status.progress = 100;
+                status.message = None;
                 let digest = if self.config.corrupt_results {
                     tracing::warn!(task = %name, "corruptResults is set: reporting an altered digest (test only)");
                     format!(
@@ -450,12 +476,39 @@ impl Agent {
                 } else {
                     digest
                 };
-                status.result_digest = Some(digest);
-                status.metrics = metrics;
-                status.result_summary = summary;
-                status.result_vector = vector;
-                status.message = None;
-                "succeeded"
+                match nonce {
+                    // A verified job: seal the result, publish only the commitment.
+                    Some(nonce) => match sealed::salt().and_then(|salt| {
+                        let s = Sealed {
+                            digest,
+                            vector,
+                            metrics,
+                            summary,
+                            salt,
+                        };
+                        s.save(&self.sealed_dir(), name).map(|()| s)
+                    }) {
+                        Ok(s) => {
+                            status.phase = Some(TaskPhase::Committed);
+                            status.commitment =
+                                Some(commitment::commitment(nonce, &s.digest, &s.vector, &s.salt));
+                            "succeeded"
+                        }
+                        Err(e) => {
+                            status.phase = Some(TaskPhase::Failed);
+                            status.message = Some(format!("sealing the result failed: {e}"));
+                            "failed"
+                        }
+                    },
+                    None => {
+                        status.phase = Some(TaskPhase::Succeeded);
+                        status.result_digest = Some(digest);
+                        status.metrics = metrics;
+                        status.result_summary = summary;
+                        status.result_vector = vector;
+                        "succeeded"
+                    }
+                }
             }
             Outcome::Failed(why) => {
                 status.phase = Some(TaskPhase::Failed);
@@ -480,6 +533,133 @@ impl Agent {
                 tracing::info!(task = %name, outcome, "task finished after its ComputeTask was deleted")
             }
             Err(e) => tracing::warn!(task = %name, error = %e, "reporting the result failed"),
+        }
+    }
+
+    /// Reveals the sealed results the operator asked for: the result and the salt that
+    /// open the commitment. A result that was lost (work directory gone) fails the task.
+    async fn reveal(&self, store: &Store<ComputeTask>) {
+        for t in store.state() {
+            let Some(status) = t.status.as_ref() else {
+                continue;
+            };
+            if t.spec.node_name != self.config.node
+                || status.phase != Some(TaskPhase::Committed)
+                || t.annotations().get(REVEAL_ANNOTATION).map(String::as_str)
+                    != Some(REVEAL_REQUESTED)
+            {
+                continue;
+            }
+            let name = t.name_any();
+            let opened = if self.config.copy_peers {
+                match self.peer(&t, |p| p.salt.is_some()).await {
+                    Some(p) => Some(Sealed {
+                        digest: p.result_digest.unwrap_or_default(),
+                        vector: p.result_vector,
+                        metrics: p.metrics,
+                        summary: p.result_summary,
+                        salt: p.salt.unwrap_or_default(),
+                    }),
+                    None => continue, // nothing to copy yet
+                }
+            } else {
+                Sealed::load(&self.sealed_dir(), &name)
+            };
+            let mut s = status.clone();
+            match opened {
+                Some(o) => {
+                    s.phase = Some(TaskPhase::Succeeded);
+                    s.result_digest = Some(o.digest);
+                    s.result_vector = o.vector;
+                    s.metrics = o.metrics;
+                    s.result_summary = o.summary;
+                    s.salt = Some(o.salt);
+                }
+                None => {
+                    s.phase = Some(TaskPhase::Failed);
+                    s.message = Some(
+                        "the sealed result was lost before its reveal (the agent's work directory is gone)"
+                            .into(),
+                    );
+                }
+            }
+            match self.set_status(&name, &s).await {
+                Ok(()) => {
+                    Sealed::remove(&self.sealed_dir(), &name);
+                    tracing::info!(task = %name, phase = ?s.phase, "revealed the sealed result");
+                }
+                Err(e) => tracing::debug!(task = %name, error = %e, "reveal failed; will retry"),
+            }
+        }
+    }
+
+    /// The status of another replica of the same shard that satisfies `has` (any cluster
+    /// task is readable to agents: the reason results are committed before they are shown).
+    async fn peer(
+        &self,
+        task: &ComputeTask,
+        has: impl Fn(&ComputeTaskStatus) -> bool,
+    ) -> Option<ComputeTaskStatus> {
+        let lp = ListParams::default().labels(&format!("{JOB_UID_LABEL}={}", task.spec.job.uid));
+        let list = self.tasks_api().list(&lp).await.ok()?;
+        list.items
+            .into_iter()
+            .filter(|p| p.spec.shard == task.spec.shard && p.spec.replica != task.spec.replica)
+            .filter_map(|p| p.status)
+            .find(|s| has(s))
+    }
+
+    /// TEST ONLY (`copyPeers`): does no work and reports what another replica reported:
+    /// its commitment where the task asks for one (to be revealed with the peer's result
+    /// and salt later), else its result.
+    async fn copy_peer(
+        &self,
+        task: &ComputeTask,
+        mut status: ComputeTaskStatus,
+        cancel: watch::Receiver<Option<String>>,
+    ) {
+        let name = task.name_any();
+        tracing::warn!(task = %name, "copyPeers is set: copying another replica's result (test only)");
+        let sealed = task.spec.nonce.is_some();
+        let until = tokio::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            if cancel.borrow().is_some() {
+                return;
+            }
+            let found = self
+                .peer(task, |p| {
+                    if sealed {
+                        p.commitment.is_some()
+                    } else {
+                        p.result_digest.is_some()
+                    }
+                })
+                .await;
+            if let Some(p) = found {
+                status.progress = 100;
+                status.finished_at = Some(Time(Timestamp::now()));
+                status.usage = p.usage;
+                status.message = None;
+                if sealed {
+                    status.phase = Some(TaskPhase::Committed);
+                    status.commitment = p.commitment;
+                } else {
+                    status.phase = Some(TaskPhase::Succeeded);
+                    status.result_digest = p.result_digest;
+                    status.result_vector = p.result_vector;
+                    status.metrics = p.metrics;
+                    status.result_summary = p.result_summary;
+                }
+                let _ = self.set_status(&name, &status).await;
+                return;
+            }
+            if tokio::time::Instant::now() > until {
+                status.phase = Some(TaskPhase::Failed);
+                status.message = Some("no replica to copy".into());
+                let _ = self.set_status(&name, &status).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 
@@ -529,10 +709,13 @@ impl Agent {
             futures::pin_mut!(events);
             while let Some(ev) = events.next().await {
                 match ev {
-                    Ok(watcher::Event::Delete(t)) => me.cancel(
-                        &t.name_any(),
-                        "the ComputeTask was deleted (cancelled or superseded)",
-                    ),
+                    Ok(watcher::Event::Delete(t)) => {
+                        me.cancel(
+                            &t.name_any(),
+                            "the ComputeTask was deleted (cancelled or superseded)",
+                        );
+                        Sealed::remove(&me.sealed_dir(), &t.name_any());
+                    }
                     Ok(_) => me.wake.notify_one(),
                     Err(e) => tracing::debug!(error = %e, "task watch error"),
                 }
@@ -545,6 +728,7 @@ impl Agent {
         let loop_store = store.clone();
         let claiming = tokio::spawn(async move {
             loop {
+                me.reveal(&loop_store).await;
                 me.claim(&loop_store).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), me.wake.notified()).await;
             }

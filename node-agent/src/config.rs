@@ -10,7 +10,8 @@ use std::path::PathBuf;
 pub struct Config {
     /// Node this agent serves (default: $NODE_NAME, from the downward API).
     pub node: String,
-    /// Contributor account paid for this node's work.
+    /// Not accepted: the contributor account is the platform team's Node label
+    /// `edgeloom.io/account`, never the agent's (read only to refuse it with a clear error).
     pub account: Option<String>,
     /// Path of edgeloom-runner.
     pub runner: PathBuf,
@@ -35,6 +36,14 @@ pub struct Config {
     /// TEST ONLY: report altered result digests, to test that verification outvotes a
     /// cheating node. Never set this on a real node.
     pub corrupt_results: bool,
+    /// TEST ONLY: an adversary that does no work and reports what another replica of the
+    /// same shard reported (its commitment, then its reveal), to test that commit–reveal
+    /// catches a copier. Never set this on a real node.
+    pub copy_peers: bool,
+    /// TEST ONLY: claim 1000 times the CPU time used and an hour of GPU time on every
+    /// task, to test that the operator pays only what it observed. Never set this on a
+    /// real node.
+    pub inflate_usage: bool,
 }
 
 impl Default for Config {
@@ -53,6 +62,8 @@ impl Default for Config {
             benchmark_matrix_size: 512,
             shutdown_grace_seconds: 20,
             corrupt_results: false,
+            copy_peers: false,
+            inflate_usage: false,
         }
     }
 }
@@ -69,6 +80,9 @@ pub enum ConfigError {
     /// A required value is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A setting the agent may not have.
+    #[error("{0}")]
+    NotAllowed(&'static str),
 }
 
 impl Config {
@@ -85,6 +99,11 @@ impl Config {
         if self.node.is_empty() {
             return Err(ConfigError::Missing(
                 "no node name: set --node, `node:` in the config, or NODE_NAME",
+            ));
+        }
+        if self.account.is_some() {
+            return Err(ConfigError::NotAllowed(
+                "`account:` is no longer an agent setting: the platform team sets the node's account with `kubectl label node NODE edgeloom.io/account=ACCOUNT`, and the agent may not change it",
             ));
         }
         if self.max_tasks == 0 {
@@ -104,7 +123,11 @@ mod tests {
             std::env::temp_dir().join(format!("edgeloom-agent-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("agent.yaml");
-        std::fs::write(&path, "node: n1\naccount: alice\ndatasets:\n  clinic-records: /data/clinic.csv\nmaxTasks: 2\n").expect("write");
+        std::fs::write(
+            &path,
+            "node: n1\ndatasets:\n  clinic-records: /data/clinic.csv\nmaxTasks: 2\n",
+        )
+        .expect("write");
         let c = Config::from_file(&path).expect("parses");
         assert_eq!(
             (c.node.as_str(), c.max_tasks, c.heartbeat_seconds),
@@ -115,6 +138,12 @@ mod tests {
             PathBuf::from("/data/clinic.csv")
         );
         c.validate().expect("valid");
+        std::fs::write(&path, "node: n1\naccount: alice\n").expect("write");
+        let err = Config::from_file(&path)
+            .expect("parses")
+            .validate()
+            .expect_err("an account set by the agent is refused");
+        assert!(err.to_string().contains("edgeloom.io/account"), "{err}");
         std::fs::write(&path, "maxTasks: [").expect("write");
         assert!(Config::from_file(&path).is_err());
         let _ = std::fs::remove_dir_all(dir);

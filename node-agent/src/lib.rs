@@ -1,4 +1,4 @@
-//! The edgeloom node agent (DESIGN.md §1, §5, §6): probes the node (NVML, /proc), publishes
+//! The edgeloom node agent (docs/ARCHITECTURE.md, "The agent"): probes the node (NVML, /proc), publishes
 //! its inventory, renews its heartbeat, runs its ComputeTasks with edgeloom-runner, and
 //! serves metrics (GPU metrics under DCGM names).
 
@@ -9,3 +9,4 @@ pub mod http;
 pub mod metrics;
 pub mod model_source;
 pub mod probe;
+pub mod sealed;

@@ -586,6 +586,8 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
             account: format!("acct-{node}"),
             datasets: BTreeMap::new(),
             cheat,
+            copy_peers: false,
+            inflate_usage: false,
         };
         fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
             .expect("agent")
@@ -823,6 +825,185 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
     );
 }
 
+/// Attacks 1 and 2 of the trust model (README, "Threat model"). A replica that does no
+/// work and copies what another replica of its shard reports (agents can read every task
+/// of their cluster): with commit–reveal it can copy only a commitment, made for another
+/// task's nonce, and then the honest reveal; neither opens its own commitment, so it is
+/// caught, not paid, and a third replica decides. And a node that claims far more usage
+/// than it used is paid only for what the operator observed.
+#[tokio::test]
+async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid_as_observed() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let start = |member: &str, node: &str, copy_peers: bool, inflate_usage: bool| {
+        let spec = AgentSpec {
+            member: member.into(),
+            node: node.into(),
+            account: format!("acct-{node}"),
+            datasets: BTreeMap::new(),
+            cheat: false,
+            copy_peers,
+            inflate_usage,
+        };
+        fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+            .expect("agent")
+    };
+    // The first replica's result is honest but it claims 1000x its CPU time and an hour
+    // of GPU time on a CPU job (attack: setting its own pay).
+    let _honest = start("edge-a", "edge-a-node-0", false, true);
+    let _copier = start("edge-b", "edge-b-node-0", true, false);
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("copier").await.expect("ns");
+    let job = "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: copied\nspec:\n  workload:\n    kind: Train\n    model:\n      builtin: Linear\n    dataset:\n      builtin: Digits\n    parameters:\n      epochs: 5\n  verification:\n    replicas: 2\n";
+    manifests::apply_all(&fed.hub, job, &ns, false)
+        .await
+        .expect("job");
+    // The copier's reveal is rejected; a third replica is wanted (no third agent yet).
+    let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let seen = wait::until(
+        "the copier's reveal to be rejected",
+        Duration::from_secs(120),
+        || {
+            let api = api.clone();
+            async move {
+                let s = api
+                    .get("copied")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let rejected = s.shards.iter().any(|x| {
+                    x.node == "edge-b-node-0"
+                        && x.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("does not open the commitment"))
+                });
+                if rejected && s.phase == Some(JobPhase::Running) {
+                    Ok(s)
+                } else {
+                    Err(format!("{:?}", s.shards))
+                }
+            }
+        },
+    )
+    .await;
+    // What the copier wrote: the honest replica's commitment and reveal, byte for byte.
+    let statuses = |member: &'static str| {
+        let fed = &fed;
+        async move {
+            let m = fed.plane.cluster(member).expect("member");
+            Api::<ComputeTask>::namespaced(m.client().await.expect("client"), SYSTEM_NAMESPACE)
+                .list(&ListParams::default())
+                .await
+                .expect("tasks")
+                .items
+        }
+    };
+    let honest = statuses("edge-a").await.remove(0);
+    let copier = statuses("edge-b").await.remove(0);
+    let (h, c) = (
+        honest.status.clone().expect("status"),
+        copier.status.clone().expect("status"),
+    );
+    assert!(h.commitment.is_some() && h.salt.is_some(), "{h:?}");
+    assert_eq!(c.commitment, h.commitment, "copied the commitment");
+    assert_eq!(c.result_digest, h.result_digest, "copied the result");
+    assert_eq!(c.salt, h.salt, "copied the salt");
+    assert_ne!(
+        copier.spec.nonce, honest.spec.nonce,
+        "each task has its own nonce"
+    );
+    assert!(
+        seen.shards.iter().all(|x| x.phase != TaskPhase::Committed),
+        "both revealed: {:?}",
+        seen.shards
+    );
+    // A third, honest replica completes the quorum with the first.
+    let _third = start("edge-a", "edge-a-node-1", false, false);
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "copied",
+        JobPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    let uid = done.metadata.uid.clone().expect("uid");
+    let paid = receipts(&fed, &uid, 2).await;
+    let nodes: Vec<&str> = paid.iter().map(|p| p.3.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "{paid:?}");
+    assert!(
+        !nodes.contains(&"edge-b-node-0"),
+        "the copier is not paid: {paid:?}"
+    );
+    // The inflating node is paid at most what the operator saw: (reportedAt -
+    // dispatchedAt) x 1 core (the job named no CPU), and no GPU time on a CPU job.
+    let claimed = h.usage.clone().expect("usage");
+    assert!(claimed.gpu_millis >= 3_600_000, "{claimed:?}");
+    let shard = done
+        .status
+        .as_ref()
+        .expect("status")
+        .shards
+        .iter()
+        .find(|x| x.node == "edge-a-node-0")
+        .cloned()
+        .expect("the inflating node's replica");
+    let observed = shard
+        .reported_at
+        .as_ref()
+        .expect("reportedAt")
+        .0
+        .duration_since(shard.dispatched_at.as_ref().expect("dispatchedAt").0)
+        .as_millis() as u64;
+    let receipt = ledger::export(&plugin(), &fed.plane.hub().kubeconfig)
+        .into_iter()
+        .map(|e| e["receipt"].clone())
+        .find(|r| r["jobUid"] == uid.as_str() && r["node"] == "edge-a-node-0")
+        .expect("the inflating node's receipt");
+    let cpu = receipt["cpuCoreMillis"].as_u64().expect("cpuCoreMillis");
+    assert!(
+        cpu <= observed && cpu < claimed.cpu_core_millis,
+        "paid {cpu} core-ms for {observed} ms observed, {} claimed",
+        claimed.cpu_core_millis
+    );
+    assert_eq!(receipt["gpuMillis"].as_u64(), Some(0), "{receipt}");
+    // Caught: its trust record shows it, with a RevealRejected event.
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    let trust = wait::until_some("the copier's record", Duration::from_secs(30), || {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
+            out.stdout
+                .lines()
+                .find(|l| l.starts_with("edge-b/edge-b-node-0"))
+                .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        }
+    })
+    .await;
+    // NODE VERIFIED STREAK CAUGHT ...
+    assert_eq!(trust[1..4], ["0", "0", "1"], "{trust:?}");
+    let events: Vec<String> =
+        Api::<k8s_openapi::api::core::v1::Event>::namespaced(fed.hub.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("RevealRejected"))
+            .filter_map(|e| e.message)
+            .collect();
+    assert!(
+        events.iter().any(|m| m.contains("edge-b/edge-b-node-0")),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_alert_evaluates() {
     use edgeloom_e2e::prometheus::{self, Prometheus};
@@ -838,6 +1019,8 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
             account: format!("acct-{node}"),
             datasets: BTreeMap::new(),
             cheat,
+            copy_peers: false,
+            inflate_usage: false,
         };
         fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
             .expect("agent")
@@ -1012,7 +1195,6 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
 #[test]
 fn the_charts_agent_configuration_is_one_the_agent_accepts() {
     let rendered = edgeloom_e2e::helm::template(&[
-        "agent.account=acct-clinic",
         "agent.maxTasks=3",
         "agent.datasets.clinic-records=/data/clinic.csv",
     ])
@@ -1032,7 +1214,10 @@ fn the_charts_agent_configuration_is_one_the_agent_accepts() {
     std::fs::remove_file(&path).ok();
     config.node = "from-the-downward-api".into();
     config.validate().expect("valid");
-    assert_eq!(config.account.as_deref(), Some("acct-clinic"));
+    assert_eq!(
+        config.account, None,
+        "the account is the platform team's label"
+    );
     assert_eq!(config.max_tasks, 3);
     assert_eq!(
         config

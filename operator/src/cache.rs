@@ -189,6 +189,10 @@ pub struct TaskEntry {
     pub gpus: u32,
     /// The agent's status, if any.
     pub status: Option<Box<ComputeTaskStatus>>,
+    /// The commit–reveal nonce of its spec (verified jobs).
+    pub nonce: Option<Box<str>>,
+    /// The operator has asked for its sealed result.
+    pub reveal_requested: bool,
 }
 
 impl TaskEntry {
@@ -199,6 +203,13 @@ impl TaskEntry {
             self.status.as_ref().and_then(|s| s.phase),
             Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
         )
+    }
+
+    /// Whether the task may still use its node: not finished and not merely waiting to
+    /// reveal a sealed result (its runner has exited).
+    pub fn busy(&self) -> bool {
+        use edgeloom_crds::TaskPhase;
+        !self.terminal() && self.status.as_ref().and_then(|s| s.phase) != Some(TaskPhase::Committed)
     }
 }
 
@@ -221,6 +232,13 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
             memory_mib: crate::quantity::mebibytes(spec.limits.memory.as_ref()),
             gpus: spec.limits.gpus,
             status: t.status.clone().map(Box::new),
+            nonce: spec.nonce.clone().map(String::into_boxed_str),
+            reveal_requested: t
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(edgeloom_crds::commitment::REVEAL_ANNOTATION))
+                .is_some_and(|v| v == edgeloom_crds::commitment::REVEAL_REQUESTED),
         },
     ))
 }

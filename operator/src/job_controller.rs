@@ -13,6 +13,7 @@ use crate::ledger_store::{StoreError, Totals};
 use crate::lifecycle::{self, BudgetView, Decision, JobView, TaskView};
 use crate::scheduler::{Work, selector_matches};
 use crate::trust;
+use edgeloom_crds::commitment::{REVEAL_ANNOTATION, REVEAL_REQUESTED};
 use edgeloom_crds::compute_job::{ComputeJobStatus, RewardSummary, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
@@ -229,6 +230,10 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 node_lost: !terminal && (lost_cluster || !m.node_ready(&t.node, now)),
                 cpu_core_millis: status.usage.as_ref().map_or(0, |u| u.cpu_core_millis),
                 gpu_millis: status.usage.as_ref().map_or(0, |u| u.gpu_millis),
+                nonce: t.nonce.as_deref().map(String::from),
+                commitment: status.commitment,
+                salt: status.salt,
+                reveal_requested: t.reveal_requested,
             });
         }
     }
@@ -337,6 +342,22 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
+    // Reveals: asked for only once every replica of a shard has committed (lifecycle).
+    for (member, task) in &decision.reveal {
+        if let Some(m) = ctx.fleet.members().into_iter().find(|m| &m.key == member) {
+            let patch = serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: REVEAL_REQUESTED}}});
+            match m
+                .tasks_api()
+                .patch(task, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => tracing::info!(task = %task, %member, "asked for the sealed result"),
+                Err(e) => {
+                    tracing::debug!(task = %task, error = %e, "reveal request failed; will retry")
+                }
+            }
+        }
+    }
     for c in &decision.cancel {
         if let Some(m) = ctx.fleet.members().into_iter().find(|m| m.key == c.member) {
             match m
@@ -770,6 +791,12 @@ async fn settle(
         entry.0.push(receipt);
     }
     let mut caught: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let broken: BTreeSet<String> = decision
+        .outvoted
+        .iter()
+        .filter(|o| o.why == lifecycle::Caught::BrokenReveal)
+        .map(|o| format!("{}/{}", o.cluster, o.node))
+        .collect();
     for o in &decision.outvoted {
         if let Some(m) = members.iter().find(|m| m.key == o.member) {
             caught.entry(m.pool.clone()).or_default().push((
@@ -835,32 +862,51 @@ async fn settle(
             .update(&valid, &outvoted)
             .await
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
-        record_caught(job, &outvoted, new_caught, ctx).await;
+        record_caught(job, &broken, &new_caught, ctx).await;
     }
     Ok(())
 }
 
-async fn record_caught(job: &ComputeJob, outvoted: &[(String, String)], new: usize, ctx: &Context) {
-    if new == 0 {
-        return;
-    }
-    ctx.metrics
-        .verification
-        .with_label_values(&["outvoted"])
-        .inc_by(new as u64);
-    let nodes: Vec<&str> = outvoted.iter().map(|(n, _)| n.as_str()).collect();
-    let ev = Event {
-        type_: EventType::Warning,
-        reason: "ResultOutvoted".into(),
-        note: Some(format!(
-            "result(s) of {} outvoted by a quorum: not paid, node trust reset",
-            nodes.join(", ")
-        )),
-        action: "Verify".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-        tracing::debug!(error = %e, "publishing event failed");
+/// Counts and reports the nodes newly caught (`new`, as "cluster/node") for this job.
+async fn record_caught(job: &ComputeJob, broken: &BTreeSet<String>, new: &[String], ctx: &Context) {
+    let (revealed, outvoted): (Vec<&str>, Vec<&str>) = new
+        .iter()
+        .map(String::as_str)
+        .partition(|n| broken.contains(*n));
+    for (nodes, label, reason, what) in [
+        (
+            outvoted,
+            "outvoted",
+            "ResultOutvoted",
+            "outvoted by a quorum",
+        ),
+        (
+            revealed,
+            "broken_reveal",
+            "RevealRejected",
+            "revealed a result that does not open their commitment (copied or changed after the fact)",
+        ),
+    ] {
+        if nodes.is_empty() {
+            continue;
+        }
+        ctx.metrics
+            .verification
+            .with_label_values(&[label])
+            .inc_by(nodes.len() as u64);
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(format!(
+                "result(s) of {} {what}: not paid, node trust reset",
+                nodes.join(", ")
+            )),
+            action: "Verify".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+            tracing::debug!(error = %e, "publishing event failed");
+        }
     }
 }
 
@@ -1061,6 +1107,7 @@ pub fn count_tasks(ctx: &Context) -> BTreeMap<&'static str, i64> {
     let mut counts = BTreeMap::from([
         ("Pending", 0),
         ("Running", 0),
+        ("Committed", 0),
         ("Succeeded", 0),
         ("Failed", 0),
         ("Cancelled", 0),
@@ -1070,6 +1117,7 @@ pub fn count_tasks(ctx: &Context) -> BTreeMap<&'static str, i64> {
             let phase = match t.status.as_ref().and_then(|s| s.phase) {
                 None | Some(TaskPhase::Pending) => "Pending",
                 Some(TaskPhase::Running) => "Running",
+                Some(TaskPhase::Committed) => "Committed",
                 Some(TaskPhase::Succeeded) => "Succeeded",
                 Some(TaskPhase::Failed) => "Failed",
                 Some(TaskPhase::Cancelled) => "Cancelled",

@@ -683,16 +683,16 @@ impl ReputationStore {
         &self,
         valid: &[String],
         caught: &[(String, String)],
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         if valid.is_empty() && caught.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         for _ in 0..3 {
             let mut guard = self.ensure().await?;
             let state = guard.as_mut().expect("loaded");
             let mut rep = state.0.clone();
             let mut shards = vec![false; REPUTATION_SHARDS];
-            let mut new_caught = 0;
+            let mut new_caught = Vec::new();
             for n in valid {
                 rep.record_valid(n);
                 shards[shard_of(n)] = true;
@@ -700,7 +700,7 @@ impl ReputationStore {
             for (n, key) in caught {
                 if rep.record_caught(n, key) {
                     shards[shard_of(n)] = true;
-                    new_caught += 1;
+                    new_caught.push(n.clone());
                 }
             }
             match self.write(state, &rep, &shards).await {

@@ -17,12 +17,17 @@
 //!   unfinished tasks.
 
 use crate::decimal::Amount;
+use crate::quantity;
 use crate::verification::{self, ReplicaResult, Verdict};
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};
 use jiff::{SignedDuration, Timestamp};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// What the operator itself saw of one attempt: when it first saw the task (dispatched)
+/// and when it first saw its result (reported).
+type Observed = (Option<Timestamp>, Option<Timestamp>);
 
 /// Seconds a gang job waits for room when it names no `gangTimeoutSeconds`.
 pub const DEFAULT_GANG_TIMEOUT_SECONDS: u32 = 300;
@@ -66,9 +71,29 @@ pub struct TaskView {
     pub cpu_core_millis: u64,
     /// GPU-milliseconds the agent reported.
     pub gpu_millis: u64,
+    /// Its commit–reveal nonce (tasks of verified jobs).
+    pub nonce: Option<String>,
+    /// The agent's commitment to its result.
+    pub commitment: Option<String>,
+    /// The salt revealed with the result.
+    pub salt: Option<String>,
+    /// The operator has asked for the reveal.
+    pub reveal_requested: bool,
 }
 
 impl TaskView {
+    /// A reported result that may be counted: without a nonce any result; with one, only a
+    /// revealed result that opens the commitment made before any result was shown.
+    fn opens(&self) -> bool {
+        match (&self.nonce, &self.commitment, &self.salt, &self.digest) {
+            (None, ..) => true,
+            (Some(nonce), Some(c), Some(salt), Some(digest)) => {
+                edgeloom_crds::commitment::opens(c, nonce, digest, &self.vector, salt)
+            }
+            _ => false,
+        }
+    }
+
     fn terminal(&self) -> bool {
         matches!(
             self.phase,
@@ -126,9 +151,22 @@ pub struct Accepted {
     pub verified: bool,
 }
 
-/// A result that a quorum outvoted: not paid, and its node loses its trust.
+/// Why a result was caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caught {
+    /// A quorum agreed on another result.
+    Outvoted,
+    /// Its reveal did not open the commitment (a copied or changed result), or it was
+    /// shown without one.
+    BrokenReveal,
+}
+
+/// A result that a quorum outvoted or whose reveal failed: not paid, and its node loses
+/// its trust.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outvoted {
+    /// Why.
+    pub why: Caught,
     /// Shard index.
     pub shard: u32,
     /// Replica index.
@@ -181,8 +219,10 @@ pub struct Decision {
     pub retried: usize,
     /// Results to pay for.
     pub accepted: Vec<Accepted>,
-    /// Results outvoted by a quorum.
+    /// Results outvoted by a quorum or with a broken reveal.
     pub outvoted: Vec<Outvoted>,
+    /// Committed tasks ("member", "name") to ask for their reveal now.
+    pub reveal: Vec<(String, String)>,
     /// Why placement stopped for the budget, if it did.
     pub budget_stopped: Option<String>,
 }
@@ -254,6 +294,21 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         let e = extra.entry(s.index).or_default();
         *e = (*e).max(s.replica + 1);
     }
+    // What the operator observed of each attempt before: (dispatched, reported).
+    let seen_at: BTreeMap<(u32, u32, u32), Observed> = job
+        .recorded
+        .iter()
+        .filter(|s| !s.node.is_empty())
+        .map(|s| {
+            (
+                (s.index, s.replica, s.attempt),
+                (
+                    s.dispatched_at.as_ref().map(|t| t.0),
+                    s.reported_at.as_ref().map(|t| t.0),
+                ),
+            )
+        })
+        .collect();
     // Only slots that were bound to a node record a real attempt (unplaced slots show 0).
     let recorded: BTreeMap<(u32, u32), u32> = job
         .recorded
@@ -274,6 +329,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
     let (mut replaced_lost, mut retried) = (0, 0);
     let mut accepted = Vec::new();
     let mut outvoted = Vec::new();
+    let mut reveal = Vec::new();
 
     for shard in 0..spec.shards {
         let extra_slots = extra.get(&shard).copied().unwrap_or(0);
@@ -285,9 +341,13 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 .and_then(|ts| ts.iter().max_by_key(|t| t.attempt));
             match first {
                 None => true,
+                // A spot check is decided only once the node has committed to its result,
+                // so a node never sees whether its shard will be checked before it commits.
                 Some(t) => {
+                    let committed =
+                        matches!(t.phase, Some(TaskPhase::Committed | TaskPhase::Succeeded));
                     !t.node_lost
-                        && !job.spot_checked.contains(&shard)
+                        && (!committed || !job.spot_checked.contains(&shard))
                         && job.trusted.contains(&(t.member.clone(), t.node.clone()))
                 }
             }
@@ -296,6 +356,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         let verifying = shard_replicas > 1 || adaptive;
         let slots = shard_replicas.max(extra_slots);
         let mut results: Vec<ReplicaResult> = Vec::new();
+        let mut broken: Vec<&TaskView> = Vec::new();
         let mut current_tasks: Vec<&TaskView> = Vec::new();
         let first_status = shards.len();
         let needs_before = needs.len();
@@ -338,6 +399,8 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 progress: 0,
                 started_at: None,
                 finished_at: None,
+                dispatched_at: None,
+                reported_at: None,
                 result_digest: None,
                 message: None,
             };
@@ -354,6 +417,15 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             }
             match current {
                 Some(t) => {
+                    // The operator's own observations of this attempt, kept once made.
+                    let seen = seen_at.get(&(shard, replica, t.attempt));
+                    status.dispatched_at = to_time(Some(seen.and_then(|s| s.0).unwrap_or(now)));
+                    let reported = matches!(
+                        t.phase,
+                        Some(TaskPhase::Committed | TaskPhase::Succeeded | TaskPhase::Failed)
+                    );
+                    status.reported_at =
+                        to_time(seen.and_then(|s| s.1).or_else(|| reported.then_some(now)));
                     status.attempt = t.attempt;
                     status.cluster = t.cluster.clone();
                     status.node = t.node.clone();
@@ -365,6 +437,12 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     status.message = t.message.clone();
                     *placement.entry(t.cluster.clone()).or_default() += 1;
                     match t.phase {
+                        Some(TaskPhase::Succeeded) if !t.opens() => {
+                            status.message = Some(
+                                "reveal rejected: the result does not open the commitment made before any replica's result was shown".into(),
+                            );
+                            broken.push(t);
+                        }
                         Some(TaskPhase::Succeeded) => {
                             for (k, v) in &t.metrics {
                                 let e = metric_sums.entry(k.clone()).or_default();
@@ -415,17 +493,33 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             }
             shards.push(status);
         }
-        let paid = |t: &TaskView, verified: bool| Accepted {
-            shard,
-            replica: t.replica,
-            attempt: t.attempt,
-            member: t.member.clone(),
-            cluster: t.cluster.clone(),
-            node: t.node.clone(),
-            digest: t.digest.clone().unwrap_or_default(),
-            cpu_core_millis: t.cpu_core_millis,
-            gpu_millis: t.gpu_millis,
-            verified,
+        let paid = |t: &TaskView, verified: bool| {
+            // Usage is the agent's claim: pay at most what the operator observed itself.
+            let observed = shards[first_status..]
+                .iter()
+                .find(|s| s.replica == t.replica)
+                .and_then(|s| Some((s.dispatched_at.as_ref()?.0, s.reported_at.as_ref()?.0)))
+                .map(|(from, to)| to.duration_since(from).as_millis().max(0) as u64)
+                .unwrap_or(0);
+            let (cpu_core_millis, gpu_millis) = bound_usage(
+                t.cpu_core_millis,
+                t.gpu_millis,
+                observed,
+                quantity::millicores(spec.resources.cpu.as_ref()),
+                spec.resources.gpus,
+            );
+            Accepted {
+                shard,
+                replica: t.replica,
+                attempt: t.attempt,
+                member: t.member.clone(),
+                cluster: t.cluster.clone(),
+                node: t.node.clone(),
+                digest: t.digest.clone().unwrap_or_default(),
+                cpu_core_millis,
+                gpu_millis,
+                verified,
+            }
         };
         if !verifying {
             if let Some(r) = results.iter().find(|r| r.replica == 0) {
@@ -436,8 +530,38 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             }
             continue;
         }
+        // Commit–reveal: once every replica of the shard has committed (and none is
+        // lost), the sealed ones are asked to reveal; until they have, nothing is decided
+        // on them. A broken reveal is caught at once.
+        let sealed: Vec<&TaskView> = current_tasks
+            .iter()
+            .filter(|t| t.phase == Some(TaskPhase::Committed) && !t.node_lost)
+            .copied()
+            .collect();
+        let all_committed = current_tasks.len() as u32 == slots
+            && current_tasks.iter().all(|t| {
+                !t.node_lost && matches!(t.phase, Some(TaskPhase::Committed | TaskPhase::Succeeded))
+            });
+        if all_committed {
+            reveal.extend(
+                sealed
+                    .iter()
+                    .filter(|t| !t.reveal_requested)
+                    .map(|t| (t.member.clone(), t.name.clone())),
+            );
+        }
+        for t in &broken {
+            outvoted.push(Outvoted {
+                why: Caught::BrokenReveal,
+                shard,
+                replica: t.replica,
+                member: t.member.clone(),
+                cluster: t.cluster.clone(),
+                node: t.node.clone(),
+            });
+        }
         // Verification: the shard is done when a quorum of its replicas agrees.
-        let running = slots.saturating_sub(results.len() as u32);
+        let running = slots.saturating_sub((results.len() + broken.len()) as u32);
         match verification::decide(
             &results,
             running,
@@ -446,6 +570,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             tolerance,
             max_replicas,
         ) {
+            Verdict::Accepted { .. } if !sealed.is_empty() => {
+                // Every committed replica reveals before the shard is decided, so that an
+                // honest replica slower to reveal is still paid.
+                done_shards[shard as usize] = false;
+            }
             Verdict::Accepted {
                 digest,
                 agreeing,
@@ -460,6 +589,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                         accepted.push(paid(t, verified));
                     } else if dissenting.contains(&t.replica) {
                         outvoted.push(Outvoted {
+                            why: Caught::Outvoted,
                             shard,
                             replica: t.replica,
                             member: t.member.clone(),
@@ -616,6 +746,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             phase = job.phase.unwrap_or(phase);
         }
         needs.clear();
+        reveal.clear();
         (replaced_lost, retried) = (0, 0);
         for t in tasks.iter().filter(|t| !t.terminal()) {
             if !cancel
@@ -669,8 +800,32 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         retried,
         accepted,
         outvoted,
+        reveal,
         budget_stopped,
     }
+}
+
+/// The usage paid for a result: the agent's claims, each at most what the operator saw
+/// itself, `observed_millis` from dispatch to result, times what the job requested
+/// (`cpu_millicores`, 1 core when it named none; `gpus`, so no GPU time without a GPU).
+pub fn bound_usage(
+    claimed_cpu_core_millis: u64,
+    claimed_gpu_millis: u64,
+    observed_millis: u64,
+    cpu_millicores: u64,
+    gpus: u32,
+) -> (u64, u64) {
+    let cores_milli = if cpu_millicores == 0 {
+        1000
+    } else {
+        cpu_millicores
+    };
+    let cpu_bound = (observed_millis as u128 * cores_milli as u128 / 1000).min(u64::MAX as u128);
+    let gpu_bound = (observed_millis as u128 * gpus as u128).min(u64::MAX as u128);
+    (
+        claimed_cpu_core_millis.min(cpu_bound as u64),
+        claimed_gpu_millis.min(gpu_bound as u64),
+    )
 }
 
 /// The deterministic name of a task: `<first 8 of job uid>-<shard>-<replica>-<attempt>`.
@@ -691,6 +846,7 @@ pub fn task_name(job_uid: &str, shard: u32, replica: u32, attempt: u32) -> Strin
 mod tests {
     use super::*;
     use edgeloom_crds::workload::{Workload, WorkloadKind};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn spec(shards: u32) -> ComputeJobSpec {
         serde_json::from_value(serde_json::json!({
@@ -848,6 +1004,8 @@ mod tests {
             progress: 0,
             started_at: None,
             finished_at: None,
+            dispatched_at: None,
+            reported_at: None,
             result_digest: None,
             message: None,
         }];
@@ -1019,7 +1177,20 @@ mod tests {
             replica(2, "n2", Some("aa")),
         ];
         three[0].cpu_core_millis = 1200;
-        let d = decide(&view(&s), &three, t0());
+        // The operator saw the tasks at t0 and their results 10 s later.
+        let running: Vec<TaskView> = three
+            .iter()
+            .map(|t| replica(t.replica, &t.node, None))
+            .collect();
+        let first = decide(&view(&s), &running, t0());
+        let mut v = view(&s);
+        v.recorded = &first.shards;
+        let d = decide(&v, &three, t0() + SignedDuration::from_secs(10));
+        assert_eq!(d.shards[0].dispatched_at, Some(Time(t0())));
+        assert_eq!(
+            d.shards[0].reported_at,
+            Some(Time(t0() + SignedDuration::from_secs(10)))
+        );
         let paid: Vec<(u32, &str, bool)> = d
             .accepted
             .iter()
@@ -1032,6 +1203,49 @@ mod tests {
         // Before a quorum nothing is paid and nobody is caught.
         let d = decide(&view(&s), &three[..2], t0());
         assert!(d.accepted.is_empty() && d.outvoted.is_empty());
+    }
+
+    #[test]
+    fn paid_usage_is_bounded_by_what_the_operator_observed() {
+        // 10 s observed, 2 cores asked for: at most 20 core-s; no GPU asked for: none paid.
+        assert_eq!(
+            bound_usage(1_000_000, 3_600_000, 10_000, 2000, 0),
+            (20_000, 0)
+        );
+        // An honest claim below the bound is paid as claimed.
+        assert_eq!(bound_usage(15_000, 9_000, 10_000, 2000, 1), (15_000, 9_000));
+        // No CPU named: one core.
+        assert_eq!(bound_usage(50_000, 0, 10_000, 0, 0), (10_000, 0));
+        // Never seen finishing: nothing.
+        assert_eq!(bound_usage(50_000, 50_000, 0, 4000, 2), (0, 0));
+        // No overflow at the extremes.
+        assert_eq!(
+            bound_usage(u64::MAX, u64::MAX, u64::MAX, u64::MAX, 16),
+            (u64::MAX, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn the_operators_observations_of_an_attempt_are_kept_and_bound_its_pay() {
+        let s = spec(1);
+        let mut v = view(&s);
+        let first = decide(&v, &[task(0, 1, "n0", Some(TaskPhase::Running))], t0());
+        v.recorded = &first.shards;
+        let mut done = task(0, 1, "n0", Some(TaskPhase::Succeeded));
+        done.cpu_core_millis = 1_000_000;
+        done.gpu_millis = 5_000;
+        let later = t0() + SignedDuration::from_secs(3);
+        let d = decide(&v, std::slice::from_ref(&done), later);
+        assert_eq!(
+            (d.accepted[0].cpu_core_millis, d.accepted[0].gpu_millis),
+            (3_000, 0)
+        );
+        // Seen again later: the recorded times stand (a result is not paid for waiting).
+        let second = d.shards.clone();
+        v.recorded = &second;
+        let d = decide(&v, &[done], later + SignedDuration::from_secs(60));
+        assert_eq!(d.shards[0].reported_at, Some(Time(later)));
+        assert_eq!(d.accepted[0].cpu_core_millis, 3_000);
     }
 
     #[test]
@@ -1114,6 +1328,125 @@ mod tests {
             t0(),
         );
         assert_eq!(d.phase, JobPhase::Running);
+    }
+
+    /// Replica `r` of shard 0 with commit–reveal: Running (None), Committed (Some(None)) or
+    /// revealed (Some(Some(digest))), committed to `committed_to`.
+    fn sealed(r: u32, node: &str, committed_to: &str, revealed: Option<Option<&str>>) -> TaskView {
+        use edgeloom_crds::commitment;
+        let mut t = replica(r, node, None);
+        let nonce = commitment::nonce("abcdef123456", 0, r, 1);
+        let salt = format!("salt-{node}");
+        if let Some(revealed) = revealed {
+            t.commitment = Some(commitment::commitment(&nonce, committed_to, &[], &salt));
+            t.phase = Some(TaskPhase::Committed);
+            if let Some(d) = revealed {
+                t.phase = Some(TaskPhase::Succeeded);
+                t.digest = Some(d.into());
+                t.salt = Some(salt);
+            }
+        }
+        t.nonce = Some(nonce);
+        t
+    }
+
+    #[test]
+    fn reveals_are_asked_for_only_when_every_replica_has_committed() {
+        let s = verified(2, None);
+        let one = [
+            sealed(0, "n0", "aa", Some(None)),
+            sealed(1, "n1", "aa", None),
+        ];
+        let d = decide(&view(&s), &one, t0());
+        assert!(d.reveal.is_empty(), "replica 1 still runs: {:?}", d.reveal);
+        assert_eq!(d.phase, JobPhase::Running);
+        let both = [
+            sealed(0, "n0", "aa", Some(None)),
+            sealed(1, "n1", "aa", Some(None)),
+        ];
+        let d = decide(&view(&s), &both, t0());
+        assert_eq!(d.reveal.len(), 2, "{:?}", d.reveal);
+        assert!(d.accepted.is_empty());
+        // Asked once: not again.
+        let mut asked = both.clone();
+        asked.iter_mut().for_each(|t| t.reveal_requested = true);
+        assert!(decide(&view(&s), &asked, t0()).reveal.is_empty());
+        // One revealed, one not yet: the shard waits for it rather than leaving it unpaid.
+        let mut half = asked.clone();
+        half[0] = sealed(0, "n0", "aa", Some(Some("aa")));
+        let d = decide(&view(&s), &half, t0());
+        assert_eq!(d.phase, JobPhase::Running);
+        assert!(d.accepted.is_empty() && d.cancel.is_empty());
+        let done = [
+            sealed(0, "n0", "aa", Some(Some("aa"))),
+            sealed(1, "n1", "aa", Some(Some("aa"))),
+        ];
+        let d = decide(&view(&s), &done, t0());
+        assert_eq!(d.phase, JobPhase::Succeeded);
+        assert_eq!(d.accepted.len(), 2);
+        assert!(d.accepted.iter().all(|a| a.verified));
+    }
+
+    #[test]
+    fn a_copied_result_does_not_open_the_copiers_commitment_and_is_caught() {
+        let s = verified(2, None);
+        // The copier committed to something else (it had seen nothing), then revealed the
+        // honest replica's result; or it copied the honest commitment itself.
+        let mut copied_commitment = sealed(1, "copier", "aa", Some(Some("aa")));
+        copied_commitment.commitment = sealed(0, "n0", "aa", Some(None)).commitment;
+        for copier in [
+            sealed(1, "copier", "guess", Some(Some("aa"))),
+            copied_commitment,
+        ] {
+            let tasks = [sealed(0, "n0", "aa", Some(Some("aa"))), copier];
+            let d = decide(&view(&s), &tasks, t0());
+            assert_eq!(d.phase, JobPhase::Running, "no quorum without the copier");
+            assert_eq!(d.outvoted.len(), 1);
+            assert_eq!(
+                (d.outvoted[0].why, d.outvoted[0].node.as_str()),
+                (Caught::BrokenReveal, "copier")
+            );
+            assert!(d.accepted.is_empty(), "nobody paid yet");
+            assert_eq!(
+                d.needs.iter().map(|n| n.replica).collect::<Vec<_>>(),
+                [2],
+                "a third replica decides"
+            );
+            let msg = d.shards[1].message.clone().unwrap_or_default();
+            assert!(msg.contains("does not open the commitment"), "{msg}");
+        }
+        // A result shown without any commitment is caught the same way.
+        let mut open = replica(1, "early", Some("aa"));
+        open.nonce = Some(edgeloom_crds::commitment::nonce("abcdef123456", 0, 1, 1));
+        let d = decide(
+            &view(&s),
+            &[sealed(0, "n0", "aa", Some(Some("aa"))), open],
+            t0(),
+        );
+        assert_eq!(d.outvoted.len(), 1);
+        assert_eq!(d.outvoted[0].why, Caught::BrokenReveal);
+    }
+
+    #[test]
+    fn a_spot_check_is_decided_only_after_the_trusted_node_has_committed() {
+        let s = adaptive(2);
+        let mut v = view(&s);
+        v.trusted.insert(("edge/edge-a".into(), "n0".into()));
+        v.spot_checked.insert(0);
+        // Running: the node sees no other replica of its shard.
+        let d = decide(&v, &[sealed(0, "n0", "aa", None)], t0());
+        assert!(d.needs.is_empty(), "{:?}", d.needs);
+        // Committed: now the check is placed, and nothing is revealed before it commits.
+        let d = decide(&v, &[sealed(0, "n0", "aa", Some(None))], t0());
+        assert_eq!(d.needs.iter().map(|n| n.replica).collect::<Vec<_>>(), [1]);
+        assert!(d.reveal.is_empty());
+        // Not spot-checked: revealed and accepted alone.
+        v.spot_checked.clear();
+        let d = decide(&v, &[sealed(0, "n0", "aa", Some(None))], t0());
+        assert!(d.needs.is_empty());
+        assert_eq!(d.reveal.len(), 1);
+        let d = decide(&v, &[sealed(0, "n0", "aa", Some(Some("aa")))], t0());
+        assert_eq!(d.phase, JobPhase::Succeeded);
     }
 
     #[test]

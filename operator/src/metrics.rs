@@ -192,7 +192,7 @@ impl Metrics {
         for phase in ["Succeeded", "Failed"] {
             jobs_finished.with_label_values(&[phase]).inc_by(0);
         }
-        for verdict in ["accepted", "outvoted", "rejected"] {
+        for verdict in ["accepted", "outvoted", "broken_reveal", "rejected"] {
             verification.with_label_values(&[verdict]).inc_by(0);
         }
         for reason in ["failed", "node_lost"] {

@@ -11,6 +11,7 @@ use crate::placement::{self, Interner, Request, ScoreInputs, Slot, Snapshot, Spr
 use crate::quantity;
 use crate::queue::{self, Waiting};
 use edgeloom_crds::TaskPhase;
+use edgeloom_crds::commitment;
 use edgeloom_crds::compute_job::{ComputeJobSpec, Spread as SpecSpread};
 use edgeloom_crds::compute_task::{
     ComputeTask, ComputeTaskSpec, JOB_UID_LABEL, JobReference, NODE_LABEL, TaskLimits,
@@ -364,6 +365,12 @@ fn build_task(work: &Work, need: &Need, member: &str, node: &str, identity: &str
                 cpu: spec.resources.cpu.clone(),
                 gpus: spec.resources.gpus,
             },
+            // Replicated results are committed before they are revealed.
+            nonce: spec
+                .verification
+                .as_ref()
+                .is_some_and(|v| v.replicas > 1)
+                .then(|| commitment::nonce(&work.uid, need.shard, need.replica, need.attempt)),
         },
         status: None,
     }
@@ -407,7 +414,7 @@ impl World {
             let mut history: HashMap<String, (u32, u32)> = HashMap::new();
             for t in m.tasks.state() {
                 let node = t.node.to_string();
-                if !t.terminal() {
+                if t.busy() {
                     let e = used.entry(node).or_default();
                     e.0 += 1;
                     e.1 += t.cpu_millis;

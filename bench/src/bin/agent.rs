@@ -201,6 +201,8 @@ async fn idle() -> Result<()> {
         account: "bench".into(),
         datasets: Default::default(),
         cheat: false,
+        copy_peers: false,
+        inflate_usage: false,
     };
     let agent = fed.agent(
         &sibling("edgeloom-agent")?,
