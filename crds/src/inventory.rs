@@ -44,6 +44,9 @@ pub const AGENT_ANNOTATION_KEYS: &[&str] = &[
     PRICE_ANNOTATION,
 ];
 
+/// The kubelet's label of a node's CPU architecture (part of its determinism class).
+pub const ARCH_LABEL: &str = "kubernetes.io/arch";
+
 /// Namespace in member clusters that holds ComputeTasks and agent heartbeat Leases.
 pub const SYSTEM_NAMESPACE: &str = "edgeloom-system";
 /// Label on agent heartbeat Leases (named after the node).

@@ -1,4 +1,4 @@
-//! The runner protocol (DESIGN.md §5), shared by edgeloom-runner (which writes it) and the
+//! The runner protocol (docs/ARCHITECTURE.md, "Workloads and the runner"), shared by edgeloom-runner (which writes it) and the
 //! agent (which reads it): a [`Spec`] as JSON on stdin; [`Line`]s as JSON on stdout
 //! (progress, then one result or one error); exit code 0 on success, 1 when the task
 //! failed (bad model, bad data, out of memory), 2 when the spec itself is unusable.

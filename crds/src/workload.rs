@@ -5,7 +5,7 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The kind of work edgeloom-runner performs (DESIGN.md §5).
+/// The kind of work edgeloom-runner performs (docs/ARCHITECTURE.md, "Workloads and the runner").
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum WorkloadKind {
     /// Matrix-multiply throughput on CPU or GPU.

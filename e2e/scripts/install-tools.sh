@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local control plane's tools with `go build` from the Go module proxy
-# (DESIGN.md §7): etcd, kube-apiserver, kube-controller-manager, kubectl and helm.
+# (docs/ARCHITECTURE.md, "The local control plane"): etcd, kube-apiserver, kube-controller-manager, kubectl and helm.
 #
 # Idempotent. Binaries go to a cache outside the repository, keyed by the pinned versions
 # and the Go modules' checksums, so a machine builds each set once:

@@ -1,4 +1,4 @@
-//! The local federated control plane (DESIGN.md §7): one etcd, a hub and N member
+//! The local federated control plane (docs/ARCHITECTURE.md, "The local control plane"): one etcd, a hub and N member
 //! clusters, each its own kube-apiserver (own etcd prefix, service-account keys and issuer,
 //! kubeconfig) and kube-controller-manager, all on 127.0.0.1.
 //!

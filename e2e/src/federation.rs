@@ -99,7 +99,7 @@ pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, Federati
     Ok(hub)
 }
 
-/// Real identities, as on a real cluster (DESIGN.md §4a): the Helm chart's edge-cluster
+/// Real identities, as on a real cluster (docs/ARCHITECTURE.md, "Who may write what"): the Helm chart's edge-cluster
 /// part is installed with real helm into every member (the agent's ServiceAccount, RBAC
 /// and node-identity admission policy, and the hub operator's ServiceAccount); the hub's
 /// Secret for each member then holds a kubeconfig with the `edgeloom-hub` token instead of
@@ -218,16 +218,23 @@ impl Federation {
         work: Duration,
     ) -> Result<Federation, FederationError> {
         let mut fed = Federation::start_bare(members, nodes).await?;
-        for m in fed.plane.members() {
+        fed.start_sims(work).await?;
+        Ok(fed)
+    }
+
+    /// Starts simulated agents (paid to `acct-<node>`) for every member node; each task
+    /// takes `work`.
+    pub async fn start_sims(&mut self, work: Duration) -> Result<(), FederationError> {
+        for m in self.plane.members() {
             let sims = m
                 .nodes
                 .iter()
                 .map(|n| SimNode::cpu(n, &format!("acct-{n}")))
                 .collect();
             let agents = SimAgents::start(m.client().await?, sims, work).await?;
-            fed.agents.insert(m.name.clone(), agents);
+            self.agents.insert(m.name.clone(), agents);
         }
-        Ok(fed)
+        Ok(())
     }
 
     /// Starts `members` with `nodes` registered nodes each and no agents (start real ones

@@ -1,5 +1,5 @@
 //! edgeloom's local federated control plane and the helpers of its end-to-end tests
-//! (DESIGN.md §7): real etcd, kube-apiserver and kube-controller-manager processes built
+//! (docs/ARCHITECTURE.md, "The local control plane"): real etcd, kube-apiserver and kube-controller-manager processes built
 //! from Go modules, on 127.0.0.1 only.
 
 pub mod control_plane;

@@ -6,7 +6,7 @@
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::commitment;
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, NODE_LABEL, Usage};
-use edgeloom_crds::inventory::{ACCOUNT_LABEL, NodeInventory, SYSTEM_NAMESPACE};
+use edgeloom_crds::inventory::{ACCOUNT_LABEL, ARCH_LABEL, NodeInventory, SYSTEM_NAMESPACE};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
@@ -72,9 +72,15 @@ fn sim_salt(name: &str) -> String {
     hex::encode(Sha256::digest(format!("sim-salt/{name}")))
 }
 
-/// The digest a simulated agent reports for a shard: equal for equal (job, shard).
-pub fn digest(job_uid: &str, shard: u32) -> String {
-    hex::encode(Sha256::digest(format!("{job_uid}/{shard}")))
+/// The digest a simulated agent reports for a shard: equal for equal (job, shard) on
+/// amd64 nodes; on a node of another architecture (label `kubernetes.io/arch`) it differs,
+/// as honest results of real hardware of another determinism class do.
+pub fn digest(job_uid: &str, shard: u32, arch: &str) -> String {
+    if arch == "amd64" || arch.is_empty() {
+        hex::encode(Sha256::digest(format!("{job_uid}/{shard}")))
+    } else {
+        hex::encode(Sha256::digest(format!("{job_uid}/{shard}/{arch}")))
+    }
 }
 
 impl SimAgents {
@@ -87,7 +93,18 @@ impl SimAgents {
     ) -> Result<SimAgents, kube::Error> {
         crate::federation::ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
         let node_api: Api<Node> = Api::all(client.clone());
+        let mut arch = BTreeMap::new();
         for n in &nodes {
+            let a = node_api
+                .get(&n.name)
+                .await?
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .get(ARCH_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            arch.insert(n.name.clone(), a);
             let (mut labels, annotations) = n.inventory.to_metadata();
             // The simulation also plays the platform team, who labels the account (a real
             // agent may not: docs/ARCHITECTURE.md, "Who may write what").
@@ -107,7 +124,7 @@ impl SimAgents {
                 .await?;
         }
         let control = Arc::new(Mutex::new(Control::default()));
-        let handle = tokio::spawn(run(client, nodes, work, control.clone()));
+        let handle = tokio::spawn(run(client, nodes, arch, work, control.clone()));
         Ok(SimAgents { control, handle })
     }
 
@@ -129,6 +146,7 @@ impl SimAgents {
 async fn run(
     client: kube::Client,
     nodes: Vec<SimNode>,
+    arch: BTreeMap<String, String>,
     work: Duration,
     control: Arc<Mutex<Control>>,
 ) {
@@ -207,7 +225,7 @@ async fn run(
                                 s.phase = Some(TaskPhase::Failed);
                                 s.message = Some(format!("simulated failure on {node}"));
                             } else {
-                                let d = digest(&t.spec.job.uid, t.spec.shard);
+                                let d = digest(&t.spec.job.uid, t.spec.shard, &arch[&node]);
                                 // Commit–reveal for verified jobs, as the real agent does.
                                 match &t.spec.nonce {
                                     Some(nonce) => {
@@ -246,7 +264,7 @@ async fn run(
                     {
                         let mut s = t.status.clone().unwrap_or_default();
                         s.phase = Some(TaskPhase::Succeeded);
-                        s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard));
+                        s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard, &arch[&node]));
                         s.salt = Some(sim_salt(&name));
                         Some(s)
                     }

@@ -834,7 +834,9 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
 #[tokio::test]
 async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid_as_observed() {
     let _serial = SERIAL.lock().await;
-    let fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+    // One member: agents see the tasks of their own cluster, so a copier and its victim
+    // share one.
+    let fed = Federation::start_bare(&["edge-a"], 3)
         .await
         .expect("federation");
     fed.apply_pool("edge", 10, 1).await.expect("pool");
@@ -854,7 +856,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
     // The first replica's result is honest but it claims 1000x its CPU time and an hour
     // of GPU time on a CPU job (attack: setting its own pay).
     let _honest = start("edge-a", "edge-a-node-0", false, true);
-    let _copier = start("edge-b", "edge-b-node-0", true, false);
+    let _copier = start("edge-a", "edge-a-node-1", true, false);
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
@@ -878,7 +880,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
                     .status
                     .unwrap_or_default();
                 let rejected = s.shards.iter().any(|x| {
-                    x.node == "edge-b-node-0"
+                    x.node == "edge-a-node-1"
                         && x.message
                             .as_deref()
                             .is_some_and(|m| m.contains("does not open the commitment"))
@@ -904,8 +906,15 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
                 .items
         }
     };
-    let honest = statuses("edge-a").await.remove(0);
-    let copier = statuses("edge-b").await.remove(0);
+    let tasks = statuses("edge-a").await;
+    let on = |node: &str| {
+        tasks
+            .iter()
+            .find(|t| t.spec.node_name == node)
+            .cloned()
+            .unwrap_or_else(|| panic!("a task on {node}"))
+    };
+    let (honest, copier) = (on("edge-a-node-0"), on("edge-a-node-1"));
     let (h, c) = (
         honest.status.clone().expect("status"),
         copier.status.clone().expect("status"),
@@ -924,7 +933,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         seen.shards
     );
     // A third, honest replica completes the quorum with the first.
-    let _third = start("edge-a", "edge-a-node-1", false, false);
+    let _third = start("edge-a", "edge-a-node-2", false, false);
     let done = jobs::wait_phase(
         &fed,
         &ns,
@@ -938,7 +947,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
     let nodes: Vec<&str> = paid.iter().map(|p| p.3.as_str()).collect();
     assert_eq!(nodes.len(), 2, "{paid:?}");
     assert!(
-        !nodes.contains(&"edge-b-node-0"),
+        !nodes.contains(&"edge-a-node-1"),
         "the copier is not paid: {paid:?}"
     );
     // The inflating node is paid at most what the operator saw: (reportedAt -
@@ -981,7 +990,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
             let out = ledger::plugin(&plugin(), &kubeconfig, &["ledger", "trust"]);
             out.stdout
                 .lines()
-                .find(|l| l.starts_with("edge-b/edge-b-node-0"))
+                .find(|l| l.starts_with("edge-a/edge-a-node-1"))
                 .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
         }
     })
@@ -999,7 +1008,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
             .filter_map(|e| e.message)
             .collect();
     assert!(
-        events.iter().any(|m| m.contains("edge-b/edge-b-node-0")),
+        events.iter().any(|m| m.contains("edge-a/edge-a-node-1")),
         "{events:?}"
     );
 }

@@ -45,6 +45,11 @@ impl Amount {
             .ok_or(DecimalError::Overflow)
     }
 
+    /// `self - other`, or zero when `other` is larger.
+    pub fn saturating_sub(self, other: Amount) -> Amount {
+        Amount(self.0.saturating_sub(other.0))
+    }
+
     /// `self * numerator / denominator`, rounded down (the rate-times-usage rule).
     pub fn mul_div(self, numerator: u64, denominator: u64) -> Result<Amount, DecimalError> {
         if denominator == 0 {

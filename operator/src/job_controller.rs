@@ -322,12 +322,16 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let mut decision = decide(budget_view(&paid_before));
     // Pay first: the ledger is written before anything else depends on this decision.
     let mut paid = paid_before.clone();
+    let mut reward_problem: Option<String> = None;
     if ledger_problem.is_none() {
-        match settle(&job, &decision, ctx, now).await {
-            Ok(()) => match job_totals(&uid, &members, ctx).await {
-                Ok(t) => paid = t,
-                Err(e) => ledger_problem = Some(e.to_string()),
-            },
+        match settle(&job, &decision, ctx, now, max_amount, &paid_before).await {
+            Ok(problems) => {
+                reward_problem = (!problems.is_empty()).then(|| problems.join("; "));
+                match job_totals(&uid, &members, ctx).await {
+                    Ok(t) => paid = t,
+                    Err(e) => ledger_problem = Some(e.to_string()),
+                }
+            }
             Err(e) => ledger_problem = Some(e.to_string()),
         }
     }
@@ -462,7 +466,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         .as_ref()
         .map(|why| format!("ModelUnavailable: {why}"))
         .or_else(|| ctx.scheduler.unfit(&ns, &name));
+    // A finished job's verdict is frozen: its shards, result, metrics and placement stay
+    // as they were when it finished, even if its tasks vanish or trust changes later.
+    let frozen = matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed));
     match (&unfit, placed) {
+        _ if frozen => {}
         (_, true) => conditions::set(
             &mut conds,
             "Scheduled",
@@ -520,8 +528,8 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         ),
         None => {}
     }
-    match &ledger_problem {
-        Some(why) => conditions::set(
+    match (&ledger_problem, &reward_problem) {
+        (Some(why), _) => conditions::set(
             &mut conds,
             "Paid",
             false,
@@ -530,7 +538,16 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             generation,
             now,
         ),
-        None if paid.receipts > 0 => conditions::set(
+        (None, Some(why)) => conditions::set(
+            &mut conds,
+            "Paid",
+            false,
+            "ReceiptRefused",
+            why,
+            generation,
+            now,
+        ),
+        (None, None) if paid.receipts > 0 => conditions::set(
             &mut conds,
             "Paid",
             true,
@@ -542,7 +559,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             generation,
             now,
         ),
-        None => {}
+        (None, None) => {}
     }
     let finished = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
     // A finished job keeps the verdict it was given.
@@ -570,15 +587,32 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             now,
         );
     }
+    let (progress, placement, shards, metrics, result) = if frozen {
+        (
+            old.progress.clone(),
+            old.placement.clone(),
+            old.shards.clone(),
+            old.metrics.clone(),
+            old.result.clone(),
+        )
+    } else {
+        (
+            Some(decision.progress.clone()),
+            decision.placement.clone(),
+            decision.shards.clone(),
+            decision.metrics.clone(),
+            decision.result.clone(),
+        )
+    };
     let status = ComputeJobStatus {
         phase: Some(decision.phase),
         conditions: conds,
         observed_generation: generation,
-        progress: Some(decision.progress.clone()),
-        placement: decision.placement.clone(),
-        shards: decision.shards.clone(),
-        metrics: decision.metrics.clone(),
-        result: decision.result.clone().or(old.result.clone()),
+        progress,
+        placement,
+        shards,
+        metrics,
+        result,
         rewards: rewards_summary(&paid, &members).or(old.rewards.clone()),
         start_time: start_time.map(Time),
         completion_time: old
@@ -723,14 +757,21 @@ fn median_tflops(ctx: &Context, pool: &str) -> f64 {
 /// Pays accepted results: one receipt each, appended to the ledger of the pool where the
 /// work ran (a receipt already there is not written again), then trust is updated: nodes
 /// whose newly paid result was verified by another replica gain, outvoted nodes lose.
+///
+/// A receipt that cannot be computed or admitted (overflow, malformed) is left out with
+/// the reason, returned for the job's `Paid` condition; the others are written. With a
+/// `budget`, receipts are capped so that the job is never paid past it.
 async fn settle(
     job: &ComputeJob,
     decision: &Decision,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(), Error> {
+    budget: Option<Amount>,
+    paid_before: &Totals,
+) -> Result<Vec<String>, Error> {
+    let mut problems = Vec::new();
     if decision.accepted.is_empty() && decision.outvoted.is_empty() {
-        return Ok(());
+        return Ok(problems);
     }
     let uid = job.uid().unwrap_or_default();
     let job_key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
@@ -761,8 +802,17 @@ async fn settle(
         } else {
             1000
         };
-        let amount = ledger::reward(a.cpu_core_millis, a.gpu_millis, per_cpu, per_gpu, speed)
-            .map_err(|e| Error::Reward(format!("{job_key} shard {}", a.shard), e.to_string()))?;
+        let amount = match ledger::reward(a.cpu_core_millis, a.gpu_millis, per_cpu, per_gpu, speed)
+        {
+            Ok(amount) => amount,
+            Err(e) => {
+                problems.push(format!(
+                    "shard {} replica {}: reward not computable: {e}",
+                    a.shard, a.replica
+                ));
+                continue;
+            }
+        };
         let receipt = Receipt {
             job_uid: uid.clone(),
             job: job_key.clone(),
@@ -808,13 +858,29 @@ async fn settle(
     // Nodes whose newly paid result was verified, by pool.
     let mut valid: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (pool, (receipts, verified)) in by_pool {
-        let written = ctx
-            .books
-            .ledger(&pool)
-            .append(receipts)
+        let ledger = ctx.books.ledger(&pool);
+        // What the budget leaves for this pool's ledger: the budget less what the job was
+        // paid in its other pools.
+        let cap = match budget {
+            Some(max) => {
+                let here = ledger
+                    .job_totals(&uid)
+                    .await
+                    .map_err(|e| Error::Ledger(pool.clone(), e))?;
+                Some(max.saturating_sub(paid_before.total.saturating_sub(here.total)))
+            }
+            None => None,
+        };
+        let appended = ledger
+            .append(receipts, cap)
             .await
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
         failpoint("after-ledger-append");
+        for (key, why) in &appended.refused {
+            tracing::warn!(pool = %pool, receipt = %key, %why, "receipt refused");
+            problems.push(format!("receipt {key} refused: {why}"));
+        }
+        let written = appended.written;
         if written.is_empty() {
             continue;
         }
@@ -864,7 +930,7 @@ async fn settle(
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
         record_caught(job, &broken, &new_caught, ctx).await;
     }
-    Ok(())
+    Ok(problems)
 }
 
 /// Counts and reports the nodes newly caught (`new`, as "cluster/node") for this job.

@@ -1,4 +1,4 @@
-//! The reward ledger as a hash chain (DESIGN.md §3 step 8). Pure: storage is elsewhere.
+//! The reward ledger as a hash chain (docs/ARCHITECTURE.md, "Rewards"). Pure: storage is elsewhere.
 //!
 //! Each entry holds a receipt, its sequence number, the previous entry's hash and its own
 //! hash: sha256 over the sequence number, the previous hash and the receipt's canonical

@@ -216,6 +216,68 @@ impl Loaded {
     }
 }
 
+/// What an append did.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// The new entries.
+    pub written: Vec<Entry>,
+    /// Receipts refused (key, why): never written, so they neither pay nor break the chain.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Which of one job's `receipts` (in order) may be appended: those with new keys, each
+/// amount capped so that the job's total in this ledger (`job`) never passes `cap` (a
+/// receipt never takes a job past its budget; what is left of the budget may be 0), and
+/// none whose amount is malformed or would overflow the job's or the pool's (`pool`)
+/// totals: such a receipt is refused with the reason, the others go on.
+pub fn admit(
+    ledger: &Ledger,
+    receipts: Vec<Receipt>,
+    job: &Totals,
+    pool: &Totals,
+    cap: Option<Amount>,
+) -> (Vec<Receipt>, Vec<(String, String)>) {
+    let mut left = cap.map(|c| c.saturating_sub(job.total));
+    let (mut job_total, mut pool_total) = (job.total, pool.total);
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    let mut seen = HashSet::new();
+    for mut r in receipts {
+        let key = r.key();
+        if ledger.contains(&key) || !seen.insert(key.clone()) {
+            continue;
+        }
+        let amount: Amount = match r.amount.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                refused.push((key, format!("amount {:?}: {e}", r.amount)));
+                continue;
+            }
+        };
+        let amount = match left.as_mut() {
+            Some(l) => {
+                let paid = amount.min(*l);
+                *l = l.saturating_sub(paid);
+                paid
+            }
+            None => amount,
+        };
+        match (
+            job_total.checked_add(amount),
+            pool_total.checked_add(amount),
+        ) {
+            (Ok(j), Ok(p)) => (job_total, pool_total) = (j, p),
+            _ => {
+                refused.push((key, format!("amount {amount} would overflow the totals")));
+                continue;
+            }
+        }
+        r.amount = amount.to_string();
+        admitted.push(r);
+    }
+    (admitted, refused)
+}
+
 /// One pool's ledger in the hub.
 pub struct LedgerStore {
     api: Api<ConfigMap>,
@@ -307,13 +369,25 @@ impl LedgerStore {
         result
     }
 
-    /// Appends the receipts whose keys are not in the chain yet; returns the new entries.
-    pub async fn append(&self, receipts: Vec<Receipt>) -> Result<Vec<Entry>, StoreError> {
+    /// Appends one job's receipts whose keys are not in the chain yet, as [`admit`] allows
+    /// them (`cap`: what the job may still be paid in this ledger, from its budget);
+    /// returns the new entries and the receipts refused, with why.
+    pub async fn append(
+        &self,
+        receipts: Vec<Receipt>,
+        cap: Option<Amount>,
+    ) -> Result<Appended, StoreError> {
         let pool = self.pool.clone();
         let api = self.api.clone();
         let label = pool_token(&self.pool);
         self.with(async move |l: &mut Loaded| {
-            let prepared = l.ledger.prepare(receipts);
+            let job = receipts
+                .first()
+                .and_then(|r| l.by_job.get(&r.job_uid))
+                .cloned()
+                .unwrap_or_default();
+            let (admitted, refused) = admit(&l.ledger, receipts, &job, &l.totals, cap);
+            let prepared = l.ledger.prepare(admitted);
             let mut written = Vec::new();
             let mut rest = prepared.into_iter().peekable();
             while rest.peek().is_some() {
@@ -395,7 +469,7 @@ impl LedgerStore {
                 written.extend(chunk.iter().cloned());
                 l.commit(chunk)?;
             }
-            Ok(written)
+            Ok(Appended { written, refused })
         })
         .await
     }
@@ -778,6 +852,67 @@ mod tests {
         let missing: Vec<RawSegment> = segs.into_iter().filter(|s| s.index != 1).collect();
         let why = parse_segments(missing).expect_err("missing");
         assert!(why.contains("segment 1 is missing"), "{why}");
+    }
+
+    fn receipt(shard: u32, amount: &str) -> Receipt {
+        let mut r = entries(1).remove(0).receipt;
+        r.shard = shard;
+        r.amount = amount.into();
+        r
+    }
+
+    fn amount(s: &str) -> Amount {
+        s.parse().expect("amount")
+    }
+
+    #[test]
+    fn a_receipt_never_takes_a_job_past_its_budget() {
+        let ledger = Ledger::default();
+        let job = Totals {
+            receipts: 1,
+            total: amount("0.6"),
+            by_account: BTreeMap::new(),
+        };
+        let rs = vec![receipt(1, "0.3"), receipt(2, "0.3"), receipt(3, "0.3")];
+        let (ok, refused) = admit(&ledger, rs, &job, &Totals::default(), Some(amount("1")));
+        assert!(refused.is_empty());
+        let paid: Vec<&str> = ok.iter().map(|r| r.amount.as_str()).collect();
+        assert_eq!(paid, ["0.3", "0.1", "0"], "capped at the budget, in order");
+        // Without a budget, amounts are as computed; a key already in the chain is skipped.
+        let chain = entries(1);
+        let ledger = Ledger::from_entries(chain.clone()).expect("chain");
+        let again = chain[0].receipt.clone();
+        let (ok, _) = admit(
+            &ledger,
+            vec![again, receipt(5, "0.3")],
+            &job,
+            &Totals::default(),
+            None,
+        );
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].amount, "0.3");
+    }
+
+    #[test]
+    fn a_receipt_that_would_overflow_is_refused_alone() {
+        let ledger = Ledger::default();
+        let near = Totals {
+            receipts: 1,
+            total: Amount::from_atto(u128::MAX - 10),
+            by_account: BTreeMap::new(),
+        };
+        let huge = Amount::from_atto(u128::MAX / 2).to_string();
+        let rs = vec![
+            receipt(1, &huge),
+            receipt(2, "bogus"),
+            receipt(3, "0.000000000000000005"),
+        ];
+        let (ok, refused) = admit(&ledger, rs, &Totals::default(), &near, None);
+        assert_eq!(ok.len(), 1, "the one that fits is written");
+        assert_eq!(ok[0].shard, 3);
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].1.contains("overflow"), "{refused:?}");
+        assert!(refused[1].1.contains("bogus"), "{refused:?}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The edgeloom operator (DESIGN.md §1, §3, §4).
+//! The edgeloom operator (docs/ARCHITECTURE.md).
 
 pub mod cache;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! A job's life as a pure function (DESIGN.md §3, §4): from the job and the ComputeTasks
+//! A job's life as a pure function (docs/ARCHITECTURE.md, "A job's life", "Failure model"): from the job and the ComputeTasks
 //! seen in every member cluster, decide the phase, which shard replicas need a node and
 //! with which attempt number (the fencing token), which tasks to cancel, and the status.
 //!

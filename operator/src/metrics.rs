@@ -1,4 +1,4 @@
-//! Prometheus metrics of the operator (DESIGN.md §6). Labels are bounded: controller
+//! Prometheus metrics of the operator (docs/ARCHITECTURE.md, "Observability"). Labels are bounded: controller
 //! names, error categories, task phases, and the configured pool/cluster names (a
 //! deliberate exception to "no object names in labels": member clusters are operator
 //! configuration, few and stable, and alerts must name the unreachable one).

@@ -1,4 +1,4 @@
-//! Placement: which node runs each shard replica (DESIGN.md §3 step 3). Pure, no I/O.
+//! Placement: which node runs each shard replica (docs/ARCHITECTURE.md, "A job's life"). Pure, no I/O.
 //!
 //! A [`Snapshot`] holds the candidate nodes with their free capacity, interned labels and
 //! a job-independent score (speed, reliability, price, cluster latency), and their order
@@ -90,6 +90,8 @@ pub struct Node {
     pub zone: Option<Sym>,
     /// Contributor account.
     pub account: Option<Sym>,
+    /// CPU architecture (the kubelet's `kubernetes.io/arch` label, not the agent's).
+    pub arch: Option<Sym>,
     /// Job-independent desirability, higher is better (see [`score`]).
     pub score: f64,
 }
@@ -187,6 +189,8 @@ pub struct Slot {
     pub avoid: Vec<u32>,
     /// Accounts this slot should avoid (other replicas' contributors); a preference.
     pub avoid_accounts: Vec<Sym>,
+    /// The determinism class of the shard's replicas placed before (see [`class`]).
+    pub class: Option<Sym>,
 }
 
 /// What a job asks of each node.
@@ -220,6 +224,18 @@ pub struct Request {
     pub gang: bool,
     /// Nodes already running this job's tasks (for spreading).
     pub used_nodes: Vec<u32>,
+    /// Replicas per shard. With more than one, a shard's replicas are compared, so they
+    /// must all run in one determinism class (see [`class`]).
+    pub replicas: u32,
+}
+
+/// A node's determinism class for a request: what decides whether two honest replicas
+/// compute bit-identical results. On a GPU job, the GPU product (CUDA kernels differ
+/// between products and from the CPU); on a CPU job, the CPU architecture. Replicas of
+/// a shard are placed within one class, so an exact-digest quorum never outvotes an
+/// honest node for its hardware (docs/ARCHITECTURE.md, "Verification").
+pub fn class(n: &Node, gpus: u32) -> Option<Sym> {
+    if gpus > 0 { n.gpu_product } else { n.arch }
 }
 
 /// A hard filter that rejected a node; counted to explain an unplaceable slot.
@@ -249,6 +265,8 @@ pub enum Filter {
     Topology,
     /// Already runs (or failed) this shard.
     Avoided,
+    /// Not of the determinism class of the shard's other replicas.
+    Class,
 }
 
 impl Filter {
@@ -267,6 +285,9 @@ impl Filter {
             Filter::Dataset => "do not hold the dataset",
             Filter::Topology => "are outside the allowed regions/zones",
             Filter::Avoided => "already ran this shard",
+            Filter::Class => {
+                "are of another determinism class (CPU architecture or GPU product) than the shard's other replicas"
+            }
         }
     }
 }
@@ -396,16 +417,40 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 && (req.clusters.is_empty() || req.clusters.contains(c))
         })
         .collect();
-    // Nodes and accounts taken by each shard within this call.
+    // Nodes, accounts and the class taken by each shard within this call.
     let mut shard_nodes: HashMap<u32, Vec<u32>> = HashMap::new();
     let mut shard_accounts: HashMap<u32, Vec<Sym>> = HashMap::new();
+    let mut shard_class: HashMap<u32, Sym> = HashMap::new();
     let mut outcome = Outcome::default();
+    // Nodes that fit per class: a shard's first replica prefers a class with room for all.
+    let replicated = req.replicas > 1;
+    let mut class_sizes: HashMap<Option<Sym>, u32> = HashMap::new();
+    if replicated {
+        for id in 0..snapshot.nodes.len() as u32 {
+            if check(snapshot, id, req).is_ok() {
+                *class_sizes
+                    .entry(class(&snapshot.nodes[id as usize], req.gpus))
+                    .or_default() += 1;
+            }
+        }
+    }
 
     for (slot_index, slot) in req.slots.iter().enumerate() {
         let taken = shard_nodes.get(&slot.shard).cloned().unwrap_or_default();
         let mut accounts = slot.avoid_accounts.clone();
         accounts.extend(shard_accounts.get(&slot.shard).into_iter().flatten());
-        let eligible = |id: u32| !slot.avoid.contains(&id) && !taken.contains(&id);
+        let required = slot.class.or_else(|| shard_class.get(&slot.shard).copied());
+        let blocked = |nodes: &[Node], id: u32| {
+            if slot.avoid.contains(&id) || taken.contains(&id) {
+                Some(Filter::Avoided)
+            } else if replicated
+                && required.is_some_and(|c| class(&nodes[id as usize], req.gpus) != Some(c))
+            {
+                Some(Filter::Class)
+            } else {
+                None
+            }
+        };
         let mut chosen = None;
         let start = snapshot.skip_full();
         let least = candidate_clusters
@@ -416,11 +461,17 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         // Pass 0 honours every preference; pass 1 drops them (hard filters stay).
         for pass in 0..2 {
             for &id in &snapshot.order[start..] {
-                if !eligible(id) || check(snapshot, id, req).is_err() {
+                if blocked(&snapshot.nodes, id).is_some() || check(snapshot, id, req).is_err() {
                     continue;
                 }
                 if pass == 0 {
                     let n = &snapshot.nodes[id as usize];
+                    if replicated
+                        && required.is_none()
+                        && class_sizes.get(&class(n, req.gpus)).copied().unwrap_or(0) < req.replicas
+                    {
+                        continue;
+                    }
                     let spread_ok = match req.spread {
                         Spread::None => true,
                         Spread::Node => !used_nodes.contains(&id),
@@ -450,10 +501,16 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 if let Some(a) = node.account {
                     shard_accounts.entry(slot.shard).or_default().push(a);
                 }
+                if replicated
+                    && required.is_none()
+                    && let Some(c) = class(&snapshot.nodes[id as usize], req.gpus)
+                {
+                    shard_class.insert(slot.shard, c);
+                }
                 outcome.assigned.push((slot_index, id));
             }
             None => {
-                let unfit = explain(snapshot, req, eligible);
+                let unfit = explain(snapshot, req, |id| blocked(&snapshot.nodes, id));
                 outcome.unplaced.push((slot_index, unfit));
             }
         }
@@ -474,13 +531,15 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
 
 /// Counts, over all nodes, the first filter each fails (nodes the slot avoids count as
 /// [`Filter::Avoided`]).
-fn explain(snapshot: &Snapshot, req: &Request, eligible: impl Fn(u32) -> bool) -> Unfit {
+fn explain(snapshot: &Snapshot, req: &Request, blocked: impl Fn(u32) -> Option<Filter>) -> Unfit {
     let mut counts: HashMap<Filter, usize> = HashMap::new();
     for id in 0..snapshot.nodes.len() as u32 {
         let filter = match check(snapshot, id, req) {
             Err(f) => f,
-            Ok(()) if !eligible(id) => Filter::Avoided,
-            Ok(()) => continue,
+            Ok(()) => match blocked(id) {
+                Some(f) => f,
+                None => continue,
+            },
         };
         *counts.entry(filter).or_default() += 1;
     }
@@ -648,6 +707,85 @@ mod tests {
         assert_eq!(accounts, vec![Some(alice), Some(bob)]);
     }
 
+    #[test]
+    fn replicas_stay_in_one_determinism_class_with_room_for_all() {
+        let mut interner = Interner::default();
+        let (amd, arm) = (interner.intern("amd64"), interner.intern("arm64"));
+        // The best node is the only arm64 one: a shard's first replica must not go there,
+        // or its second could never run in its class.
+        let mut nodes = vec![node(0, 0.9), node(0, 0.8), node(0, 0.7), node(0, 0.6)];
+        nodes[0].arch = Some(arm);
+        for n in &mut nodes[1..] {
+            n.arch = Some(amd);
+        }
+        let mut snap = Snapshot::new(nodes, vec![true]);
+        let two = |shard: u32| {
+            (0..2).map(move |replica| Slot {
+                shard,
+                replica,
+                ..Slot::default()
+            })
+        };
+        let req = Request {
+            slots: two(0).collect(),
+            replicas: 2,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let archs: Vec<_> = out
+            .assigned
+            .iter()
+            .map(|(_, id)| snap.nodes[*id as usize].arch)
+            .collect();
+        assert_eq!(archs, [Some(amd), Some(amd)]);
+        // A replica added later joins the class of the ones placed before, and says so
+        // when it cannot.
+        let mut snap = Snapshot::new(
+            vec![node(0, 0.9), node(0, 0.8)]
+                .into_iter()
+                .zip([arm, amd])
+                .map(|(mut n, a)| {
+                    n.arch = Some(a);
+                    n
+                })
+                .collect(),
+            vec![true],
+        );
+        let req = Request {
+            slots: vec![Slot {
+                shard: 0,
+                replica: 2,
+                class: Some(amd),
+                avoid: vec![1],
+                ..Slot::default()
+            }],
+            replicas: 2,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        assert!(out.assigned.is_empty());
+        let why = out.unplaced[0].1.to_string();
+        assert!(why.contains("1 are of another determinism class"), "{why}");
+        // Without replication classes do not matter.
+        let req = Request {
+            slots: two(0).collect(),
+            replicas: 1,
+            ..Request::default()
+        };
+        let mut snap = Snapshot::new(
+            vec![node(0, 0.9), node(0, 0.8)]
+                .into_iter()
+                .zip([arm, amd])
+                .map(|(mut n, a)| {
+                    n.arch = Some(a);
+                    n
+                })
+                .collect(),
+            vec![true],
+        );
+        assert_eq!(place(&mut snap, &req).assigned.len(), 2);
+    }
+
     prop_compose! {
         fn arb_node(clusters: u32, syms: u32)(
             cluster in 0..clusters,
@@ -662,13 +800,14 @@ mod tests {
             datasets in prop::collection::btree_set(0..syms, 0..2),
             region in prop::option::of(0..syms),
             account in prop::option::of(0..syms),
+            arch in prop::option::of(0u32..2),
             score in 0.0f64..1.0,
         ) -> Node {
             Node {
                 cluster, ready, free_slots, free_cpu_millis, free_memory_mib, free_gpus,
                 gpu_memory_mib: gpu_memory_mib * 8192, gpu_product,
                 labels: labels.into_iter().collect(), datasets: datasets.into_iter().collect(),
-                region, zone: None, account, score,
+                region, zone: None, account, arch, score,
             }
         }
     }
@@ -692,12 +831,12 @@ mod tests {
         ) -> Request {
             let slots = (0..shards)
                 .flat_map(|shard| (0..replicas).map(move |replica| (shard, replica)))
-                .map(|(shard, replica)| Slot { shard, replica, avoid: avoid.clone(), avoid_accounts: vec![] })
+                .map(|(shard, replica)| Slot { shard, replica, avoid: avoid.clone(), avoid_accounts: vec![], class: None })
                 .collect();
             Request {
                 slots, cpu_millis, memory_mib, gpus, gpu_memory_mib: gpu_memory_mib * 8192,
                 gpu_products, required_labels, dataset, regions, zones: vec![], clusters: vec![],
-                spread, gang, used_nodes,
+                spread, gang, used_nodes, replicas,
             }
         }
     }
@@ -737,6 +876,15 @@ mod tests {
             }
             // Every slot is accounted for exactly once.
             prop_assert_eq!(out.assigned.len() + out.unplaced.len(), req.slots.len());
+            // Replicas of one shard run in one determinism class.
+            if req.replicas > 1 {
+                let mut classes: HashMap<u32, Option<Sym>> = HashMap::new();
+                for (slot, id) in &out.assigned {
+                    let c = class(&snap.nodes[*id as usize], req.gpus);
+                    let first = *classes.entry(req.slots[*slot].shard).or_insert(c);
+                    prop_assert!(first.is_none() || first == c, "shard {} spans classes", req.slots[*slot].shard);
+                }
+            }
         }
 
         #[test]
@@ -762,8 +910,11 @@ mod tests {
                 let same_shard: Vec<u32> = out.assigned.iter()
                     .filter(|(s, _)| req.slots[*s].shard == slot.shard)
                     .map(|(_, id)| *id).collect();
+                let shard_class = same_shard.first().and_then(|id| class(&snap.nodes[*id as usize], req.gpus));
                 for id in 0..snap.nodes.len() as u32 {
-                    let fits = check(&snap, id, &req).is_ok() && !slot.avoid.contains(&id) && !same_shard.contains(&id);
+                    let same_class = req.replicas < 2
+                        || shard_class.is_none_or(|c| class(&snap.nodes[id as usize], req.gpus) == Some(c));
+                    let fits = check(&snap, id, &req).is_ok() && !slot.avoid.contains(&id) && !same_shard.contains(&id) && same_class;
                     prop_assert!(!fits, "slot {} left unplaced although node {} fits", slot_index, id);
                 }
             }

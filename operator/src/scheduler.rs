@@ -16,7 +16,7 @@ use edgeloom_crds::compute_job::{ComputeJobSpec, Spread as SpecSpread};
 use edgeloom_crds::compute_task::{
     ComputeTask, ComputeTaskSpec, JOB_UID_LABEL, JobReference, NODE_LABEL, TaskLimits,
 };
-use edgeloom_crds::inventory::NodeInventory;
+use edgeloom_crds::inventory::{ARCH_LABEL, NodeInventory};
 use jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -479,6 +479,11 @@ impl World {
                     region,
                     zone,
                     account: inv.account.as_deref().map(|a| interner.intern(a)),
+                    arch: entry
+                        .labels
+                        .iter()
+                        .find(|(k, _)| &**k == ARCH_LABEL)
+                        .map(|(_, v)| interner.intern(v)),
                     score: 0.0,
                 });
                 raw.push((
@@ -538,6 +543,8 @@ impl World {
                     replica: n.replica,
                     avoid,
                     avoid_accounts,
+                    // Set below, once the request (GPU or CPU job) is known.
+                    class: None,
                 }
             })
             .collect();
@@ -590,7 +597,19 @@ impl World {
             },
             gang: work.gang,
             used_nodes: work.used.iter().filter_map(lookup).collect(),
+            replicas: spec.verification.as_ref().map_or(1, |v| v.replicas.max(1)),
         };
+        let mut request = request;
+        let gpus = request.gpus;
+        for (slot, need) in request.slots.iter_mut().zip(&work.needs) {
+            slot.class = work
+                .replicas
+                .get(&need.shard)
+                .into_iter()
+                .flatten()
+                .filter_map(lookup)
+                .find_map(|i| placement::class(&self.snapshot.nodes[i as usize], gpus));
+        }
         (request, work.needs.clone())
     }
 }

@@ -1,4 +1,4 @@
-//! Adaptive trust, as BOINC's adaptive replication does it (DESIGN.md §3 step 7). Pure.
+//! Adaptive trust, as BOINC's adaptive replication does it (docs/ARCHITECTURE.md, "Verification"). Pure.
 //!
 //! Every node has a record: verified results (its result agreed with a quorum of at least
 //! two replicas), the current run of them, and how often it was caught (outvoted). A node

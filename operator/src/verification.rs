@@ -1,4 +1,4 @@
-//! Result verification by replication, as BOINC does it (DESIGN.md §3 step 7). Pure.
+//! Result verification by replication, as BOINC does it (docs/ARCHITECTURE.md, "Verification"). Pure.
 //!
 //! The replicas of a shard that reported a result are grouped into agreement classes:
 //! equal digests when the tolerance is 0 (deterministic workloads), otherwise result

@@ -169,6 +169,38 @@ async fn a_job_spread_over_two_member_clusters_completes() {
     );
     assert!(described.contains("Placed"), "{described}");
     eprintln!("{status}\n{described}");
+
+    // A finished job's verdict is frozen: deleting its tasks changes nothing in its status.
+    let before = job(&fed, &ns, "spread").await.status;
+    let reconciles = || async {
+        let (_, m) = scrape::get(_op.port, "/metrics").await.expect("metrics");
+        m.lines()
+            .find(|l| l.starts_with("edgeloom_operator_reconcile_total{controller=\"computejob\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for m in fed.plane.members() {
+        Api::<ComputeTask>::namespaced(m.client().await.expect("client"), SYSTEM_NAMESPACE)
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&format!("edgeloom.io/job-uid={uid}")),
+            )
+            .await
+            .expect("tasks deleted");
+    }
+    wait::until_true("the tasks gone", Duration::from_secs(30), || async {
+        all_tasks(&fed, &uid).await.is_empty()
+    })
+    .await;
+    let seen = reconciles().await;
+    wait::until_true(
+        "the job reconciled twice more",
+        Duration::from_secs(30),
+        || async { reconciles().await >= seen + 2 },
+    )
+    .await;
+    assert_eq!(job(&fed, &ns, "spread").await.status, before);
 }
 
 async fn all_tasks(fed: &Federation, uid: &str) -> Vec<ComputeTask> {
@@ -993,4 +1025,78 @@ async fn a_bad_kubeconfig_is_a_pool_condition_and_fixing_the_secret_reconnects()
         }
     })
     .await;
+}
+
+/// Attack 6 of the trust model, as honest hardware would make it: CPU results of two
+/// architectures differ (as CPU and CUDA results do). edge-b's nodes are arm64, and the
+/// simulated agents report per-architecture digests. Replicas of every shard are placed
+/// within one determinism class, so the quorum agrees and no honest node is caught.
+#[tokio::test]
+async fn replicas_stay_in_one_determinism_class_so_no_honest_node_is_outvoted() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+        .await
+        .expect("federation");
+    let edge_b = fed.plane.cluster("edge-b").expect("edge-b");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> =
+        Api::all(edge_b.client().await.expect("client"));
+    for n in ["edge-b-node-0", "edge-b-node-1"] {
+        // The kubelet's label (the harness plays the kubelet's registration).
+        nodes
+            .patch(
+                n,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    serde_json::json!({"metadata": {"labels": {"kubernetes.io/arch": "arm64"}}}),
+                ),
+            )
+            .await
+            .expect("arch label");
+    }
+    fed.start_sims(Duration::from_secs(2))
+        .await
+        .expect("agents");
+    fed.apply_pool("edge", 10, 2).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("classes").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("classes", 4, "  verification:\n    replicas: 2\n"),
+    )
+    .await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "classes",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let shards = done.status.expect("status").shards;
+    assert_eq!(shards.len(), 8, "no extra replica was needed: {shards:?}");
+    for shard in 0..4 {
+        let clusters: std::collections::BTreeSet<&str> = shards
+            .iter()
+            .filter(|s| s.index == shard)
+            .map(|s| s.cluster.as_str())
+            .collect();
+        assert_eq!(clusters.len(), 1, "shard {shard} spans classes: {shards:?}");
+    }
+    assert!(
+        shards.iter().all(|s| s
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("verified"))),
+        "{shards:?}"
+    );
+    let used: std::collections::BTreeSet<&str> =
+        shards.iter().map(|s| s.cluster.as_str()).collect();
+    assert_eq!(used.len(), 2, "both classes did work: {shards:?}");
+    let outvoted = events_of(&fed, &ns, "classes")
+        .await
+        .into_iter()
+        .filter(|(reason, _)| reason == "ResultOutvoted")
+        .count();
+    assert_eq!(outvoted, 0);
 }

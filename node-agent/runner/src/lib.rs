@@ -1,4 +1,4 @@
-//! edgeloom-runner: one task's libtorch workload (DESIGN.md §5). The agent spawns it per
+//! edgeloom-runner: one task's libtorch workload (docs/ARCHITECTURE.md, "Workloads and the runner"). The agent spawns it per
 //! task; it is the only edgeloom binary that links libtorch.
 
 pub mod data;
