@@ -265,4 +265,25 @@ pub struct PoolRewards {
     /// Total per contributor account.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub by_account: BTreeMap<String, Decimal>,
+    /// The latest signed checkpoint of the ledger as a Merkle log (`kubectl edgeloom
+    /// ledger checkpoint` prints it for keeping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<LedgerCheckpoint>,
+}
+
+/// A signed statement of the operator: the pool's ledger had `size` entries with RFC 6962
+/// tree head `root` at `time`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerCheckpoint {
+    /// Entries covered.
+    pub size: u64,
+    /// Tree head (sha256, hex).
+    pub root: String,
+    /// When it was signed (RFC 3339).
+    pub time: String,
+    /// The operator's ed25519 public key (hex).
+    pub public_key: String,
+    /// ed25519 signature (hex).
+    pub signature: String,
 }

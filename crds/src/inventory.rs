@@ -44,6 +44,9 @@ pub const AGENT_ANNOTATION_KEYS: &[&str] = &[
     PRICE_ANNOTATION,
 ];
 
+/// Label: the owner of several contributor accounts, where the platform team knows one
+/// (never the agent's). Two replicas of a shard never run on nodes of one owner.
+pub const OWNER_LABEL: &str = "edgeloom.io/owner";
 /// The kubelet's label of a node's CPU architecture (part of its determinism class).
 pub const ARCH_LABEL: &str = "kubernetes.io/arch";
 

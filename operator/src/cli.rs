@@ -288,3 +288,77 @@ pub fn trust_table(
         table(&rows)
     )
 }
+
+/// A receipt's inclusion proof, as `kubectl edgeloom ledger prove` prints it: everything a
+/// contributor needs to check it offline (`ledger check-proof`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiptProof {
+    /// The ledger entry (sequence number, previous hash, receipt, hash).
+    pub entry: crate::ledger::Entry,
+    /// Sibling hashes from the leaf up (hex).
+    pub proof: Vec<String>,
+    /// The signed checkpoint the proof leads to.
+    pub checkpoint: crate::merkle::Checkpoint,
+}
+
+/// The proof of the receipt with key `key` ("JOB_UID/SHARD/REPLICA") against `cp`.
+pub fn prove(
+    entries: &[crate::ledger::Entry],
+    cp: &crate::merkle::Checkpoint,
+    key: &str,
+) -> Result<ReceiptProof, String> {
+    let index = entries
+        .iter()
+        .position(|e| e.receipt.key() == key)
+        .ok_or_else(|| format!("pool {}: no receipt {key}", cp.pool))?;
+    if index as u64 >= cp.size {
+        return Err(format!(
+            "receipt {key} (entry {index}) is newer than the pool's checkpoint of {} entries; ask again in a few seconds",
+            cp.size
+        ));
+    }
+    let hashes: Vec<String> = entries
+        .iter()
+        .take(cp.size as usize)
+        .map(|e| e.hash.clone())
+        .collect();
+    Ok(ReceiptProof {
+        entry: entries[index].clone(),
+        proof: crate::merkle::inclusion_proof(&hashes, index),
+        checkpoint: cp.clone(),
+    })
+}
+
+/// Checks a proof offline: the entry's hash from its contents, its inclusion in the
+/// checkpoint's tree, and the checkpoint's signature (by `trusted_key` when given).
+pub fn check_proof(p: &ReceiptProof, trusted_key: Option<&str>) -> Result<String, String> {
+    let e = &p.entry;
+    let hash = crate::ledger::entry_hash(e.seq, &e.prev, &e.receipt);
+    if hash != e.hash {
+        return Err(format!(
+            "entry {} does not hash to {} (its contents were altered)",
+            e.seq, e.hash
+        ));
+    }
+    let cp = &p.checkpoint;
+    crate::merkle::verify_inclusion(&e.hash, e.seq, cp.size, &cp.root_hash()?, &p.proof)?;
+    cp.verify(trusted_key)?;
+    Ok(format!(
+        "valid: receipt {} ({} {} to {}) is entry {} of pool {}'s ledger, covered by the checkpoint of {} entries signed {} by key {}{}",
+        e.receipt.key(),
+        e.receipt.amount,
+        "paid",
+        e.receipt.account,
+        e.seq,
+        cp.pool,
+        cp.size,
+        cp.time,
+        cp.public_key,
+        if trusted_key.is_some() {
+            " (the trusted key)"
+        } else {
+            " (pass --public-key to pin the operator's key)"
+        }
+    ))
+}

@@ -45,7 +45,13 @@ pub struct Books {
     namespace: String,
     ledgers: Mutex<HashMap<String, Arc<LedgerStore>>>,
     reputations: Mutex<HashMap<String, Arc<ReputationStore>>>,
+    signing_key: tokio::sync::Mutex<Option<ed25519_dalek::SigningKey>>,
 }
+
+/// The Secret (in the operator's namespace) holding the ledger's ed25519 signing key.
+pub const SIGNING_KEY_SECRET: &str = "edgeloom-ledger-signing-key";
+/// Its key: the 32-byte seed, hex.
+pub const SIGNING_KEY_FIELD: &str = "ed25519-seed";
 
 impl Books {
     /// Stores in `namespace` of the hub.
@@ -55,7 +61,53 @@ impl Books {
             namespace: namespace.to_string(),
             ledgers: Mutex::default(),
             reputations: Mutex::default(),
+            signing_key: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// The key that signs ledger checkpoints: read from its Secret, made (once, by
+    /// whichever replica gets there first) when there is none.
+    pub async fn signing_key(&self) -> Result<ed25519_dalek::SigningKey, String> {
+        let mut guard = self.signing_key.lock().await;
+        if let Some(k) = guard.as_ref() {
+            return Ok(k.clone());
+        }
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let read = |s: &k8s_openapi::api::core::v1::Secret| {
+            let seed = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(SIGNING_KEY_FIELD))
+                .map(|b| String::from_utf8_lossy(&b.0).to_string())
+                .ok_or_else(|| format!("Secret {SIGNING_KEY_SECRET} has no {SIGNING_KEY_FIELD}"))?;
+            crate::merkle::key_from_hex(&seed)
+        };
+        let key = match api.get_opt(SIGNING_KEY_SECRET).await {
+            Ok(Some(s)) => read(&s)?,
+            Ok(None) => {
+                let key = crate::merkle::new_key()?;
+                let secret: k8s_openapi::api::core::v1::Secret =
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": SIGNING_KEY_SECRET,
+                                     "labels": {"app.kubernetes.io/part-of": "edgeloom"}},
+                        "stringData": {SIGNING_KEY_FIELD: hex::encode(key.to_bytes())}
+                    }))
+                    .map_err(|e| e.to_string())?;
+                match api.create(&Default::default(), &secret).await {
+                    Ok(_) => key,
+                    Err(kube::Error::Api(s)) if s.code == 409 => read(
+                        &api.get(SIGNING_KEY_SECRET)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    )?,
+                    Err(e) => return Err(format!("creating Secret {SIGNING_KEY_SECRET}: {e}")),
+                }
+            }
+            Err(e) => return Err(format!("reading Secret {SIGNING_KEY_SECRET}: {e}")),
+        };
+        *guard = Some(key.clone());
+        Ok(key)
     }
 
     /// The ledger of `pool`.

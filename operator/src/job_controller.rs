@@ -248,8 +248,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let old = job.status.clone().unwrap_or_default();
     let members = members_for(&job, ctx);
     // Never decide on a cold cache: right after an operator restart a member whose tasks
-    // or heartbeats are not listed yet would look empty or dead.
-    if members.iter().any(|m| !m.synced() && !m.lost(now)) {
+    // or heartbeats are not listed yet would look empty or dead, and a job that ran
+    // somewhere whose pools are not connected yet would look as if it never had.
+    if members.iter().any(|m| !m.synced() && !m.lost(now))
+        || (members.is_empty() && old.shards.iter().any(|s| !s.node.is_empty()))
+    {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let views = task_views(&uid, ctx, now);
@@ -776,8 +779,8 @@ async fn settle(
     let uid = job.uid().unwrap_or_default();
     let job_key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
     let members = ctx.fleet.members();
-    // pool -> (receipts, verified node keys by receipt key)
-    let mut by_pool: BTreeMap<String, (Vec<Receipt>, BTreeMap<String, String>)> = BTreeMap::new();
+    // pool -> (receipts, verified (node key, relative speed) by receipt key)
+    let mut by_pool: BTreeMap<String, (Vec<Receipt>, BTreeMap<String, Verified>)> = BTreeMap::new();
     let mut medians: BTreeMap<String, f64> = BTreeMap::new();
     for a in &decision.accepted {
         let Some(m) = members.iter().find(|m| m.key == a.member) else {
@@ -798,7 +801,15 @@ async fn settle(
             let median = *medians
                 .entry(m.pool.clone())
                 .or_insert_with(|| median_tflops(ctx, &m.pool));
-            ledger::speed_factor_milli(node.as_ref().map_or(0.0, |n| n.inventory.tflops), median)
+            // The claimed speed counts only as far as verified work shows.
+            let claimed = node.as_ref().map_or(0.0, |n| n.inventory.tflops);
+            let verified = trust::verified_tflops(
+                claimed,
+                median,
+                ctx.scheduler
+                    .relative_speed(&m.pool, &format!("{}/{}", a.cluster, a.node)),
+            );
+            ledger::speed_factor_milli(verified, median)
         } else {
             1000
         };
@@ -834,9 +845,10 @@ async fn settle(
         };
         let entry = by_pool.entry(m.pool.clone()).or_default();
         if a.verified {
-            entry
-                .1
-                .insert(receipt.key(), format!("{}/{}", a.cluster, a.node));
+            entry.1.insert(
+                receipt.key(),
+                (format!("{}/{}", a.cluster, a.node), a.relative_speed_milli),
+            );
         }
         entry.0.push(receipt);
     }
@@ -856,7 +868,7 @@ async fn settle(
         }
     }
     // Nodes whose newly paid result was verified, by pool.
-    let mut valid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut valid: BTreeMap<String, Vec<Verified>> = BTreeMap::new();
     for (pool, (receipts, verified)) in by_pool {
         let ledger = ctx.books.ledger(&pool);
         // What the budget leaves for this pool's ledger: the budget less what the job was
@@ -932,6 +944,9 @@ async fn settle(
     }
     Ok(problems)
 }
+
+/// A node ("cluster/node") with a newly paid verified result, and its relative speed.
+type Verified = (String, Option<u32>);
 
 /// Counts and reports the nodes newly caught (`new`, as "cluster/node") for this job.
 async fn record_caught(job: &ComputeJob, broken: &BTreeSet<String>, new: &[String], ctx: &Context) {

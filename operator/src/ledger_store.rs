@@ -16,6 +16,7 @@
 
 use crate::decimal::{Amount, DecimalError};
 use crate::ledger::{self, Broken, Entry, Ledger, Receipt};
+use crate::merkle::{self, Checkpoint, Frontier};
 use crate::trust::Reputation;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
@@ -199,11 +200,14 @@ struct Loaded {
     open_text: String,
     by_job: HashMap<String, Totals>,
     totals: Totals,
+    /// The ledger as a Merkle log: its frontier (O(log n) hashes).
+    tree: Frontier,
 }
 
 impl Loaded {
     fn commit(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
         for e in &entries {
+            self.tree.push(merkle::leaf_hash(&e.hash));
             self.by_job
                 .entry(e.receipt.job_uid.clone())
                 .or_default()
@@ -283,6 +287,8 @@ pub struct LedgerStore {
     api: Api<ConfigMap>,
     pool: String,
     state: Mutex<Option<Loaded>>,
+    /// The latest signed checkpoint: a loaded ledger must begin with the history it covers.
+    anchor: std::sync::Mutex<Option<Checkpoint>>,
 }
 
 /// The pool's ledger at a glance.
@@ -292,6 +298,10 @@ pub struct Summary {
     pub head: String,
     /// Totals.
     pub totals: Totals,
+    /// Entries.
+    pub size: u64,
+    /// RFC 6962 tree head of all entries.
+    pub root: merkle::Hash,
 }
 
 impl LedgerStore {
@@ -301,6 +311,7 @@ impl LedgerStore {
             api: Api::namespaced(client, namespace),
             pool: pool.to_string(),
             state: Mutex::new(None),
+            anchor: std::sync::Mutex::new(None),
         }
     }
 
@@ -337,6 +348,17 @@ impl LedgerStore {
         // The segments' text moves into parsing (it can be tens of MiB): no second copy.
         let (entries, _) = parse_segments(raw.into_iter().map(|(s, _)| s).collect())
             .map_err(StoreError::Broken)?;
+        // Internally consistent is not enough: the ledger must still begin with the
+        // history the last signed checkpoint covered (no truncation, no rewritten suffix).
+        let anchor = self.anchor.lock().ok().and_then(|a| a.clone());
+        if let Some(cp) = anchor {
+            let mut prefix = Frontier::default();
+            for e in entries.iter().take(cp.size as usize) {
+                prefix.push(merkle::leaf_hash(&e.hash));
+            }
+            cp.check_prefix(entries.len() as u64, &prefix)
+                .map_err(StoreError::Broken)?;
+        }
         let mut loaded = Loaded {
             segments,
             open_text,
@@ -474,12 +496,30 @@ impl LedgerStore {
         .await
     }
 
+    /// Makes `cp` (a checkpoint whose signature was checked) the history a loaded ledger
+    /// must begin with. A ledger loaded already that it does not describe is read again
+    /// (and checked) on next use.
+    pub async fn set_anchor(&self, cp: Checkpoint) {
+        let mut guard = self.state.lock().await;
+        let describes = guard
+            .as_ref()
+            .is_some_and(|l| l.tree.size() == cp.size && Ok(l.tree.root()) == cp.root_hash());
+        if !describes {
+            *guard = None;
+        }
+        if let Ok(mut a) = self.anchor.lock() {
+            *a = Some(cp);
+        }
+    }
+
     /// Head and totals.
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.with(async |l: &mut Loaded| {
             Ok(Summary {
                 head: l.ledger.head().to_string(),
                 totals: l.totals.clone(),
+                size: l.tree.size(),
+                root: l.tree.root(),
             })
         })
         .await
@@ -733,6 +773,19 @@ impl ReputationStore {
         ))
     }
 
+    /// Each timed node's speed relative to its peers (thousandths), by "cluster/node".
+    pub async fn relative_speeds(&self) -> Result<HashMap<String, u32>, StoreError> {
+        let guard = self.ensure().await?;
+        Ok(guard
+            .as_ref()
+            .expect("loaded")
+            .0
+            .nodes
+            .iter()
+            .filter_map(|(n, r)| Some((n.clone(), r.relative_speed_milli?)))
+            .collect())
+    }
+
     /// Nodes caught at least `after` times (none when `after` is 0).
     pub async fn quarantined(&self, after: u32) -> Result<HashSet<String>, StoreError> {
         let guard = self.ensure().await?;
@@ -750,12 +803,13 @@ impl ReputationStore {
             .collect())
     }
 
-    /// Applies verdicts: verified results of `valid` nodes, and `caught` (node, result key).
+    /// Applies verdicts: verified results of `valid` nodes (with their relative speed where
+    /// timed), and `caught` (node, result key).
     /// Retried on a conflicting write after re-reading. Returns how many caught results
     /// were new.
     pub async fn update(
         &self,
-        valid: &[String],
+        valid: &[(String, Option<u32>)],
         caught: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
         if valid.is_empty() && caught.is_empty() {
@@ -767,8 +821,8 @@ impl ReputationStore {
             let mut rep = state.0.clone();
             let mut shards = vec![false; REPUTATION_SHARDS];
             let mut new_caught = Vec::new();
-            for n in valid {
-                rep.record_valid(n);
+            for (n, speed) in valid {
+                rep.record_valid(n, *speed);
                 shards[shard_of(n)] = true;
             }
             for (n, key) in caught {

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod ledger;
 pub mod ledger_store;
 pub mod lifecycle;
+pub mod merkle;
 pub mod metrics;
 pub mod placement;
 pub mod pool_controller;

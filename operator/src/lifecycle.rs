@@ -18,6 +18,7 @@
 
 use crate::decimal::Amount;
 use crate::quantity;
+use crate::trust;
 use crate::verification::{self, ReplicaResult, Verdict};
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};
@@ -149,6 +150,9 @@ pub struct Accepted {
     pub gpu_millis: u64,
     /// Agreed with at least one other replica (counts towards the node's trust).
     pub verified: bool,
+    /// Verified: its speed relative to the replicas it agreed with, by the operator's own
+    /// timing (thousandths; see `trust::relative_speeds`).
+    pub relative_speed_milli: Option<u32>,
 }
 
 /// Why a result was caught.
@@ -493,14 +497,17 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             }
             shards.push(status);
         }
-        let paid = |t: &TaskView, verified: bool| {
-            // Usage is the agent's claim: pay at most what the operator observed itself.
-            let observed = shards[first_status..]
+        // What the operator itself saw of a replica: milliseconds from dispatch to result.
+        let observed_ms = |replica: u32| {
+            shards[first_status..]
                 .iter()
-                .find(|s| s.replica == t.replica)
+                .find(|s| s.replica == replica)
                 .and_then(|s| Some((s.dispatched_at.as_ref()?.0, s.reported_at.as_ref()?.0)))
                 .map(|(from, to)| to.duration_since(from).as_millis().max(0) as u64)
-                .unwrap_or(0);
+        };
+        let paid = |t: &TaskView, verified: bool| {
+            // Usage is the agent's claim: pay at most what the operator observed itself.
+            let observed = observed_ms(t.replica).unwrap_or(0);
             let (cpu_core_millis, gpu_millis) = bound_usage(
                 t.cpu_core_millis,
                 t.gpu_millis,
@@ -519,6 +526,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 cpu_core_millis,
                 gpu_millis,
                 verified,
+                relative_speed_milli: None,
             }
         };
         if !verifying {
@@ -584,10 +592,20 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 digests.push(digest);
                 needs.truncate(needs_before);
                 let verified = agreeing.len() >= 2;
+                let agreed: Vec<&TaskView> = current_tasks
+                    .iter()
+                    .filter(|t| agreeing.contains(&t.replica))
+                    .copied()
+                    .collect();
+                let windows: Vec<Option<u64>> =
+                    agreed.iter().map(|t| observed_ms(t.replica)).collect();
+                for (t, speed) in agreed.iter().zip(trust::relative_speeds(&windows)) {
+                    let mut a = paid(t, verified);
+                    a.relative_speed_milli = speed.filter(|_| verified);
+                    accepted.push(a);
+                }
                 for t in &current_tasks {
-                    if agreeing.contains(&t.replica) {
-                        accepted.push(paid(t, verified));
-                    } else if dissenting.contains(&t.replica) {
+                    if dissenting.contains(&t.replica) {
                         outvoted.push(Outvoted {
                             why: Caught::Outvoted,
                             shard,

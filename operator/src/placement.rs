@@ -88,8 +88,11 @@ pub struct Node {
     pub region: Option<Sym>,
     /// Zone of its cluster.
     pub zone: Option<Sym>,
-    /// Contributor account.
+    /// Contributor account (the platform team's label).
     pub account: Option<Sym>,
+    /// Owner of several accounts (the platform team's label `edgeloom.io/owner`, interned
+    /// with an `owner:` prefix so it never equals an account).
+    pub owner: Option<Sym>,
     /// CPU architecture (the kubelet's `kubernetes.io/arch` label, not the agent's).
     pub arch: Option<Sym>,
     /// Job-independent desirability, higher is better (see [`score`]).
@@ -187,7 +190,7 @@ pub struct Slot {
     pub replica: u32,
     /// Nodes this slot must not use (failed there before, or running another replica).
     pub avoid: Vec<u32>,
-    /// Accounts this slot should avoid (other replicas' contributors); a preference.
+    /// Accounts and owners of the shard's other replicas: never the same again.
     pub avoid_accounts: Vec<Sym>,
     /// The determinism class of the shard's replicas placed before (see [`class`]).
     pub class: Option<Sym>,
@@ -267,6 +270,8 @@ pub enum Filter {
     Avoided,
     /// Not of the determinism class of the shard's other replicas.
     Class,
+    /// Of the account or owner of another replica of the shard.
+    SameOwner,
 }
 
 impl Filter {
@@ -285,6 +290,7 @@ impl Filter {
             Filter::Dataset => "do not hold the dataset",
             Filter::Topology => "are outside the allowed regions/zones",
             Filter::Avoided => "already ran this shard",
+            Filter::SameOwner => "belong to the account or owner of another replica of the shard",
             Filter::Class => {
                 "are of another determinism class (CPU architecture or GPU product) than the shard's other replicas"
             }
@@ -441,8 +447,16 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         accounts.extend(shard_accounts.get(&slot.shard).into_iter().flatten());
         let required = slot.class.or_else(|| shard_class.get(&slot.shard).copied());
         let blocked = |nodes: &[Node], id: u32| {
+            let n = &nodes[id as usize];
             if slot.avoid.contains(&id) || taken.contains(&id) {
                 Some(Filter::Avoided)
+            } else if [n.account, n.owner]
+                .iter()
+                .flatten()
+                .any(|p| accounts.contains(p))
+            {
+                // Two replicas of one owner could agree on a wrong result (Sybil).
+                Some(Filter::SameOwner)
             } else if replicated
                 && required.is_some_and(|c| class(&nodes[id as usize], req.gpus) != Some(c))
             {
@@ -479,8 +493,7 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                             per_cluster.get(&n.cluster).copied().unwrap_or(0) <= least
                         }
                     };
-                    let account_ok = n.account.is_none_or(|a| !accounts.contains(&a));
-                    if !spread_ok || !account_ok {
+                    if !spread_ok {
                         continue;
                     }
                 }
@@ -498,9 +511,10 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 used_nodes.insert(id);
                 *per_cluster.entry(node.cluster).or_default() += 1;
                 shard_nodes.entry(slot.shard).or_default().push(id);
-                if let Some(a) = node.account {
-                    shard_accounts.entry(slot.shard).or_default().push(a);
-                }
+                shard_accounts
+                    .entry(slot.shard)
+                    .or_default()
+                    .extend([node.account, node.owner].into_iter().flatten());
                 if replicated
                     && required.is_none()
                     && let Some(c) = class(&snapshot.nodes[id as usize], req.gpus)
@@ -674,7 +688,7 @@ mod tests {
     }
 
     #[test]
-    fn replicas_prefer_distinct_accounts() {
+    fn replicas_never_share_an_account_or_an_owner() {
         let mut interner = Interner::default();
         let alice = interner.intern("alice");
         let bob = interner.intern("bob");
@@ -705,6 +719,18 @@ mod tests {
             .map(|(_, id)| snap.nodes[*id as usize].account)
             .collect();
         assert_eq!(accounts, vec![Some(alice), Some(bob)]);
+        // Two accounts of one owner: the second replica finds no node, and says why.
+        let owner = interner.intern("owner:carol");
+        let mut nodes = vec![node(0, 0.9), node(0, 0.8)];
+        nodes[0].account = Some(alice);
+        nodes[1].account = Some(bob);
+        nodes[0].owner = Some(owner);
+        nodes[1].owner = Some(owner);
+        let mut snap = Snapshot::new(nodes, vec![true]);
+        let out = place(&mut snap, &req);
+        assert_eq!(out.assigned.len(), 1);
+        let why = out.unplaced[0].1.to_string();
+        assert!(why.contains("1 belong to the account or owner"), "{why}");
     }
 
     #[test]
@@ -807,7 +833,7 @@ mod tests {
                 cluster, ready, free_slots, free_cpu_millis, free_memory_mib, free_gpus,
                 gpu_memory_mib: gpu_memory_mib * 8192, gpu_product,
                 labels: labels.into_iter().collect(), datasets: datasets.into_iter().collect(),
-                region, zone: None, account, arch, score,
+                region, zone: None, account, owner: None, arch, score,
             }
         }
     }
@@ -869,10 +895,15 @@ mod tests {
                 prop_assert!(!req.slots[*slot].avoid.contains(id));
                 take(&mut replay.nodes[*id as usize], &req);
             }
-            // Replicas of one shard never share a node.
+            // Replicas of one shard never share a node, nor an account.
             let mut seen = HashSet::new();
+            let mut paid = HashSet::new();
             for (slot, id) in &out.assigned {
-                prop_assert!(seen.insert((req.slots[*slot].shard, *id)), "two replicas of shard {} on node {}", req.slots[*slot].shard, id);
+                let shard = req.slots[*slot].shard;
+                prop_assert!(seen.insert((shard, *id)), "two replicas of shard {} on node {}", shard, id);
+                if let Some(a) = snap.nodes[*id as usize].account {
+                    prop_assert!(paid.insert((shard, a)), "two replicas of shard {} paid to account {}", shard, a);
+                }
             }
             // Every slot is accounted for exactly once.
             prop_assert_eq!(out.assigned.len() + out.unplaced.len(), req.slots.len());
@@ -911,10 +942,12 @@ mod tests {
                     .filter(|(s, _)| req.slots[*s].shard == slot.shard)
                     .map(|(_, id)| *id).collect();
                 let shard_class = same_shard.first().and_then(|id| class(&snap.nodes[*id as usize], req.gpus));
+                let shard_accounts: Vec<Sym> = same_shard.iter().filter_map(|id| snap.nodes[*id as usize].account).collect();
                 for id in 0..snap.nodes.len() as u32 {
                     let same_class = req.replicas < 2
                         || shard_class.is_none_or(|c| class(&snap.nodes[id as usize], req.gpus) == Some(c));
-                    let fits = check(&snap, id, &req).is_ok() && !slot.avoid.contains(&id) && !same_shard.contains(&id) && same_class;
+                    let other_account = snap.nodes[id as usize].account.is_none_or(|a| !shard_accounts.contains(&a));
+                    let fits = check(&snap, id, &req).is_ok() && !slot.avoid.contains(&id) && !same_shard.contains(&id) && same_class && other_account;
                     prop_assert!(!fits, "slot {} left unplaced although node {} fits", slot_index, id);
                 }
             }

@@ -7,6 +7,7 @@ use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
 use crate::decimal::Amount;
 use crate::ledger_store::{StoreError, Summary};
+use crate::merkle;
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus, PoolRewards};
@@ -138,6 +139,28 @@ async fn kubeconfig(ctx: &Context, name: &str, key: &str) -> Result<String, Stri
         .map_err(|_| format!("Secret {}/{name} key {key} is not UTF-8", ctx.namespace))
 }
 
+/// The checkpoint in the pool's status, checked against the operator's key (an error
+/// when it does not verify: someone altered or forged it).
+fn old_checkpoint(
+    pool: &EdgePool,
+    key: Option<&ed25519_dalek::SigningKey>,
+) -> Option<Result<merkle::Checkpoint, String>> {
+    let c = pool
+        .status
+        .as_ref()?
+        .rewards
+        .as_ref()?
+        .checkpoint
+        .as_ref()?;
+    let cp = merkle::Checkpoint::from_status(&pool.name_any(), c);
+    let trusted = key.map(|k| hex::encode(k.verifying_key().to_bytes()));
+    Some(
+        cp.verify(trusted.as_deref())
+            .map(|()| cp)
+            .map_err(|e| format!("the pool's ledger checkpoint does not verify: {e}")),
+    )
+}
+
 /// Most accounts listed in the pool's status (the largest); `kubectl edgeloom ledger
 /// balance` lists them all.
 pub const STATUS_ACCOUNTS: usize = 100;
@@ -154,6 +177,7 @@ fn pool_rewards(summary: &Summary) -> PoolRewards {
             .take(STATUS_ACCOUNTS)
             .map(|(a, v)| (a.clone(), Decimal(v.to_string())))
             .collect(),
+        checkpoint: None,
     }
 }
 
@@ -319,11 +343,36 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         .with_label_values(&[&name, &pool.spec.rewards.unit])
         .inc_by(0.0);
     ctx.metrics.receipts.with_label_values(&[&name]).inc_by(0);
-    // The ledger: re-read when a segment changed behind the operator's back, verified.
+    // The ledger: re-read when a segment changed behind the operator's back, verified, and
+    // checked against the last signed checkpoint (it must still begin with that history).
     let ledger = ctx.books.ledger(&name);
-    let rewards = match ledger.refresh().await {
+    let key = ctx.books.signing_key().await;
+    let previous = old_checkpoint(&pool, key.as_ref().ok());
+    if let Some(Ok(cp)) = &previous {
+        ledger.set_anchor(cp.clone()).await;
+    }
+    let checked = match (&key, &previous) {
+        (Err(e), _) => Err(StoreError::Broken(format!("no signing key: {e}"))),
+        (_, Some(Err(e))) => Err(StoreError::Broken(e.clone())),
+        _ => ledger.refresh().await,
+    };
+    let rewards = match checked {
         Ok(()) => match ledger.summary().await {
             Ok(summary) => {
+                // A new checkpoint when the ledger grew; the same one while it did not.
+                let checkpoint = key.as_ref().ok().map(|k| match &previous {
+                    Some(Ok(cp)) if cp.size == summary.size => cp.clone(),
+                    _ => merkle::Checkpoint::sign(
+                        k,
+                        &name,
+                        summary.size,
+                        &summary.root,
+                        &now.to_string(),
+                    ),
+                });
+                if let Some(cp) = &checkpoint {
+                    ledger.set_anchor(cp.clone()).await;
+                }
                 ctx.metrics.ledger_intact.with_label_values(&[&name]).set(1);
                 ctx.metrics
                     .ledger_receipts
@@ -341,7 +390,9 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                     generation,
                     now,
                 );
-                Some(pool_rewards(&summary))
+                let mut rewards = pool_rewards(&summary);
+                rewards.checkpoint = checkpoint.map(|c| c.to_status());
+                Some(rewards)
             }
             Err(e) => ledger_problem(&mut conds, &name, &e, generation, now, ctx),
         },
@@ -367,6 +418,10 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             ctx.scheduler.set_quarantined(&name, q);
         }
         Err(e) => tracing::warn!(pool = %name, error = %e, "reading reputation failed"),
+    }
+    match reputation.relative_speeds().await {
+        Ok(speeds) => ctx.scheduler.set_relative_speeds(&name, speeds),
+        Err(e) => tracing::warn!(pool = %name, error = %e, "reading verified speeds failed"),
     }
     let status = EdgePoolStatus {
         conditions: conds,

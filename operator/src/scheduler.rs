@@ -10,13 +10,14 @@ use crate::metrics::Metrics;
 use crate::placement::{self, Interner, Request, ScoreInputs, Slot, Snapshot, Spread};
 use crate::quantity;
 use crate::queue::{self, Waiting};
+use crate::trust;
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::commitment;
 use edgeloom_crds::compute_job::{ComputeJobSpec, Spread as SpecSpread};
 use edgeloom_crds::compute_task::{
     ComputeTask, ComputeTaskSpec, JOB_UID_LABEL, JobReference, NODE_LABEL, TaskLimits,
 };
-use edgeloom_crds::inventory::{ARCH_LABEL, NodeInventory};
+use edgeloom_crds::inventory::{ARCH_LABEL, NodeInventory, OWNER_LABEL};
 use jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -76,6 +77,8 @@ pub struct Scheduler {
     pending: Mutex<HashMap<String, Work>>,
     /// Per pool, the nodes ("cluster/node") caught too often to get work.
     quarantine: Mutex<HashMap<String, HashSet<String>>>,
+    /// Per pool, each timed node's verified speed relative to its peers (thousandths).
+    speeds: Mutex<HashMap<String, HashMap<String, u32>>>,
     unfit: Mutex<HashMap<String, String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     notify: Notify,
@@ -91,6 +94,21 @@ impl Scheduler {
                 q.insert(pool.to_string(), nodes);
             }
         }
+    }
+
+    /// Replaces the verified relative speeds of `pool`'s nodes ("cluster/node").
+    pub fn set_relative_speeds(&self, pool: &str, speeds: HashMap<String, u32>) {
+        if let Ok(mut s) = self.speeds.lock() {
+            s.insert(pool.to_string(), speeds);
+        }
+    }
+
+    /// The verified relative speed of node "cluster/node" of `pool`, if it was timed.
+    pub fn relative_speed(&self, pool: &str, node: &str) -> Option<u32> {
+        self.speeds
+            .lock()
+            .ok()
+            .and_then(|s| s.get(pool).and_then(|p| p.get(node)).copied())
     }
 
     /// Asks for placement of `work` (replacing an earlier request of the same job).
@@ -172,7 +190,8 @@ impl Scheduler {
             .lock()
             .map(|q| q.clone())
             .unwrap_or_default();
-        let mut world = World::build(&members, now, &in_flight, &quarantine);
+        let speeds = self.speeds.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut world = World::build(&members, now, &in_flight, &quarantine, &speeds);
         let waiting = work
             .into_iter()
             .map(|w| Waiting {
@@ -395,6 +414,7 @@ impl World {
         now: Timestamp,
         in_flight: &[InFlight],
         quarantine: &HashMap<String, HashSet<String>>,
+        speeds: &HashMap<String, HashMap<String, u32>>,
     ) -> World {
         let mut interner = Interner::default();
         let mut nodes = Vec::new();
@@ -403,6 +423,7 @@ impl World {
         let mut member_index = HashMap::new();
         let mut reachable = Vec::new();
         let mut raw: Vec<(NodeInventory, f64, f64)> = Vec::new(); // inventory, reliability, latency secs
+        let mut whose: Vec<(String, String)> = Vec::new(); // (pool, "cluster/node") of each raw
         for (ci, m) in members.iter().enumerate() {
             member_index.insert(m.key.clone(), ci as u32);
             let health = m.health();
@@ -479,6 +500,11 @@ impl World {
                     region,
                     zone,
                     account: inv.account.as_deref().map(|a| interner.intern(a)),
+                    owner: entry
+                        .labels
+                        .iter()
+                        .find(|(k, _)| &**k == OWNER_LABEL)
+                        .map(|(_, v)| interner.intern(&format!("owner:{v}"))),
                     arch: entry
                         .labels
                         .iter()
@@ -491,9 +517,31 @@ impl World {
                     reliability,
                     health.latency.map(|l| l.as_secs_f64()).unwrap_or(1.0),
                 ));
+                whose.push((m.pool.clone(), format!("{}/{name}", m.spec.name)));
                 index.insert((m.key.clone(), name.clone()), idx);
                 node_names.push((m.key.clone(), name));
             }
+        }
+        // Speed is the agent's claim: it counts only as far as verified work shows.
+        let mut claims: HashMap<&str, Vec<f64>> = HashMap::new();
+        for ((inv, _, _), (pool, _)) in raw.iter().zip(&whose) {
+            if inv.tflops > 0.0 {
+                claims.entry(pool.as_str()).or_default().push(inv.tflops);
+            }
+        }
+        let medians: HashMap<&str, f64> = claims
+            .into_iter()
+            .map(|(pool, mut v)| {
+                v.sort_by(f64::total_cmp);
+                (pool, v[v.len() / 2])
+            })
+            .collect();
+        for ((inv, _, _), (pool, key)) in raw.iter_mut().zip(&whose) {
+            inv.tflops = trust::verified_tflops(
+                inv.tflops,
+                medians.get(pool.as_str()).copied().unwrap_or(0.0),
+                speeds.get(pool).and_then(|s| s.get(key)).copied(),
+            );
         }
         let max_tflops = raw.iter().map(|r| r.0.tflops).fold(0.0, f64::max);
         let min_latency = raw.iter().map(|r| r.2).fold(f64::INFINITY, f64::min);
@@ -536,7 +584,11 @@ impl World {
                 let avoid_accounts = others
                     .iter()
                     .filter_map(lookup)
-                    .filter_map(|i| self.snapshot.nodes[i as usize].account)
+                    .flat_map(|i| {
+                        let n = &self.snapshot.nodes[i as usize];
+                        [n.account, n.owner]
+                    })
+                    .flatten()
                     .collect();
                 Slot {
                     shard: n.shard,

@@ -28,6 +28,11 @@ pub struct NodeRecord {
     /// after a restart is not counted twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_caught: Option<String>,
+    /// Its speed relative to the other replicas of the same shards, as the operator timed
+    /// them itself (thousandths; a moving average over verified results). See
+    /// [`verified_tflops`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_speed_milli: Option<u32>,
 }
 
 impl NodeRecord {
@@ -58,11 +63,18 @@ impl Reputation {
         self.nodes.get(node).is_some_and(|r| r.trusted(threshold))
     }
 
-    /// A verified result of `node`.
-    pub fn record_valid(&mut self, node: &str) {
+    /// A verified result of `node`, with its speed relative to the replicas it agreed with
+    /// where the operator timed them (a moving average: 3/4 old + 1/4 new).
+    pub fn record_valid(&mut self, node: &str, relative_speed_milli: Option<u32>) {
         let r = self.nodes.entry(node.to_string()).or_default();
         r.valid += 1;
         r.streak += 1;
+        if let Some(s) = relative_speed_milli {
+            r.relative_speed_milli = Some(match r.relative_speed_milli {
+                Some(old) => ((old as u64 * 3 + s as u64) / 4) as u32,
+                None => s,
+            });
+        }
     }
 
     /// `node` was outvoted on `result` (job UID/shard/replica): it loses its trust.
@@ -77,6 +89,56 @@ impl Reputation {
         r.last_caught = Some(result.to_string());
         true
     }
+}
+
+/// A node's speed as placement and pay may use it: its own claim (the `edgeloom.io/tflops`
+/// annotation its agent writes) bounded by what the operator verified. A node never timed
+/// against peers counts as at most the pool's median claim; one that was counts as at most
+/// the median times its measured relative speed, with 25% slack for noise. So inflating
+/// the claim earns neither placement nor pay beyond what verified work showed.
+pub fn verified_tflops(claimed: f64, pool_median: f64, relative_speed_milli: Option<u32>) -> f64 {
+    let claimed = if claimed.is_finite() {
+        claimed.max(0.0)
+    } else {
+        0.0
+    };
+    let bound = match relative_speed_milli {
+        Some(s) => pool_median * s as f64 / 1000.0 * 1.25,
+        None => pool_median,
+    };
+    claimed.min(bound)
+}
+
+/// The speed of each replica relative to the others that agreed with it, from the
+/// operator's own timing of each (milliseconds from dispatch to result): the median of
+/// the others' times over its own, in thousandths, within [10, 100000]. None for a replica
+/// without a time or without another timed replica.
+pub fn relative_speeds(windows: &[Option<u64>]) -> Vec<Option<u32>> {
+    windows
+        .iter()
+        .enumerate()
+        .map(|(i, own)| {
+            let own = (*own)?.max(1);
+            let mut others: Vec<u64> = windows
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter_map(|(_, w)| *w)
+                .collect();
+            if others.is_empty() {
+                return None;
+            }
+            others.sort_unstable();
+            let k = others.len();
+            let median = if k % 2 == 1 {
+                others[k / 2]
+            } else {
+                (others[k / 2 - 1] + others[k / 2]) / 2
+            }
+            .max(1);
+            Some((median as u128 * 1000 / own as u128).clamp(10, 100_000) as u32)
+        })
+        .collect()
 }
 
 /// Whether the shard is spot-checked: sha256(salt, job UID, shard) read as a number in
@@ -98,16 +160,52 @@ pub fn spot_checked(salt: &str, job_uid: &str, shard: u32, rate: Amount) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claimed_speed_counts_only_as_far_as_verified_work_shows() {
+        // Never timed against peers: at most the pool's median claim.
+        assert_eq!(verified_tflops(100.0, 2.0, None), 2.0);
+        assert_eq!(
+            verified_tflops(1.0, 2.0, None),
+            1.0,
+            "a modest claim stands"
+        );
+        // Timed as fast as its peers: the median (with slack), not its claim of 50x.
+        assert_eq!(verified_tflops(100.0, 2.0, Some(1000)), 2.5);
+        // Really twice as fast: up to 2.5x the median.
+        assert_eq!(verified_tflops(4.0, 2.0, Some(2000)), 4.0);
+        assert_eq!(verified_tflops(f64::INFINITY, 2.0, None), 0.0);
+        assert_eq!(verified_tflops(f64::NAN, 2.0, None), 0.0);
+    }
+
+    #[test]
+    fn relative_speeds_come_from_the_operators_own_timing() {
+        assert_eq!(
+            relative_speeds(&[Some(1000), Some(2000), Some(1000)]),
+            [Some(1500), Some(500), Some(1500)]
+        );
+        assert_eq!(relative_speeds(&[Some(1000), None]), [None, None]);
+        assert_eq!(
+            relative_speeds(&[Some(0), Some(100_000_000)]),
+            [Some(100_000), Some(10)]
+        );
+        let mut rep = Reputation::default();
+        rep.record_valid("n", Some(1000));
+        rep.record_valid("n", Some(2000));
+        assert_eq!(rep.nodes["n"].relative_speed_milli, Some(1250));
+        rep.record_valid("n", None);
+        assert_eq!(rep.nodes["n"].relative_speed_milli, Some(1250));
+    }
     use proptest::prelude::*;
 
     #[test]
     fn trust_is_earned_by_a_run_and_lost_when_caught() {
         let mut rep = Reputation::default();
         for _ in 0..9 {
-            rep.record_valid("edge-a/n1");
+            rep.record_valid("edge-a/n1", None);
         }
         assert!(!rep.trusted("edge-a/n1", 10));
-        rep.record_valid("edge-a/n1");
+        rep.record_valid("edge-a/n1", None);
         assert!(rep.trusted("edge-a/n1", 10));
         assert!(rep.record_caught("edge-a/n1", "uid/0/1"));
         assert!(
@@ -116,13 +214,13 @@ mod tests {
         );
         assert!(!rep.trusted("edge-a/n1", 10));
         for _ in 0..19 {
-            rep.record_valid("edge-a/n1");
+            rep.record_valid("edge-a/n1", None);
         }
         assert!(
             !rep.trusted("edge-a/n1", 10),
             "a caught node needs twice the run"
         );
-        rep.record_valid("edge-a/n1");
+        rep.record_valid("edge-a/n1", None);
         assert!(rep.trusted("edge-a/n1", 10));
         assert!(!rep.trusted("edge-b/unknown", 10));
     }

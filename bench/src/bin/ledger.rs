@@ -319,7 +319,7 @@ fn run_shard(
                         out.cheats_paid += 1;
                     }
                     if agreeing.len() >= 2 {
-                        rep.record_valid(&picked[i].to_string());
+                        rep.record_valid(&picked[i].to_string(), None);
                     }
                 }
                 for r in &dissenting {

@@ -59,6 +59,7 @@ fn fleet(n: usize, interner: &mut Interner, rng: &mut Rng) -> Snapshot {
                 region: Some(regions[cluster as usize % 4]),
                 zone: None,
                 account: Some(accounts[rng.below(accounts.len() as u64) as usize]),
+                owner: None,
                 arch: None,
                 score: rng.unit(),
             }

@@ -2,7 +2,9 @@
 //!
 //! - `kubectl edgeloom status`: pools and jobs at a glance.
 //! - `kubectl edgeloom describe job NAME [-n NS]`: shards, placements, reasons, events.
-//! - `kubectl edgeloom ledger verify|export|balance [--pool P]`: the reward ledgers.
+//! - `kubectl edgeloom ledger verify|export|balance|trust|forgive [--pool P]`: the reward
+//!   ledgers; `checkpoint`, `prove` and `check-proof` for the ledger as a Merkle log
+//!   (`check-proof` needs no cluster: it reads only the exported proof).
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -14,6 +16,7 @@ use edgeloom_operator::ledger_store::{
     LEDGER_LABEL, REPUTATION_KEY, REPUTATION_LABEL, RawSegment, parse_segments, reputation_name,
     reputation_shard, reputation_shard_of,
 };
+use edgeloom_operator::merkle::Checkpoint;
 use edgeloom_operator::trust::Reputation;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kube::ResourceExt;
@@ -60,8 +63,31 @@ enum Cmd {
 
 #[derive(Subcommand, Clone, PartialEq, Eq)]
 enum LedgerCmd {
-    /// Recompute every hash; name the first broken link (exit 1) if any entry was altered.
-    Verify,
+    /// Recompute every hash; name the first broken link (exit 1) if any entry was altered;
+    /// check the ledger against the pool's signed checkpoint and, with --checkpoint, against
+    /// one kept from earlier (a truncated or rewritten history is named).
+    Verify {
+        /// A checkpoint saved earlier with `ledger checkpoint` (JSON).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print each pool's latest signed checkpoint as JSON (keep it to check later).
+    Checkpoint,
+    /// An inclusion proof of one receipt ("JOB_UID/SHARD/REPLICA", with --pool) against
+    /// the pool's signed checkpoint, as JSON for `check-proof`.
+    Prove {
+        /// The receipt's key.
+        receipt: String,
+    },
+    /// Check a proof from `prove` offline: the entry's hash, its inclusion in the
+    /// checkpoint's tree, and the checkpoint's signature.
+    CheckProof {
+        /// The proof (JSON).
+        file: PathBuf,
+        /// The operator's public key (hex) to trust; default: the one in the proof.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
     /// Write every entry as JSON lines to stdout.
     Export,
     /// Totals per contributor account.
@@ -80,6 +106,25 @@ enum LedgerCmd {
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse();
+    // Offline: reads only the exported proof, no cluster.
+    if let Cmd::Ledger {
+        action: LedgerCmd::CheckProof { file, public_key },
+        ..
+    } = &flags.command
+    {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let proof: cli::ReceiptProof = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a proof from `ledger prove`", file.display()))?;
+        match cli::check_proof(&proof, public_key.as_deref()) {
+            Ok(msg) => println!("{msg}"),
+            Err(why) => {
+                println!("INVALID: {why}");
+                std::process::exit(1);
+            }
+        }
+        return Ok(());
+    }
     let config = match &flags.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -148,6 +193,7 @@ async fn ledger(
             let pool = pool.context("forgive needs --pool")?;
             return forgive(client, &pool, node, namespace).await;
         }
+        LedgerCmd::Prove { .. } if pool.is_none() => bail!("prove needs --pool"),
         _ => {}
     }
     let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
@@ -174,29 +220,84 @@ async fn ledger(
         eprintln!("no ledgers in namespace {namespace} (no receipts issued yet)");
         return Ok(false);
     }
-    let units: BTreeMap<String, String> = Api::<EdgePool>::all(client.clone())
+    let pool_objects = Api::<EdgePool>::all(client.clone())
         .list(&ListParams::default())
         .await
-        .map(|l| {
-            l.items
-                .iter()
-                .map(|p| (p.name_any(), p.spec.rewards.unit.clone()))
-                .collect()
-        })
+        .map(|l| l.items)
         .unwrap_or_default();
+    let units: BTreeMap<String, String> = pool_objects
+        .iter()
+        .map(|p| (p.name_any(), p.spec.rewards.unit.clone()))
+        .collect();
+    let checkpoints: BTreeMap<String, Checkpoint> = pool_objects
+        .iter()
+        .filter_map(|p| {
+            let c = p.status.as_ref()?.rewards.as_ref()?.checkpoint.as_ref()?;
+            Some((p.name_any(), Checkpoint::from_status(&p.name_any(), c)))
+        })
+        .collect();
+    let kept: Option<Checkpoint> = match &action {
+        LedgerCmd::Verify {
+            checkpoint: Some(path),
+        } => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not a checkpoint", path.display()))?,
+        ),
+        _ => None,
+    };
     let mut broken = false;
     for (name, segments) in pools {
         let count = segments.len();
         let unit = units.get(&name).cloned().unwrap_or_default();
         match (action.clone(), parse_segments(segments.clone())) {
-            (LedgerCmd::Verify, Ok((entries, _))) => println!(
-                "pool {name}: {} receipt(s) in {count} segment(s), head {}: every link verified",
-                entries.len(),
-                entries
-                    .last()
-                    .map_or(edgeloom_operator::ledger::GENESIS, |e| e.hash.as_str())
-            ),
-            (LedgerCmd::Verify, Err(why)) => {
+            (LedgerCmd::Verify { .. }, Ok((entries, _))) => {
+                println!(
+                    "pool {name}: {} receipt(s) in {count} segment(s), head {}: every link verified",
+                    entries.len(),
+                    entries
+                        .last()
+                        .map_or(edgeloom_operator::ledger::GENESIS, |e| e.hash.as_str())
+                );
+                let hashes: Vec<String> = entries.iter().map(|e| e.hash.clone()).collect();
+                let mut against: Vec<(&str, &Checkpoint)> = Vec::new();
+                if let Some(cp) = checkpoints.get(&name) {
+                    against.push(("the pool's checkpoint", cp));
+                }
+                if let Some(cp) = kept.as_ref().filter(|c| c.pool == name) {
+                    against.push(("the kept checkpoint", cp));
+                }
+                for (which, cp) in against {
+                    match cp.verify(None).and_then(|()| cp.check_history(&hashes)) {
+                        Ok(()) => println!(
+                            "pool {name}: {which} (size {}, signed {}) is consistent: the ledger begins with the history it covers",
+                            cp.size, cp.time
+                        ),
+                        Err(why) => {
+                            println!("pool {name}: BROKEN against {which}: {why}");
+                            broken = true;
+                        }
+                    }
+                }
+            }
+            (LedgerCmd::Checkpoint, _) => match checkpoints.get(&name) {
+                Some(cp) => println!("{}", serde_json::to_string(cp)?),
+                None => eprintln!("pool {name}: no signed checkpoint yet"),
+            },
+            (LedgerCmd::Prove { receipt }, Ok((entries, _))) => {
+                let cp = checkpoints
+                    .get(&name)
+                    .with_context(|| format!("pool {name} has no signed checkpoint yet"))?;
+                let proof = cli::prove(&entries, cp, &receipt).map_err(anyhow::Error::msg)?;
+                println!("{}", serde_json::to_string_pretty(&proof)?);
+            }
+            (LedgerCmd::Prove { .. }, Err(why)) => {
+                eprintln!("pool {name}: BROKEN, no proof: {why}");
+                broken = true;
+            }
+            (LedgerCmd::Verify { .. }, Err(why)) => {
                 println!("pool {name}: BROKEN: {why}");
                 broken = true;
             }
@@ -227,7 +328,9 @@ async fn ledger(
                 eprintln!("pool {name}: BROKEN, no balance: {why}");
                 broken = true;
             }
-            (LedgerCmd::Trust | LedgerCmd::Forgive { .. }, _) => unreachable!("handled above"),
+            (LedgerCmd::Trust | LedgerCmd::Forgive { .. } | LedgerCmd::CheckProof { .. }, _) => {
+                bail!("handled above")
+            }
         }
     }
     Ok(broken)
