@@ -1187,3 +1187,151 @@ async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
         "its claim of 1000x the median (factor 10000 before) paid as {inflater:?}"
     );
 }
+
+/// Attack 7 of the trust model: rewriting history. A rewritten suffix whose hashes were
+/// recomputed passes the chain's own check, and a truncated ledger is a valid shorter
+/// chain; both are named against a checkpoint the operator signed earlier, and the
+/// operator stops writing. A contributor's inclusion proof checks offline.
+#[tokio::test]
+async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() {
+    use edgeloom_operator::ledger::{Entry, entry_hash};
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 2).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("history").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("history", 3, "")).await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "history",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    let uid = done.metadata.uid.clone().expect("uid");
+    wait_receipts(&fed, &uid, 3).await;
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    let plugin = |args: &[&str]| ledger::plugin(plugin_bin(), &kubeconfig, args);
+    // A contributor keeps the signed checkpoint once it covers the three receipts.
+    let kept = wait::until_some("a checkpoint of 3 entries", Duration::from_secs(30), || {
+        let out = plugin(&["ledger", "checkpoint", "--pool", "edge"]);
+        let cp: Option<serde_json::Value> = serde_json::from_str(out.stdout.trim()).ok();
+        std::future::ready(cp.filter(|c| c["size"] == 3))
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("edgeloom-history-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kept_file = dir.join("checkpoint.json");
+    std::fs::write(&kept_file, kept.to_string()).expect("kept");
+    let key = kept["publicKey"].as_str().expect("public key").to_string();
+    // Its receipt's inclusion proof checks offline, with the operator's key pinned.
+    let out = plugin(&["ledger", "prove", &format!("{uid}/1/0"), "--pool", "edge"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let proof_file = dir.join("proof.json");
+    std::fs::write(&proof_file, &out.stdout).expect("proof");
+    let check = |file: &std::path::Path| {
+        let out = std::process::Command::new(plugin_bin())
+            .args(["ledger", "check-proof"])
+            .arg(file)
+            .args(["--public-key", &key])
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .expect("check-proof runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, msg) = check(&proof_file);
+    assert_eq!(code, Some(0), "{msg}");
+    assert!(
+        msg.starts_with("valid: receipt") && msg.contains("(the trusted key)"),
+        "{msg}"
+    );
+    let forged = out
+        .stdout
+        .replacen("\"amount\": \"0.0002\"", "\"amount\": \"9.0002\"", 1);
+    assert_ne!(forged, out.stdout, "the proof names the amount");
+    std::fs::write(dir.join("forged.json"), forged).expect("forged");
+    let (code, msg) = check(&dir.join("forged.json"));
+    assert_eq!(code, Some(1), "{msg}");
+    assert!(msg.contains("altered"), "{msg}");
+
+    // Someone with write access to the hub rewrites the last receipt and recomputes its
+    // hash: the chain is internally consistent again ...
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let name = "edgeloom-ledger-edge-000000";
+    async fn rewrite(
+        cms: &Api<k8s_openapi::api::core::v1::ConfigMap>,
+        name: &str,
+        edit: impl Fn(&mut Vec<String>),
+    ) {
+        let mut cm = cms.get(name).await.expect("ledger segment");
+        let data = cm.data.as_mut().expect("data");
+        let mut lines: Vec<String> = data["entries.jsonl"].lines().map(String::from).collect();
+        edit(&mut lines);
+        data.insert("entries.jsonl".into(), lines.join("\n") + "\n");
+        cms.replace(name, &Default::default(), &cm)
+            .await
+            .expect("rewritten");
+    }
+    rewrite(&cms, name, |lines: &mut Vec<String>| {
+        let mut last: Entry = serde_json::from_str(lines.last().expect("entries")).expect("entry");
+        last.receipt.amount = "20".into();
+        last.hash = entry_hash(last.seq, &last.prev, &last.receipt);
+        *lines.last_mut().expect("entries") = serde_json::to_string(&last).expect("json");
+    })
+    .await;
+    let verify = |with_kept: bool| {
+        let mut args = vec!["ledger", "verify", "--pool", "edge"];
+        if with_kept {
+            args.extend(["--checkpoint", kept_file.to_str().expect("path")]);
+        }
+        plugin(&args)
+    };
+    let out = verify(true);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stdout.contains("every link verified"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("BROKEN against the kept checkpoint")
+            && out.stdout.contains("history was rewritten"),
+        "{}",
+        out.stdout
+    );
+    // ... and the operator names it on the pool and writes no more receipts.
+    jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "LedgerVerified",
+        "False",
+        &["history was rewritten"],
+        Duration::from_secs(30),
+    )
+    .await;
+    // Dropping the last entry instead (a valid, shorter chain) is named as a truncation.
+    rewrite(&cms, name, |lines: &mut Vec<String>| {
+        lines.pop();
+    })
+    .await;
+    let out = verify(true);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("history was truncated"),
+        "{}",
+        out.stdout
+    );
+    jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "LedgerVerified",
+        "False",
+        &["history was truncated"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
