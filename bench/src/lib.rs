@@ -1,5 +1,7 @@
 //! Shared helpers of the benchmark programs.
 
+pub mod verification;
+
 /// The p-th percentile (0..=100) of `samples` (sorted in place).
 pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     if samples.is_empty() {

@@ -7,20 +7,19 @@
 //! `ledger store [--receipts N]`: the same through a real kube-apiserver (the operator's
 //! LedgerStore writing ConfigMap segments), then a cold load + verify as after a restart.
 //!
-//! `ledger verification [--nodes N] [--shards N]`: a simulated fleet with 5% cheaters;
-//! fixed replicas=2 against adaptive trust (the operator's pure verification and trust
-//! code), printing the share of all compute spent on verification and the share of
-//! cheating results that got paid. Cheaters either always cheat or cheat on 20% of their
-//! results (the harder case: they can build trust between cheats).
+//! `ledger verification [--nodes N] [--shards N] [--escrow N]`: a simulated fleet with 5%
+//! cheaters of seven kinds (`edgeloom_bench::verification`), every shard driven through
+//! the operator's own `lifecycle::decide` (commit-reveal, adaptive trust, spot checks,
+//! quarantine) in fixed replicas=2 and adaptive mode, printing the share of compute spent
+//! on verification, the wrong results accepted and paid after the escrow, and the honest
+//! results wrongly rejected.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use edgeloom_bench::Rng;
+use edgeloom_bench::verification::{Model, Policy, simulate};
 use edgeloom_operator::decimal::Amount;
 use edgeloom_operator::ledger::{self, Ledger, Receipt};
 use edgeloom_operator::ledger_store::{self, LedgerStore, RawSegment};
-use edgeloom_operator::trust::{self, Reputation};
-use edgeloom_operator::verification::{self, ReplicaResult, Verdict};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -52,7 +51,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         nodes: usize,
         #[arg(long, default_value_t = 500_000)]
-        shards: usize,
+        shards: u64,
         /// Share of cheating nodes, in percent.
         #[arg(long, default_value_t = 5)]
         cheaters_percent: u64,
@@ -65,6 +64,12 @@ enum Cmd {
         /// Catches after which a node gets no more work (0: never; the pool default is 2).
         #[arg(long, default_value_t = 2)]
         quarantine_after: u64,
+        /// Results a node reports after a receipt before it is paid out (0: no escrow).
+        #[arg(long, default_value_t = 50)]
+        escrow: u64,
+        /// Seed of the simulated fleet and draws.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
@@ -239,203 +244,54 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-struct Node {
-    cheater: bool,
-    /// Chance of a wrong result, for cheaters.
-    cheat_rate: f64,
-}
-
-#[derive(Default)]
-struct Outcome {
-    executions: u64,
-    cheats: u64,
-    cheats_paid: u64,
-    honest_unpaid: u64,
-    failed: u64,
-}
-
-/// One shard: runs `replicas` distinct nodes (more on disagreement, up to 3), returns
-/// which results were paid.
-fn run_shard(
-    nodes: &[Node],
-    rng: &mut Rng,
-    first: usize,
-    replicas: u32,
-    rep: &mut Reputation,
-    out: &mut Outcome,
-    shard_id: u64,
-) {
-    let mut picked = vec![first];
-    let mut results: Vec<ReplicaResult> = Vec::new();
-    let mut wrong: Vec<bool> = Vec::new();
-    let run = |node: usize, rng: &mut Rng, replica: u32| {
-        let n = &nodes[node];
-        let cheat = n.cheater && rng.unit() < n.cheat_rate;
-        // Cheaters do not collude: each wrong result is different.
-        let digest = if cheat {
-            format!("bad-{shard_id}-{node}")
-        } else {
-            format!("ok-{shard_id}")
-        };
-        (
-            ReplicaResult {
-                replica,
-                digest,
-                vector: vec![],
-            },
-            cheat,
-        )
-    };
-    while picked.len() < replicas as usize {
-        let n = loop {
-            let n = rng.below(nodes.len() as u64) as usize;
-            if !picked.contains(&n) {
-                break n;
-            }
-        };
-        picked.push(n);
-    }
-    for (i, n) in picked.iter().enumerate() {
-        let (r, c) = run(*n, rng, i as u32);
-        results.push(r);
-        wrong.push(c);
-    }
-    let quorum = if replicas == 1 {
-        1
-    } else {
-        verification::majority(replicas)
-    };
-    loop {
-        let slots = results.len() as u32;
-        match verification::decide(&results, 0, slots, quorum, 0.0, 3.max(replicas)) {
-            Verdict::Accepted {
-                agreeing,
-                dissenting,
-                ..
-            } => {
-                for r in &agreeing {
-                    let i = *r as usize;
-                    if wrong[i] {
-                        out.cheats_paid += 1;
-                    }
-                    if agreeing.len() >= 2 {
-                        rep.record_valid(&picked[i].to_string(), None);
-                    }
-                }
-                for r in &dissenting {
-                    let i = *r as usize;
-                    if !wrong[i] {
-                        out.honest_unpaid += 1;
-                    }
-                    rep.record_caught(&picked[i].to_string(), &format!("{shard_id}/{r}"));
-                }
-                break;
-            }
-            Verdict::Pending { more } => {
-                for _ in 0..more {
-                    let n = loop {
-                        let n = rng.below(nodes.len() as u64) as usize;
-                        if !picked.contains(&n) {
-                            break n;
-                        }
-                    };
-                    picked.push(n);
-                    let (r, c) = run(n, rng, results.len() as u32);
-                    results.push(r);
-                    wrong.push(c);
-                }
-            }
-            Verdict::Rejected { .. } => {
-                out.failed += 1;
-                break;
-            }
-        }
-    }
-    out.executions += picked.len() as u64;
-    out.cheats += wrong.iter().filter(|w| **w).count() as u64;
-}
-
-#[derive(Clone, Copy)]
-struct Policy {
-    threshold: u32,
-    spot: Amount,
-    quarantine_after: u64,
-}
-
-fn simulate(nodes: &[Node], shards: usize, adaptive: bool, seed: u64, p: Policy) -> Outcome {
-    let mut rng = Rng(seed);
-    let mut rep = Reputation {
-        salt: "bench-salt".into(),
-        ..Reputation::default()
-    };
-    let threshold = p.threshold;
-    let spot = p.spot;
-    let mut out = Outcome::default();
-    for s in 0..shards as u64 {
-        let first = loop {
-            let n = rng.below(nodes.len() as u64) as usize;
-            if !(adaptive
-                && p.quarantine_after > 0
-                && rep
-                    .nodes
-                    .get(&n.to_string())
-                    .is_some_and(|r| r.caught >= p.quarantine_after))
-            {
-                break n;
-            }
-        };
-        let replicas = if adaptive
-            && rep.trusted(&first.to_string(), threshold)
-            && !trust::spot_checked(&rep.salt, "job", s as u32, spot)
-        {
-            1
-        } else {
-            2
-        };
-        run_shard(nodes, &mut rng, first, replicas, &mut rep, &mut out, s);
-    }
-    out
-}
-
-fn verification_bench(n: usize, shards: usize, cheaters_percent: u64, p: Policy) {
+fn verification_bench(n: usize, shards: u64, cheaters_percent: u64, p: Policy, seed: u64) {
     println!(
-        "verification overhead: {n} nodes, {cheaters_percent}% cheaters (non-colluding), {shards} shards; \
-         adaptive: trustThreshold {} (doubled per catch), spotCheckRate {}, quarantine after {} catch(es) (0 = never), maxReplicas 3",
-        p.threshold, p.spot, p.quarantine_after
+        "verification: {n} nodes, {cheaters_percent}% cheaters, {shards} shards, replicas 2 (commit-reveal); \
+         adaptive: trustThreshold {} (doubled per catch), spotCheckRate {} (decided after the commit), \
+         quarantine after {} catch(es) in both modes, maxReplicas 3; escrow: {} results of the node",
+        p.threshold, p.spot, p.quarantine_after, p.escrow
     );
     println!(
-        "{:<26} {:<9} {:>11} {:>16} {:>12} {:>14} {:>8}",
-        "cheaters", "mode", "executions", "verif. share", "cheats", "cheats paid", "failed"
+        "{:<24} {:<9} {:>10} {:>8} {:>8} {:>18} {:>18} {:>9} {:>9} {:>8}",
+        "cheaters",
+        "mode",
+        "executions",
+        "overhead",
+        "wrong",
+        "accepted (share)",
+        "paid (share)",
+        "pending",
+        "honest x",
+        "failed"
     );
-    for (label, rate) in [("always cheat", 1.0), ("cheat on 20% of results", 0.2)] {
-        let mut rng = Rng(7);
-        let nodes: Vec<Node> = (0..n)
-            .map(|_| Node {
-                cheater: rng.below(100) < cheaters_percent,
-                cheat_rate: rate,
-            })
-            .collect();
+    for model in Model::ALL {
         for (mode, adaptive) in [("fixed=2", false), ("adaptive", true)] {
             let t = Instant::now();
-            let o = simulate(&nodes, shards, adaptive, 42, p);
-            let share = (o.executions - shards as u64) as f64 / o.executions as f64;
+            let o = simulate(n, shards, cheaters_percent, model, adaptive, p, seed);
+            let share = |x: u64| x as f64 / o.wrong.max(1) as f64 * 100.0;
             println!(
-                "{:<26} {:<9} {:>11} {:>15.1}% {:>12} {:>8} ({:.5}) {:>8}   [{:.1} s]",
-                label,
+                "{:<24} {:<9} {:>10} {:>7.1}% {:>8} {:>8} ({:>6.3}%) {:>8} ({:>6.3}%) {:>9} {:>9} {:>8}   [{:.1} s]",
+                model.label(),
                 mode,
                 o.executions,
-                share * 100.0,
-                o.cheats,
-                o.cheats_paid,
-                o.cheats_paid as f64 / o.cheats.max(1) as f64,
+                o.overhead() * 100.0,
+                o.wrong,
+                o.wrong_accepted,
+                share(o.wrong_accepted),
+                o.wrong_paid,
+                share(o.wrong_paid),
+                o.wrong_pending,
+                o.honest_rejected,
                 o.failed,
                 t.elapsed().as_secs_f64()
             );
-            let _ = o.honest_unpaid;
         }
     }
     println!(
-        "verif. share = executions beyond one per shard / all executions; cheats paid = wrong results accepted and paid (share of all wrong results)"
+        "overhead = executions beyond one per shard / all executions; accepted = wrong results a quorum \
+         (or a trusted node alone) accepted, what would be paid without escrow; paid = wrong results paid out \
+         after the escrow; pending = wrong results still in escrow at the end; honest x = honest results \
+         outvoted or rejected"
     );
 }
 
@@ -473,6 +329,8 @@ async fn main() -> Result<()> {
             trust_threshold,
             spot_check_rate,
             quarantine_after,
+            escrow,
+            seed,
         } => verification_bench(
             nodes,
             shards,
@@ -481,7 +339,9 @@ async fn main() -> Result<()> {
                 threshold: trust_threshold,
                 spot: spot_check_rate.parse()?,
                 quarantine_after,
+                escrow,
             },
+            seed,
         ),
     }
     Ok(())
