@@ -50,6 +50,13 @@ pub const OWNER_LABEL: &str = "edgeloom.io/owner";
 /// The kubelet's label of a node's CPU architecture (part of its determinism class).
 pub const ARCH_LABEL: &str = "kubernetes.io/arch";
 
+/// ConfigMap in each member's system namespace where the operator publishes its pools'
+/// latest signed ledger checkpoints (key: pool name, value: the checkpoint as JSON).
+pub const CHECKPOINTS_CONFIGMAP: &str = "edgeloom-ledger-checkpoints";
+/// Annotation on an agent's heartbeat Lease: the latest signed checkpoint of each pool it
+/// has seen (JSON object, pool -> checkpoint), kept as the contributor's evidence.
+pub const CHECKPOINTS_ANNOTATION: &str = "edgeloom.io/ledger-checkpoints";
+
 /// Namespace in member clusters that holds ComputeTasks and agent heartbeat Leases.
 pub const SYSTEM_NAMESPACE: &str = "edgeloom-system";
 /// Label on agent heartbeat Leases (named after the node).

@@ -15,7 +15,9 @@ use crate::sealed::{self, Sealed};
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::commitment::{self, REVEAL_ANNOTATION, REVEAL_REQUESTED};
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, JOB_UID_LABEL};
-use edgeloom_crds::inventory::{NodeInventory, SYSTEM_NAMESPACE};
+use edgeloom_crds::inventory::{
+    CHECKPOINTS_ANNOTATION, CHECKPOINTS_CONFIGMAP, NodeInventory, SYSTEM_NAMESPACE,
+};
 use edgeloom_crds::runner_protocol::Spec as RunnerSpec;
 use edgeloom_crds::workload::{Workload, WorkloadKind, WorkloadParameters};
 use futures::StreamExt;
@@ -36,6 +38,36 @@ use tokio::sync::{Notify, watch};
 /// The latest progress a runner reported: percent and note.
 type Progress = (u8, Option<String>);
 
+/// Keeps `new`, a ledger checkpoint of `pool` the hub shows, if it extends the one kept
+/// (larger); the same one again changes nothing; a smaller one, or another root at the
+/// same size, is refused (the history shown before was truncated or rewritten).
+pub fn keep_checkpoint(
+    kept: &mut serde_json::Map<String, serde_json::Value>,
+    pool: String,
+    new: serde_json::Value,
+) -> Result<(), String> {
+    let size = |v: &serde_json::Value| v["size"].as_u64().unwrap_or(0);
+    match kept.get(&pool) {
+        Some(old)
+            if size(&new) < size(old)
+                || (size(&new) == size(old) && new["root"] != old["root"]) =>
+        {
+            Err(format!(
+                "pool {pool}: the hub shows a ledger checkpoint of {} entries (root {}) that does not extend the one of {} entries (root {}) this node kept: history may have been rewritten",
+                size(&new),
+                new["root"],
+                size(old),
+                old["root"]
+            ))
+        }
+        Some(old) if size(&new) == size(old) => Ok(()),
+        _ => {
+            kept.insert(pool, new);
+            Ok(())
+        }
+    }
+}
+
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "edgeloom-agent";
 
@@ -49,6 +81,8 @@ pub struct Agent {
     /// Set once the inventory is published.
     pub ready: Arc<AtomicBool>,
     running: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    /// The latest signed ledger checkpoint seen of each pool (kept on the Lease).
+    checkpoints: tokio::sync::Mutex<Option<serde_json::Map<String, serde_json::Value>>>,
     stopping: AtomicBool,
     wake: Notify,
 }
@@ -63,6 +97,7 @@ impl Agent {
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
             running: Mutex::new(HashMap::new()),
+            checkpoints: tokio::sync::Mutex::new(None),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -163,13 +198,60 @@ impl Agent {
         Ok(())
     }
 
+    /// Keeps the latest ledger checkpoint of each pool that the operator publishes in this
+    /// cluster: a checkpoint replaces the kept one only if it is larger, and one that is
+    /// smaller or has another root at the same size (history rewritten) is refused, logged
+    /// and counted. Returns what is kept, as JSON for the Lease.
+    async fn record_checkpoints(&self, api: &Api<Lease>) -> Option<String> {
+        let mut kept = self.checkpoints.lock().await;
+        if kept.is_none() {
+            // After a restart: what this agent kept before, from its own Lease.
+            let before = api
+                .get_opt(&self.config.node)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.metadata.annotations)
+                .and_then(|a| a.get(CHECKPOINTS_ANNOTATION).cloned())
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            *kept = Some(before);
+        }
+        let kept = kept.as_mut()?;
+        let shown = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+            self.client.clone(),
+            SYSTEM_NAMESPACE,
+        )
+        .get_opt(CHECKPOINTS_CONFIGMAP)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.data)
+        .unwrap_or_default();
+        for (pool, text) in shown {
+            let Ok(new) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if let Err(why) = keep_checkpoint(kept, pool, new) {
+                self.metrics.checkpoint_conflicts.inc();
+                tracing::error!(%why, "keeping the old ledger checkpoint as evidence");
+            }
+        }
+        (!kept.is_empty()).then(|| serde_json::Value::Object(kept.clone()).to_string())
+    }
+
     async fn heartbeat(&self) {
         let node = &self.config.node;
         let api: Api<Lease> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let duration = (self.config.heartbeat_seconds * 4) as i32;
+        let mut metadata =
+            serde_json::json!({"name": node, "labels": {"edgeloom.io/heartbeat": "agent"}});
+        if let Some(kept) = self.record_checkpoints(&api).await {
+            metadata["annotations"] = serde_json::json!({CHECKPOINTS_ANNOTATION: kept});
+        }
         let patch = serde_json::json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": node, "labels": {"edgeloom.io/heartbeat": "agent"}},
+            "metadata": metadata,
             "spec": {"holderIdentity": node, "leaseDurationSeconds": duration, "renewTime": MicroTime(Timestamp::now())}
         });
         match api
@@ -760,5 +842,32 @@ impl Agent {
         watching.abort();
         heartbeat.abort();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_checkpoint_is_replaced_only_by_one_that_extends_it() {
+        let cp = |size: u64, root: &str| serde_json::json!({"size": size, "root": root});
+        let mut kept = serde_json::Map::new();
+        keep_checkpoint(&mut kept, "edge".into(), cp(3, "aa")).expect("first");
+        keep_checkpoint(&mut kept, "edge".into(), cp(3, "aa")).expect("the same again");
+        keep_checkpoint(&mut kept, "edge".into(), cp(5, "bb")).expect("grown");
+        assert_eq!(kept["edge"], cp(5, "bb"));
+        let err = keep_checkpoint(&mut kept, "edge".into(), cp(4, "cc")).expect_err("shorter");
+        assert!(
+            err.contains("rewritten") && err.contains("4 entries"),
+            "{err}"
+        );
+        assert!(
+            keep_checkpoint(&mut kept, "edge".into(), cp(5, "dd")).is_err(),
+            "same size, other root"
+        );
+        assert_eq!(kept["edge"], cp(5, "bb"), "the evidence is kept");
+        keep_checkpoint(&mut kept, "other".into(), cp(1, "ee")).expect("another pool");
+        assert_eq!(kept.len(), 2);
     }
 }

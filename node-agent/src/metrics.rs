@@ -27,6 +27,8 @@ pub struct Metrics {
     pub heartbeats: IntCounter,
     /// Heartbeats that failed.
     pub heartbeat_failures: IntCounter,
+    /// Ledger checkpoints shown by the hub that do not extend one seen before.
+    pub checkpoint_conflicts: IntCounter,
 }
 
 const DCGM: [(&str, &str); 6] = [
@@ -85,7 +87,12 @@ impl Metrics {
         registry.register(Box::new(samples_per_second.clone()))?;
         registry.register(Box::new(tflops.clone()))?;
         registry.register(Box::new(heartbeats.clone()))?;
+        let checkpoint_conflicts = IntCounter::new(
+            "edgeloom_agent_ledger_checkpoint_conflicts_total",
+            "Ledger checkpoints shown by the hub that do not extend the one this agent kept (smaller, or another root at the same size)",
+        )?;
         registry.register(Box::new(heartbeat_failures.clone()))?;
+        registry.register(Box::new(checkpoint_conflicts.clone()))?;
         // Start at 0 so the first finished task is an increase, not a new series.
         for outcome in ["succeeded", "failed", "cancelled"] {
             tasks.with_label_values(&[outcome]).inc_by(0);
@@ -100,6 +107,7 @@ impl Metrics {
             tflops,
             heartbeats,
             heartbeat_failures,
+            checkpoint_conflicts,
         })
     }
 

@@ -982,6 +982,55 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         claimed.cpu_core_millis
     );
     assert_eq!(receipt["gpuMillis"].as_u64(), Some(0), "{receipt}");
+    // Each agent keeps the latest signed ledger checkpoint it was shown, on its Lease: the
+    // contributor's evidence of the history the hub showed it.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(
+        fed.plane
+            .cluster("edge-a")
+            .expect("edge-a")
+            .client()
+            .await
+            .expect("client"),
+        SYSTEM_NAMESPACE,
+    );
+    let pools: Api<edgeloom_crds::EdgePool> = Api::all(fed.hub.clone());
+    wait::until(
+        "the honest agent to keep the pool's latest checkpoint",
+        Duration::from_secs(60),
+        || {
+            let (leases, pools) = (leases.clone(), pools.clone());
+            async move {
+                let signed = pools
+                    .get("edge")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .and_then(|s| s.rewards)
+                    .and_then(|r| r.checkpoint)
+                    .ok_or("no checkpoint in the pool's status")?;
+                let kept: serde_json::Value = leases
+                    .get("edge-a-node-0")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .metadata
+                    .annotations
+                    .and_then(|a| a.get("edgeloom.io/ledger-checkpoints").cloned())
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .ok_or("no checkpoint on the Lease")?;
+                let kept = &kept["edge"];
+                if signed.size >= 2
+                    && kept["size"] == signed.size
+                    && kept["root"] == signed.root.as_str()
+                    && kept["signature"] == signed.signature.as_str()
+                {
+                    Ok(())
+                } else {
+                    Err(format!("kept {kept}, signed {signed:?}"))
+                }
+            }
+        },
+    )
+    .await;
     // Caught: its trust record shows it, with a RevealRejected event.
     let kubeconfig = fed.plane.hub().kubeconfig.clone();
     let trust = wait::until_some("the copier's record", Duration::from_secs(30), || {

@@ -11,10 +11,11 @@ use crate::merkle;
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus, PoolRewards};
+use edgeloom_crds::inventory::{CHECKPOINTS_CONFIGMAP, SYSTEM_NAMESPACE};
 use edgeloom_crds::schema::Decimal;
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -137,6 +138,38 @@ async fn kubeconfig(ctx: &Context, name: &str, key: &str) -> Result<String, Stri
         .ok_or_else(|| format!("Secret {}/{name} has no key {key}", ctx.namespace))?;
     String::from_utf8(bytes)
         .map_err(|_| format!("Secret {}/{name} key {key} is not UTF-8", ctx.namespace))
+}
+
+/// Publishes the pool's latest signed checkpoint in each of its member clusters, where
+/// agents read it and keep it on their Lease (the contributors' evidence of the history
+/// they were shown). Best effort: a member that is unreachable gets it next time.
+async fn publish_checkpoint(ctx: &Context, pool: &str, cp: &merkle::Checkpoint) {
+    let Ok(json) = serde_json::to_string(cp) else {
+        return;
+    };
+    for m in ctx.fleet.pool_members(pool) {
+        let api: Api<ConfigMap> = Api::namespaced(m.client.clone(), SYSTEM_NAMESPACE);
+        let patch = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": CHECKPOINTS_CONFIGMAP},
+            "data": {pool: json}
+        });
+        // A field manager per pool, so that pools sharing a member keep each other's keys.
+        if let Err(e) = api
+            .patch(
+                CHECKPOINTS_CONFIGMAP,
+                &PatchParams::apply(&format!(
+                    "{FIELD_MANAGER}-{}",
+                    crate::ledger_store::pool_token(pool)
+                ))
+                .force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::debug!(member = %m.key, error = %e, "publishing the ledger checkpoint failed");
+        }
+    }
 }
 
 /// The checkpoint in the pool's status, checked against the operator's key (an error
@@ -372,6 +405,7 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                 });
                 if let Some(cp) = &checkpoint {
                     ledger.set_anchor(cp.clone()).await;
+                    publish_checkpoint(ctx, &name, cp).await;
                 }
                 ctx.metrics.ledger_intact.with_label_values(&[&name]).set(1);
                 ctx.metrics
