@@ -284,8 +284,12 @@ pub fn simulate(
                     wrong.resize(need.replica as usize + 1, false);
                 }
             }
-            // Each new replica runs and commits; what it sees decides a strategic cheater.
-            let alone = tasks.len() == 1;
+            // Each new replica runs and commits; what it sees decides a strategic cheater. A
+            // first replica is alone only on a trusted node: on an untrusted one the
+            // operator adds the second replica at once (next cycle), long before a real
+            // task commits, so its agent sees it.
+            let first_trusted =
+                tasks.len() == 1 && rep.trusted(&format!("c/{}", tasks[0].node), p.threshold);
             for t in tasks
                 .iter_mut()
                 .filter(|t| t.phase == Some(TaskPhase::Running))
@@ -297,7 +301,7 @@ pub fn simulate(
                         Model::Always | Model::SybilKnownOwner | Model::SybilUnknownOwner => true,
                         Model::Sometimes => rng.unit() < 0.2,
                         Model::OnceTrusted => rep.trusted(&format!("c/{i}"), p.threshold),
-                        Model::WhenAlone => alone,
+                        Model::WhenAlone => first_trusted,
                         Model::HonestNoise => false,
                     };
                 let (digest, vector) = if cheat {

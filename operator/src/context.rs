@@ -66,8 +66,9 @@ impl Books {
     }
 
     /// The key that signs ledger checkpoints: read from its Secret, made (once, by
-    /// whichever replica gets there first) when there is none.
-    pub async fn signing_key(&self) -> Result<ed25519_dalek::SigningKey, String> {
+    /// whichever replica gets there first) when there is none and `may_create` (no
+    /// checkpoint was signed before: a new key would make every old one fail).
+    pub async fn signing_key(&self, may_create: bool) -> Result<ed25519_dalek::SigningKey, String> {
         let mut guard = self.signing_key.lock().await;
         if let Some(k) = guard.as_ref() {
             return Ok(k.clone());
@@ -85,6 +86,12 @@ impl Books {
         };
         let key = match api.get_opt(SIGNING_KEY_SECRET).await {
             Ok(Some(s)) => read(&s)?,
+            Ok(None) if !may_create => {
+                return Err(format!(
+                    "Secret {}/{SIGNING_KEY_SECRET} (the ledger's signing key) is missing although checkpoints were signed with it: restore it; a new key would not verify them",
+                    self.namespace
+                ));
+            }
             Ok(None) => {
                 let key = crate::merkle::new_key()?;
                 let secret: k8s_openapi::api::core::v1::Secret =

@@ -863,23 +863,30 @@ async fn settle(
         if let Some(m) = members.iter().find(|m| m.key == o.member) {
             caught.entry(m.pool.clone()).or_default().push((
                 format!("{}/{}", o.cluster, o.node),
-                format!("{uid}/{}/{}", o.shard, o.replica),
+                format!("{uid}/{}/{}/{}", o.shard, o.replica, o.attempt),
             ));
         }
     }
     // Nodes whose newly paid result was verified, by pool.
     let mut valid: BTreeMap<String, Vec<Verified>> = BTreeMap::new();
+    // Paid in this call so far, in pools already settled (counts against the budget).
+    let mut paid_now = Amount::ZERO;
     for (pool, (receipts, verified)) in by_pool {
         let ledger = ctx.books.ledger(&pool);
         // What the budget leaves for this pool's ledger: the budget less what the job was
-        // paid in its other pools.
+        // paid in its other pools, before and during this call.
         let cap = match budget {
             Some(max) => {
                 let here = ledger
                     .job_totals(&uid)
                     .await
                     .map_err(|e| Error::Ledger(pool.clone(), e))?;
-                Some(max.saturating_sub(paid_before.total.saturating_sub(here.total)))
+                let elsewhere = paid_before
+                    .total
+                    .saturating_sub(here.total)
+                    .checked_add(paid_now)
+                    .unwrap_or(max);
+                Some(max.saturating_sub(elsewhere))
             }
             None => None,
         };
@@ -893,6 +900,11 @@ async fn settle(
             problems.push(format!("receipt {key} refused: {why}"));
         }
         let written = appended.written;
+        for e in &written {
+            if let Ok(a) = e.receipt.amount.parse::<Amount>() {
+                paid_now = paid_now.checked_add(a).unwrap_or(paid_now);
+            }
+        }
         if written.is_empty() {
             continue;
         }

@@ -160,8 +160,8 @@ pub struct Accepted {
 pub enum Caught {
     /// A quorum agreed on another result.
     Outvoted,
-    /// Its reveal did not open the commitment (a copied or changed result), or it was
-    /// shown without one.
+    /// Its reveal did not open the commitment (a copied or changed result), it was shown
+    /// without one, or the task failed or vanished after committing (withdrawn).
     BrokenReveal,
 }
 
@@ -171,6 +171,8 @@ pub enum Caught {
 pub struct Outvoted {
     /// Why.
     pub why: Caught,
+    /// The attempt caught.
+    pub attempt: u32,
     /// Shard index.
     pub shard: u32,
     /// Replica index.
@@ -361,6 +363,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         let slots = shard_replicas.max(extra_slots);
         let mut results: Vec<ReplicaResult> = Vec::new();
         let mut broken: Vec<&TaskView> = Vec::new();
+        let mut withdrawn: Vec<&TaskView> = Vec::new();
         let mut current_tasks: Vec<&TaskView> = Vec::new();
         let first_status = shards.len();
         let needs_before = needs.len();
@@ -461,6 +464,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                         }
                         Some(TaskPhase::Failed) => {
                             done_shards[shard as usize] = false;
+                            if t.commitment.is_some() {
+                                // Bound to a result, then backed out (e.g. on seeing its
+                                // shard spot-checked): caught, not a mere failure.
+                                withdrawn.push(t);
+                            }
                             if failures > spec.max_retries {
                                 failed_reason.get_or_insert((
                                     "ShardFailed",
@@ -477,6 +485,10 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                         }
                         _ if t.node_lost => {
                             done_shards[shard as usize] = false;
+                            if t.phase == Some(TaskPhase::Committed) {
+                                // Gone between its commitment and its reveal.
+                                withdrawn.push(t);
+                            }
                             status.message = Some(format!("node {} lost; re-placing", t.node));
                             replaced_lost += 1;
                             need(max_attempt + 1, avoid);
@@ -505,9 +517,9 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 .and_then(|s| Some((s.dispatched_at.as_ref()?.0, s.reported_at.as_ref()?.0)))
                 .map(|(from, to)| to.duration_since(from).as_millis().max(0) as u64)
         };
-        let paid = |t: &TaskView, verified: bool| {
-            // Usage is the agent's claim: pay at most what the operator observed itself.
-            let observed = observed_ms(t.replica).unwrap_or(0);
+        // Usage is the agent's claim: pay at most what the operator observed itself, over
+        // `observed` milliseconds.
+        let paid = |t: &TaskView, verified: bool, observed: u64| {
             let (cpu_core_millis, gpu_millis) = bound_usage(
                 t.cpu_core_millis,
                 t.gpu_millis,
@@ -533,7 +545,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             if let Some(r) = results.iter().find(|r| r.replica == 0) {
                 digests.push(r.digest.clone());
                 if let Some(t) = current_tasks.iter().find(|t| t.replica == 0) {
-                    accepted.push(paid(t, false));
+                    accepted.push(paid(t, false, observed_ms(t.replica).unwrap_or(0)));
                 }
             }
             continue;
@@ -558,11 +570,12 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     .map(|t| (t.member.clone(), t.name.clone())),
             );
         }
-        for t in &broken {
+        for t in broken.iter().chain(&withdrawn) {
             outvoted.push(Outvoted {
                 why: Caught::BrokenReveal,
                 shard,
                 replica: t.replica,
+                attempt: t.attempt,
                 member: t.member.clone(),
                 cluster: t.cluster.clone(),
                 node: t.node.clone(),
@@ -597,10 +610,30 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     .filter(|t| agreeing.contains(&t.replica))
                     .copied()
                     .collect();
-                let windows: Vec<Option<u64>> =
-                    agreed.iter().map(|t| observed_ms(t.replica)).collect();
-                for (t, speed) in agreed.iter().zip(trust::relative_speeds(&windows)) {
-                    let mut a = paid(t, verified);
+                // A window of 0 means the operator first saw the task finished (after a
+                // restart or a backlog): unknown, not infinitely fast.
+                let windows: Vec<Option<u64>> = agreed
+                    .iter()
+                    .map(|t| observed_ms(t.replica).filter(|w| *w > 0))
+                    .collect();
+                // Replicas of one shard did the same work: each is paid for at most the
+                // median time the agreeing replicas took (for two, their mean), so a
+                // stalling node earns little by it and an unknown window still pays.
+                let mut known: Vec<u64> = windows.iter().flatten().copied().collect();
+                known.sort_unstable();
+                let k = known.len();
+                let typical = (k > 0).then(|| (known[(k - 1) / 2] + known[k / 2]) / 2);
+                for ((t, speed), own) in agreed
+                    .iter()
+                    .zip(trust::relative_speeds(&windows))
+                    .zip(&windows)
+                {
+                    let window = if verified {
+                        typical.or(*own).unwrap_or(0)
+                    } else {
+                        own.unwrap_or(0)
+                    };
+                    let mut a = paid(t, verified, window);
                     a.relative_speed_milli = speed.filter(|_| verified);
                     accepted.push(a);
                 }
@@ -610,6 +643,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                             why: Caught::Outvoted,
                             shard,
                             replica: t.replica,
+                            attempt: t.attempt,
                             member: t.member.clone(),
                             cluster: t.cluster.clone(),
                             node: t.node.clone(),
@@ -1443,6 +1477,45 @@ mod tests {
         );
         assert_eq!(d.outvoted.len(), 1);
         assert_eq!(d.outvoted[0].why, Caught::BrokenReveal);
+    }
+
+    #[test]
+    fn backing_out_after_committing_is_caught_not_just_a_failure() {
+        let s = verified(2, None);
+        // Committed, then failed (say, on seeing its shard spot-checked): caught, retried.
+        let mut backed_out = sealed(0, "n0", "bad", Some(None));
+        backed_out.phase = Some(TaskPhase::Failed);
+        let d = decide(
+            &view(&s),
+            &[backed_out, sealed(1, "n1", "aa", Some(None))],
+            t0(),
+        );
+        assert_eq!(d.outvoted.len(), 1);
+        assert_eq!(
+            (d.outvoted[0].why, d.outvoted[0].node.as_str()),
+            (Caught::BrokenReveal, "n0")
+        );
+        assert_eq!(
+            d.needs
+                .iter()
+                .map(|n| (n.replica, n.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 2)]
+        );
+        // Its node gone between commitment and reveal: the same.
+        let mut gone = sealed(0, "n0", "aa", Some(None));
+        gone.node_lost = true;
+        let d = decide(&view(&s), &[gone, sealed(1, "n1", "aa", Some(None))], t0());
+        assert_eq!(d.outvoted.len(), 1);
+        // A failure before committing is an ordinary failure.
+        let mut failed = sealed(0, "n0", "aa", None);
+        failed.phase = Some(TaskPhase::Failed);
+        let d = decide(
+            &view(&s),
+            &[failed, sealed(1, "n1", "aa", Some(None))],
+            t0(),
+        );
+        assert!(d.outvoted.is_empty());
     }
 
     #[test]

@@ -379,7 +379,12 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
     // The ledger: re-read when a segment changed behind the operator's back, verified, and
     // checked against the last signed checkpoint (it must still begin with that history).
     let ledger = ctx.books.ledger(&name);
-    let key = ctx.books.signing_key().await;
+    let signed_before = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.rewards.as_ref())
+        .is_some_and(|r| r.checkpoint.is_some());
+    let key = ctx.books.signing_key(!signed_before).await;
     let previous = old_checkpoint(&pool, key.as_ref().ok());
     if let Some(Ok(cp)) = &previous {
         ledger.set_anchor(cp.clone()).await;

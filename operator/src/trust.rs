@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
+/// Results remembered per node as already counted against it.
+pub const CAUGHT_KEYS_KEPT: usize = 32;
+
 /// One node's history.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,10 +27,13 @@ pub struct NodeRecord {
     pub streak: u64,
     /// Times its result was outvoted.
     pub caught: u64,
-    /// The last result it was caught on (job UID/shard/replica), so a verdict seen again
-    /// after a restart is not counted twice.
+    /// The last result it was caught on (job UID/shard/replica/attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_caught: Option<String>,
+    /// The results it was caught on recently (at most [`CAUGHT_KEYS_KEPT`]), so that a
+    /// verdict seen again (every reconcile, after a restart) is never counted twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caught_keys: Vec<String>,
     /// Its speed relative to the other replicas of the same shards, as the operator timed
     /// them itself (thousandths; a moving average over verified results). See
     /// [`verified_tflops`].
@@ -81,12 +87,16 @@ impl Reputation {
     /// Returns false when this very result was already counted.
     pub fn record_caught(&mut self, node: &str, result: &str) -> bool {
         let r = self.nodes.entry(node.to_string()).or_default();
-        if r.last_caught.as_deref() == Some(result) {
+        if r.last_caught.as_deref() == Some(result) || r.caught_keys.iter().any(|k| k == result) {
             return false;
         }
         r.caught += 1;
         r.streak = 0;
         r.last_caught = Some(result.to_string());
+        r.caught_keys.push(result.to_string());
+        if r.caught_keys.len() > CAUGHT_KEYS_KEPT {
+            r.caught_keys.remove(0);
+        }
         true
     }
 }
@@ -94,7 +104,7 @@ impl Reputation {
 /// A node's speed as placement and pay may use it: its own claim (the `edgeloom.io/tflops`
 /// annotation its agent writes) bounded by what the operator verified. A node never timed
 /// against peers counts as at most the pool's median claim; one that was counts as at most
-/// the median times its measured relative speed, with 25% slack for noise. So inflating
+/// the median times its measured relative speed. So inflating
 /// the claim earns neither placement nor pay beyond what verified work showed.
 pub fn verified_tflops(claimed: f64, pool_median: f64, relative_speed_milli: Option<u32>) -> f64 {
     let claimed = if claimed.is_finite() {
@@ -103,7 +113,7 @@ pub fn verified_tflops(claimed: f64, pool_median: f64, relative_speed_milli: Opt
         0.0
     };
     let bound = match relative_speed_milli {
-        Some(s) => pool_median * s as f64 / 1000.0 * 1.25,
+        Some(s) => pool_median * s as f64 / 1000.0,
         None => pool_median,
     };
     claimed.min(bound)
@@ -162,6 +172,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_verdict_seen_again_is_never_counted_twice() {
+        let mut rep = Reputation::default();
+        assert!(rep.record_caught("n", "job/0/0/1"));
+        assert!(rep.record_caught("n", "job/1/0/1"));
+        // Both verdicts are seen again on every reconcile, alternating.
+        for _ in 0..5 {
+            assert!(!rep.record_caught("n", "job/0/0/1"));
+            assert!(!rep.record_caught("n", "job/1/0/1"));
+        }
+        assert_eq!(rep.nodes["n"].caught, 2);
+    }
+
+    #[test]
     fn a_claimed_speed_counts_only_as_far_as_verified_work_shows() {
         // Never timed against peers: at most the pool's median claim.
         assert_eq!(verified_tflops(100.0, 2.0, None), 2.0);
@@ -170,10 +193,11 @@ mod tests {
             1.0,
             "a modest claim stands"
         );
-        // Timed as fast as its peers: the median (with slack), not its claim of 50x.
-        assert_eq!(verified_tflops(100.0, 2.0, Some(1000)), 2.5);
-        // Really twice as fast: up to 2.5x the median.
-        assert_eq!(verified_tflops(4.0, 2.0, Some(2000)), 4.0);
+        // Timed as fast as its peers: the median, not its claim of 50x.
+        assert_eq!(verified_tflops(100.0, 2.0, Some(1000)), 2.0);
+        // Really twice as fast: up to twice the median.
+        assert_eq!(verified_tflops(5.0, 2.0, Some(2000)), 4.0);
+        assert_eq!(verified_tflops(3.0, 2.0, Some(2000)), 3.0);
         assert_eq!(verified_tflops(f64::INFINITY, 2.0, None), 0.0);
         assert_eq!(verified_tflops(f64::NAN, 2.0, None), 0.0);
     }

@@ -70,6 +70,10 @@ enum LedgerCmd {
         /// A checkpoint saved earlier with `ledger checkpoint` (JSON).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// The operator's public key (hex) that checkpoints must be signed with (default:
+        /// the key each checkpoint names, which shows only that it was not altered).
+        #[arg(long)]
+        public_key: Option<String>,
     },
     /// Print each pool's latest signed checkpoint as JSON (keep it to check later).
     Checkpoint,
@@ -239,6 +243,7 @@ async fn ledger(
     let kept: Option<Checkpoint> = match &action {
         LedgerCmd::Verify {
             checkpoint: Some(path),
+            ..
         } => Some(
             serde_json::from_str(
                 &std::fs::read_to_string(path)
@@ -270,7 +275,11 @@ async fn ledger(
                     against.push(("the kept checkpoint", cp));
                 }
                 for (which, cp) in against {
-                    match cp.verify(None).and_then(|()| cp.check_history(&hashes)) {
+                    let key = match &action {
+                        LedgerCmd::Verify { public_key, .. } => public_key.as_deref(),
+                        _ => None,
+                    };
+                    match cp.verify(key).and_then(|()| cp.check_history(&hashes)) {
                         Ok(()) => println!(
                             "pool {name}: {which} (size {}, signed {}) is consistent: the ledger begins with the history it covers",
                             cp.size, cp.time
