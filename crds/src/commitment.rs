@@ -16,10 +16,11 @@
 
 use sha2::{Digest, Sha256};
 
-/// Annotation the operator sets on a committed ComputeTask to ask for its reveal.
+/// Annotation the operator sets on a committed ComputeTask to ask for its reveal; its
+/// value is when it asked (RFC 3339), the start of the reveal deadline.
 pub const REVEAL_ANNOTATION: &str = "edgeloom.io/reveal";
-/// Its value.
-pub const REVEAL_REQUESTED: &str = "requested";
+/// Seconds a replica has to reveal once asked; past it, it is caught as withholding.
+pub const REVEAL_DEADLINE_SECONDS: i64 = 60;
 
 /// The nonce of a task: unique per (job, shard, replica, attempt), so that two tasks never
 /// share one. It need not be secret: the agent's salt is what hides the result.

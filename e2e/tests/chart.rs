@@ -4,7 +4,7 @@
 //! policy checked with real requests as the agent's ServiceAccount (impersonation, and a
 //! pod-bound token from the TokenRequest API), and `promtool check rules`.
 
-use edgeloom_crds::commitment::{REVEAL_ANNOTATION, REVEAL_REQUESTED};
+use edgeloom_crds::commitment::REVEAL_ANNOTATION;
 use edgeloom_crds::compute_task::ComputeTask;
 use edgeloom_crds::inventory::{ACCOUNT_LABEL, GPU_COUNT_LABEL, TFLOPS_ANNOTATION};
 use edgeloom_e2e::control_plane::Cluster;
@@ -161,7 +161,7 @@ fn label_patch(key: &str) -> Patch<serde_json::Value> {
 
 fn reveal_patch() -> Patch<serde_json::Value> {
     Patch::Merge(
-        serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: REVEAL_REQUESTED}}}),
+        serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: "2026-11-25T00:00:00Z"}}}),
     )
 }
 
@@ -597,6 +597,40 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
         "the hub identity patching a Node",
     );
     assert_eq!(code, 403);
+
+    // Root on the machine holds its kubelet's credentials too: a kubelet may label its own
+    // Node, but not with edgeloom.io/ keys (the account above all).
+    let kubelet = impersonating(
+        edge,
+        "system:node:edge-a-node-0",
+        &["system:nodes", "system:authenticated"],
+        &[],
+    )
+    .await;
+    let kubelet_nodes: Api<Node> = Api::all(kubelet);
+    let (code, msg) = denied(
+        kubelet_nodes
+            .patch(
+                "edge-a-node-0",
+                &PatchParams::default(),
+                &label_patch(ACCOUNT_LABEL),
+            )
+            .await,
+        "a kubelet setting the account",
+    );
+    assert_eq!(code, 403, "{msg}");
+    assert!(
+        msg.contains("a kubelet may not change edgeloom.io/") && msg.contains(ACCOUNT_LABEL),
+        "{msg}"
+    );
+    kubelet_nodes
+        .patch(
+            "edge-a-node-0",
+            &PatchParams::default(),
+            &label_patch("example.org/kubelet-managed"),
+        )
+        .await
+        .expect("a kubelet still manages its other labels");
 
     // The agent's identity, by impersonation: allowed on its own node's objects only.
     let as_agent = impersonating(edge, AGENT, SA_GROUPS, &[(NODE_NAME_KEY, "edge-a-node-0")]).await;

@@ -13,7 +13,7 @@ use crate::model_source;
 use crate::probe::{self, Gpus};
 use crate::sealed::{self, Sealed};
 use edgeloom_crds::TaskPhase;
-use edgeloom_crds::commitment::{self, REVEAL_ANNOTATION, REVEAL_REQUESTED};
+use edgeloom_crds::commitment::{self, REVEAL_ANNOTATION};
 use edgeloom_crds::compute_task::{ComputeTask, ComputeTaskStatus, JOB_UID_LABEL};
 use edgeloom_crds::inventory::{
     CHECKPOINTS_ANNOTATION, CHECKPOINTS_CONFIGMAP, NodeInventory, SYSTEM_NAMESPACE,
@@ -627,8 +627,7 @@ impl Agent {
             };
             if t.spec.node_name != self.config.node
                 || status.phase != Some(TaskPhase::Committed)
-                || t.annotations().get(REVEAL_ANNOTATION).map(String::as_str)
-                    != Some(REVEAL_REQUESTED)
+                || !t.annotations().contains_key(REVEAL_ANNOTATION)
             {
                 continue;
             }

@@ -191,8 +191,8 @@ pub struct TaskEntry {
     pub status: Option<Box<ComputeTaskStatus>>,
     /// The commit–reveal nonce of its spec (verified jobs).
     pub nonce: Option<Box<str>>,
-    /// The operator has asked for its sealed result.
-    pub reveal_requested: bool,
+    /// When the operator asked for its sealed result.
+    pub reveal_requested_at: Option<jiff::Timestamp>,
 }
 
 impl TaskEntry {
@@ -233,12 +233,13 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
             gpus: spec.limits.gpus,
             status: t.status.clone().map(Box::new),
             nonce: spec.nonce.clone().map(String::into_boxed_str),
-            reveal_requested: t
+            // A value that is not a time is asked again (with a time).
+            reveal_requested_at: t
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(edgeloom_crds::commitment::REVEAL_ANNOTATION))
-                .is_some_and(|v| v == edgeloom_crds::commitment::REVEAL_REQUESTED),
+                .and_then(|v| v.parse().ok()),
         },
     ))
 }

@@ -13,7 +13,7 @@ use crate::ledger_store::{StoreError, Totals};
 use crate::lifecycle::{self, BudgetView, Decision, JobView, TaskView};
 use crate::scheduler::{Work, selector_matches};
 use crate::trust;
-use edgeloom_crds::commitment::{REVEAL_ANNOTATION, REVEAL_REQUESTED};
+use edgeloom_crds::commitment::REVEAL_ANNOTATION;
 use edgeloom_crds::compute_job::{ComputeJobStatus, RewardSummary, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
@@ -233,7 +233,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 nonce: t.nonce.as_deref().map(String::from),
                 commitment: status.commitment,
                 salt: status.salt,
-                reveal_requested: t.reveal_requested,
+                reveal_requested_at: t.reveal_requested_at,
             });
         }
     }
@@ -352,7 +352,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // Reveals: asked for only once every replica of a shard has committed (lifecycle).
     for (member, task) in &decision.reveal {
         if let Some(m) = ctx.fleet.members().into_iter().find(|m| &m.key == member) {
-            let patch = serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: REVEAL_REQUESTED}}});
+            let patch = serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: now.to_string()}}});
             match m
                 .tasks_api()
                 .patch(task, &PatchParams::default(), &Patch::Merge(&patch))

@@ -78,8 +78,8 @@ pub struct TaskView {
     pub commitment: Option<String>,
     /// The salt revealed with the result.
     pub salt: Option<String>,
-    /// The operator has asked for the reveal.
-    pub reveal_requested: bool,
+    /// When the operator asked for the reveal.
+    pub reveal_requested_at: Option<Timestamp>,
 }
 
 impl TaskView {
@@ -483,6 +483,25 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                                 need(max_attempt + 1, avoid);
                             }
                         }
+                        Some(TaskPhase::Committed)
+                            if !t.node_lost
+                                && t.reveal_requested_at.is_some_and(|at| {
+                                    now > at
+                                        + SignedDuration::from_secs(
+                                            edgeloom_crds::commitment::REVEAL_DEADLINE_SECONDS,
+                                        )
+                                }) =>
+                        {
+                            // Asked to reveal and silent past the deadline: withholding
+                            // (stalling its shard) is caught, and the slot re-placed.
+                            done_shards[shard as usize] = false;
+                            withdrawn.push(t);
+                            status.message = Some(format!(
+                                "withheld its reveal past the {}s deadline; re-placing",
+                                edgeloom_crds::commitment::REVEAL_DEADLINE_SECONDS
+                            ));
+                            need(max_attempt + 1, avoid);
+                        }
                         _ if t.node_lost => {
                             done_shards[shard as usize] = false;
                             if t.phase == Some(TaskPhase::Committed) {
@@ -555,7 +574,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         // on them. A broken reveal is caught at once.
         let sealed: Vec<&TaskView> = current_tasks
             .iter()
-            .filter(|t| t.phase == Some(TaskPhase::Committed) && !t.node_lost)
+            .filter(|t| {
+                t.phase == Some(TaskPhase::Committed)
+                    && !t.node_lost
+                    && !withdrawn.iter().any(|w| w.name == t.name)
+            })
             .copied()
             .collect();
         let all_committed = current_tasks.len() as u32 == slots
@@ -566,7 +589,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             reveal.extend(
                 sealed
                     .iter()
-                    .filter(|t| !t.reveal_requested)
+                    .filter(|t| t.reveal_requested_at.is_none())
                     .map(|t| (t.member.clone(), t.name.clone())),
             );
         }
@@ -1421,7 +1444,9 @@ mod tests {
         assert!(d.accepted.is_empty());
         // Asked once: not again.
         let mut asked = both.clone();
-        asked.iter_mut().for_each(|t| t.reveal_requested = true);
+        asked
+            .iter_mut()
+            .for_each(|t| t.reveal_requested_at = Some(t0()));
         assert!(decide(&view(&s), &asked, t0()).reveal.is_empty());
         // One revealed, one not yet: the shard waits for it rather than leaving it unpaid.
         let mut half = asked.clone();
@@ -1507,6 +1532,27 @@ mod tests {
         gone.node_lost = true;
         let d = decide(&view(&s), &[gone, sealed(1, "n1", "aa", Some(None))], t0());
         assert_eq!(d.outvoted.len(), 1);
+        // Asked to reveal and silent past the deadline: caught, and the slot re-placed.
+        let mut silent = sealed(0, "n0", "aa", Some(None));
+        silent.reveal_requested_at = Some(t0());
+        let mut revealed = sealed(1, "n1", "aa", Some(Some("aa")));
+        revealed.reveal_requested_at = Some(t0());
+        let both = [silent, revealed];
+        let d = decide(&view(&s), &both, t0() + SignedDuration::from_secs(30));
+        assert!(
+            d.outvoted.is_empty() && d.needs.is_empty(),
+            "still within the deadline"
+        );
+        let d = decide(&view(&s), &both, t0() + SignedDuration::from_secs(61));
+        assert_eq!(d.outvoted.len(), 1);
+        assert_eq!(d.outvoted[0].node, "n0");
+        assert_eq!(
+            d.needs
+                .iter()
+                .map(|n| (n.replica, n.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 2)]
+        );
         // A failure before committing is an ordinary failure.
         let mut failed = sealed(0, "n0", "aa", None);
         failed.phase = Some(TaskPhase::Failed);
