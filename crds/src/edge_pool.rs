@@ -146,6 +146,11 @@ pub struct VerificationPolicy {
     #[serde(default = "default_quarantine_after")]
     #[schemars(range(min = 0, max = 1000))]
     pub quarantine_after: u32,
+    /// Seconds a receipt stays in escrow: a node caught cheating within this time of a
+    /// receipt forfeits it (a forfeit entry in the ledger). 0 = no escrow.
+    #[serde(default = "default_escrow_seconds")]
+    #[schemars(range(min = 0, max = 604_800))]
+    pub escrow_seconds: u32,
 }
 
 impl Default for VerificationPolicy {
@@ -156,6 +161,7 @@ impl Default for VerificationPolicy {
             spot_check_rate: default_spot_check_rate(),
             trust_threshold: default_trust_threshold(),
             quarantine_after: default_quarantine_after(),
+            escrow_seconds: default_escrow_seconds(),
         }
     }
 }
@@ -174,6 +180,9 @@ fn default_quarantine_after() -> u32 {
 }
 fn default_trust_threshold() -> u32 {
     10
+}
+fn default_escrow_seconds() -> u32 {
+    3600
 }
 
 /// Observed state of an EdgePool, written by the operator.

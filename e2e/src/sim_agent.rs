@@ -53,6 +53,10 @@ impl SimNode {
 struct Control {
     dead: HashSet<String>,
     failing: HashSet<String>,
+    /// Nodes that report wrong results once they have reported this many good ones.
+    cheat_after: BTreeMap<String, u32>,
+    /// Results reported per node.
+    reported: BTreeMap<String, u32>,
 }
 
 /// Agents for some nodes of one member cluster, driven by one background task.
@@ -135,6 +139,14 @@ impl SimAgents {
         }
     }
 
+    /// Makes a node honest for its first `n` results, then cheat (wrong digests): the
+    /// "honest until trusted" cheater.
+    pub fn cheat_after(&self, node: &str, n: u32) {
+        if let Ok(mut c) = self.control.lock() {
+            c.cheat_after.insert(node.to_string(), n);
+        }
+    }
+
     /// Makes a node fail every task it runs.
     pub fn fail(&self, node: &str) {
         if let Ok(mut c) = self.control.lock() {
@@ -153,6 +165,8 @@ async fn run(
     let leases: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let tasks: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let mut started: BTreeMap<String, std::time::Instant> = BTreeMap::new();
+    // The digest each task committed to, revealed when asked.
+    let mut committed: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let (dead, failing) = match control.lock() {
             Ok(c) => (c.dead.clone(), c.failing.clone()),
@@ -225,7 +239,18 @@ async fn run(
                                 s.phase = Some(TaskPhase::Failed);
                                 s.message = Some(format!("simulated failure on {node}"));
                             } else {
-                                let d = digest(&t.spec.job.uid, t.spec.shard, &arch[&node]);
+                                let cheats = control.lock().is_ok_and(|mut c| {
+                                    let n = c.reported.entry(node.clone()).or_default();
+                                    *n += 1;
+                                    let n = *n;
+                                    c.cheat_after.get(&node).is_some_and(|after| n > *after)
+                                });
+                                let d = if cheats {
+                                    digest(&t.spec.job.uid, t.spec.shard, "cheat")
+                                } else {
+                                    digest(&t.spec.job.uid, t.spec.shard, &arch[&node])
+                                };
+                                committed.insert(name.clone(), d.clone());
                                 // Commit–reveal for verified jobs, as the real agent does.
                                 match &t.spec.nonce {
                                     Some(nonce) => {
@@ -264,7 +289,7 @@ async fn run(
                     {
                         let mut s = t.status.clone().unwrap_or_default();
                         s.phase = Some(TaskPhase::Succeeded);
-                        s.result_digest = Some(digest(&t.spec.job.uid, t.spec.shard, &arch[&node]));
+                        s.result_digest = committed.get(&name).cloned();
                         s.salt = Some(sim_salt(&name));
                         Some(s)
                     }

@@ -222,11 +222,19 @@ pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) 
     use crate::decimal::Amount;
     let mut by: std::collections::BTreeMap<&str, (Amount, u64)> = Default::default();
     let mut total = Amount::ZERO;
+    let mut receipts = 0;
     for e in entries {
         let amount: Amount = e.receipt.amount.parse().unwrap_or_default();
         let a = by.entry(e.receipt.account.as_str()).or_default();
+        if e.receipt.forfeits.is_some() {
+            // Taken back: its node was caught while the receipt was in escrow.
+            a.0 = a.0.saturating_sub(amount);
+            total = total.saturating_sub(amount);
+            continue;
+        }
         a.0 = a.0.checked_add(amount).unwrap_or(a.0);
         a.1 += 1;
+        receipts += 1;
         total = total.checked_add(amount).unwrap_or(total);
     }
     let mut accounts: Vec<_> = by.into_iter().collect();
@@ -242,7 +250,7 @@ pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) 
     rows.push(vec![
         "TOTAL".into(),
         format!("{total} {unit}").trim_end().to_string(),
-        entries.len().to_string(),
+        receipts.to_string(),
     ]);
     format!("pool {pool}\n{}", table(&rows))
 }

@@ -842,6 +842,8 @@ async fn settle(
             amount: amount.to_string(),
             result_digest: a.digest.clone(),
             time: now.to_string(),
+            cluster: Some(a.cluster.clone()),
+            forfeits: None,
         };
         let entry = by_pool.entry(m.pool.clone()).or_default();
         if a.verified {
@@ -953,6 +955,41 @@ async fn settle(
             .await
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
         record_caught(job, &broken, &new_caught, ctx).await;
+        // Escrow: a node caught forfeits what it was paid within the window.
+        for node in &new_caught {
+            let forfeits = ctx
+                .books
+                .ledger(&pool)
+                .forfeit(node, now)
+                .await
+                .map_err(|e| Error::Ledger(pool.clone(), e))?;
+            if forfeits.is_empty() {
+                continue;
+            }
+            for e in &forfeits {
+                tracing::warn!(
+                    pool = %pool, seq = e.seq, node = %node, receipt = ?e.receipt.forfeits,
+                    amount = %e.receipt.amount, "receipt forfeited"
+                );
+            }
+            ctx.metrics
+                .forfeits
+                .with_label_values(&[&pool])
+                .inc_by(forfeits.len() as u64);
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "RewardsForfeited".into(),
+                note: Some(format!(
+                    "{node} was caught: {} receipt(s) still in escrow forfeited (forfeit entries in the ledger of pool {pool})",
+                    forfeits.len()
+                )),
+                action: "Pay".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
+                tracing::debug!(error = %e, "publishing event failed");
+            }
+        }
     }
     Ok(problems)
 }

@@ -49,12 +49,41 @@ pub struct Receipt {
     pub result_digest: String,
     /// When it was issued (RFC 3339).
     pub time: String,
+    /// Member cluster of the node (with `node`, who did the work).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Set on a forfeit: the key of the receipt it takes back (its node was caught
+    /// cheating while the receipt was in escrow). Its amount is subtracted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forfeits: Option<String>,
 }
 
 impl Receipt {
-    /// The idempotency key.
+    /// The idempotency key: (job UID, shard, replica); a forfeit's is "forfeit/" and the
+    /// key of the receipt it takes back.
     pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.job_uid, self.shard, self.replica)
+        match &self.forfeits {
+            Some(k) => format!("forfeit/{k}"),
+            None => format!("{}/{}/{}", self.job_uid, self.shard, self.replica),
+        }
+    }
+
+    /// "cluster/node" of the node that did the work (as trust records name it).
+    pub fn node_key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.cluster.as_deref().unwrap_or_default(),
+            self.node
+        )
+    }
+
+    /// The forfeit of this receipt, issued at `time`.
+    pub fn forfeit(&self, time: &str) -> Receipt {
+        Receipt {
+            forfeits: Some(self.key()),
+            time: time.to_string(),
+            ..self.clone()
+        }
     }
 }
 
@@ -313,6 +342,8 @@ mod tests {
             amount: Amount::from_atto(atto).to_string(),
             result_digest: "ab".repeat(32),
             time: "2026-11-25T00:00:00Z".into(),
+            cluster: None,
+            forfeits: None,
         }
     }
 

@@ -162,11 +162,13 @@ pub fn describe(b: &Broken, locations: &[Location]) -> String {
     }
 }
 
-/// Totals of a set of receipts.
+/// Totals of a set of receipts (less forfeits).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Receipts.
+    /// Receipts (forfeits not counted).
     pub receipts: u64,
+    /// Forfeits: receipts taken back from nodes caught while they were in escrow.
+    pub forfeits: u64,
     /// Sum of amounts.
     pub total: Amount,
     /// Sum per account.
@@ -176,6 +178,13 @@ pub struct Totals {
 impl Totals {
     fn add(&mut self, r: &Receipt) -> Result<(), DecimalError> {
         let amount: Amount = r.amount.parse()?;
+        if r.forfeits.is_some() {
+            self.forfeits += 1;
+            self.total = self.total.saturating_sub(amount);
+            let a = self.by_account.entry(r.account.clone()).or_default();
+            *a = a.saturating_sub(amount);
+            return Ok(());
+        }
         self.receipts += 1;
         self.total = self.total.checked_add(amount)?;
         let a = self.by_account.entry(r.account.clone()).or_default();
@@ -202,12 +211,33 @@ struct Loaded {
     totals: Totals,
     /// The ledger as a Merkle log: its frontier (O(log n) hashes).
     tree: Frontier,
+    /// Receipts still in escrow (younger than the window), by "cluster/node".
+    escrow: HashMap<String, Vec<Receipt>>,
+    /// The escrow window in seconds.
+    escrow_seconds: i64,
 }
 
 impl Loaded {
     fn commit(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
         for e in &entries {
             self.tree.push(merkle::leaf_hash(&e.hash));
+            match &e.receipt.forfeits {
+                Some(k) => {
+                    if let Some(held) = self.escrow.get_mut(&e.receipt.node_key()) {
+                        held.retain(|r| &r.key() != k);
+                    }
+                }
+                None if self.escrow_seconds > 0 => {
+                    let held = self.escrow.entry(e.receipt.node_key()).or_default();
+                    held.push(e.receipt.clone());
+                    // Keep only what is still in escrow as of this receipt.
+                    let window = self.escrow_seconds;
+                    if let Ok(now) = e.receipt.time.parse::<jiff::Timestamp>() {
+                        held.retain(|r| in_escrow(r, now, window));
+                    }
+                }
+                None => {}
+            }
             self.by_job
                 .entry(e.receipt.job_uid.clone())
                 .or_default()
@@ -227,6 +257,12 @@ pub struct Appended {
     pub written: Vec<Entry>,
     /// Receipts refused (key, why): never written, so they neither pay nor break the chain.
     pub refused: Vec<(String, String)>,
+}
+
+fn in_escrow(r: &Receipt, now: jiff::Timestamp, window: i64) -> bool {
+    r.time
+        .parse::<jiff::Timestamp>()
+        .is_ok_and(|t| now.duration_since(t).as_secs() < window)
 }
 
 /// Which of one job's `receipts` (in order) may be appended: those with new keys, each
@@ -249,6 +285,11 @@ pub fn admit(
     for mut r in receipts {
         let key = r.key();
         if ledger.contains(&key) || !seen.insert(key.clone()) {
+            continue;
+        }
+        if r.forfeits.is_some() {
+            // Takes back a receipt's amount: no budget, and it cannot overflow.
+            admitted.push(r);
             continue;
         }
         let amount: Amount = match r.amount.parse() {
@@ -289,6 +330,8 @@ pub struct LedgerStore {
     state: Mutex<Option<Loaded>>,
     /// The latest signed checkpoint: a loaded ledger must begin with the history it covers.
     anchor: std::sync::Mutex<Option<Checkpoint>>,
+    /// The pool's escrow window, seconds.
+    escrow_seconds: std::sync::atomic::AtomicI64,
 }
 
 /// The pool's ledger at a glance.
@@ -312,6 +355,7 @@ impl LedgerStore {
             pool: pool.to_string(),
             state: Mutex::new(None),
             anchor: std::sync::Mutex::new(None),
+            escrow_seconds: std::sync::atomic::AtomicI64::new(3600),
         }
     }
 
@@ -362,6 +406,9 @@ impl LedgerStore {
         let mut loaded = Loaded {
             segments,
             open_text,
+            escrow_seconds: self
+                .escrow_seconds
+                .load(std::sync::atomic::Ordering::Relaxed),
             // Appending needs keys, length and head only; receipts stay in the API.
             ledger: Ledger::default().index_only(),
             ..Loaded::default()
@@ -494,6 +541,49 @@ impl LedgerStore {
             Ok(Appended { written, refused })
         })
         .await
+    }
+
+    /// Sets the pool's escrow window (seconds). A change re-reads the ledger on next use,
+    /// so that what is in escrow is known again.
+    pub async fn set_escrow(&self, seconds: u32) {
+        let mut guard = self.state.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|l| l.escrow_seconds != seconds as i64)
+        {
+            *guard = None;
+        }
+        self.escrow_seconds
+            .store(seconds as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes back every receipt of node `node` ("cluster/node") still in escrow at `now`:
+    /// one forfeit entry each (idempotent). Returns the forfeits written.
+    pub async fn forfeit(
+        &self,
+        node: &str,
+        now: jiff::Timestamp,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let held: Vec<Receipt> = self
+            .with(async |l: &mut Loaded| {
+                let window = l.escrow_seconds;
+                Ok(l.escrow
+                    .get(node)
+                    .map(|v| {
+                        v.iter()
+                            .filter(|r| in_escrow(r, now, window))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            })
+            .await?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let time = now.to_string();
+        let forfeits = held.iter().map(|r| r.forfeit(&time)).collect();
+        Ok(self.append(forfeits, None).await?.written)
     }
 
     /// Makes `cp` (a checkpoint whose signature was checked) the history a loaded ledger
@@ -867,6 +957,8 @@ mod tests {
                 amount: "0.001".into(),
                 result_digest: "d".into(),
                 time: "t".into(),
+                cluster: None,
+                forfeits: None,
             });
         }
         l.entries().to_vec()
@@ -924,6 +1016,7 @@ mod tests {
         let ledger = Ledger::default();
         let job = Totals {
             receipts: 1,
+            forfeits: 0,
             total: amount("0.6"),
             by_account: BTreeMap::new(),
         };
@@ -948,10 +1041,45 @@ mod tests {
     }
 
     #[test]
+    fn a_forfeit_takes_a_receipt_back_once_and_ignores_the_budget() {
+        let mut paid = receipt(1, "0.3");
+        paid.cluster = Some("edge-a".into());
+        let forfeit = paid.forfeit("2026-11-25T01:00:00Z");
+        assert_eq!(forfeit.key(), format!("forfeit/{}", paid.key()));
+        assert_eq!(forfeit.node_key(), format!("edge-a/{}", paid.node));
+        let mut t = Totals::default();
+        t.add(&paid).expect("paid");
+        t.add(&forfeit).expect("forfeited");
+        assert_eq!((t.receipts, t.forfeits, t.total), (1, 1, Amount::ZERO));
+        assert_eq!(t.by_account[&paid.account], Amount::ZERO);
+        // A budget spent in full does not stop a forfeit; a forfeit written is not again.
+        let job = Totals {
+            receipts: 1,
+            forfeits: 0,
+            total: amount("1"),
+            by_account: BTreeMap::new(),
+        };
+        let (ok, refused) = admit(
+            &Ledger::default(),
+            vec![forfeit.clone()],
+            &job,
+            &job,
+            Some(amount("1")),
+        );
+        assert_eq!((ok.len(), refused.len()), (1, 0));
+        assert_eq!(ok[0].amount, "0.3");
+        let mut l = Ledger::default();
+        l.append(forfeit.clone());
+        let (ok, _) = admit(&l, vec![forfeit], &job, &job, None);
+        assert!(ok.is_empty());
+    }
+
+    #[test]
     fn a_receipt_that_would_overflow_is_refused_alone() {
         let ledger = Ledger::default();
         let near = Totals {
             receipts: 1,
+            forfeits: 0,
             total: Amount::from_atto(u128::MAX - 10),
             by_account: BTreeMap::new(),
         };

@@ -593,16 +593,17 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     .map(|t| (t.member.clone(), t.name.clone())),
             );
         }
+        let caught = |t: &TaskView, why: Caught| Outvoted {
+            why,
+            shard,
+            replica: t.replica,
+            attempt: t.attempt,
+            member: t.member.clone(),
+            cluster: t.cluster.clone(),
+            node: t.node.clone(),
+        };
         for t in broken.iter().chain(&withdrawn) {
-            outvoted.push(Outvoted {
-                why: Caught::BrokenReveal,
-                shard,
-                replica: t.replica,
-                attempt: t.attempt,
-                member: t.member.clone(),
-                cluster: t.cluster.clone(),
-                node: t.node.clone(),
-            });
+            outvoted.push(caught(t, Caught::BrokenReveal));
         }
         // Verification: the shard is done when a quorum of its replicas agrees.
         let running = slots.saturating_sub((results.len() + broken.len()) as u32);
@@ -662,15 +663,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 }
                 for t in &current_tasks {
                     if dissenting.contains(&t.replica) {
-                        outvoted.push(Outvoted {
-                            why: Caught::Outvoted,
-                            shard,
-                            replica: t.replica,
-                            attempt: t.attempt,
-                            member: t.member.clone(),
-                            cluster: t.cluster.clone(),
-                            node: t.node.clone(),
-                        });
+                        outvoted.push(caught(t, Caught::Outvoted));
                     }
                 }
                 for st in shards[first_status..].iter_mut() {

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub rewards: CounterVec,
     /// Verification verdicts on replica results: accepted, outvoted, rejected.
     pub verification: IntCounterVec,
+    /// Receipts forfeited (escrow), by pool.
+    pub forfeits: IntCounterVec,
     /// 1 while the pool's ledger verifies, 0 when a link is broken.
     pub ledger_intact: IntGaugeVec,
     /// Receipts in the pool's ledger.
@@ -173,6 +175,14 @@ impl Metrics {
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(rewards.clone()))?;
         registry.register(Box::new(verification.clone()))?;
+        let forfeits = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_forfeits_total",
+                "Receipts taken back from nodes caught cheating while the receipts were in escrow",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(forfeits.clone()))?;
         registry.register(Box::new(ledger_intact.clone()))?;
         registry.register(Box::new(ledger_receipts.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
@@ -215,6 +225,7 @@ impl Metrics {
             receipts,
             rewards,
             verification,
+            forfeits,
             ledger_intact,
             ledger_receipts,
             quarantined_nodes,

@@ -766,17 +766,20 @@ mod tests {
         assert_eq!(archs, [Some(amd), Some(amd)]);
         // A replica added later joins the class of the ones placed before, and says so
         // when it cannot.
-        let mut snap = Snapshot::new(
-            vec![node(0, 0.9), node(0, 0.8)]
-                .into_iter()
-                .zip([arm, amd])
-                .map(|(mut n, a)| {
-                    n.arch = Some(a);
-                    n
-                })
-                .collect(),
-            vec![true],
-        );
+        let arm_then_amd = || {
+            Snapshot::new(
+                vec![node(0, 0.9), node(0, 0.8)]
+                    .into_iter()
+                    .zip([arm, amd])
+                    .map(|(mut n, a)| {
+                        n.arch = Some(a);
+                        n
+                    })
+                    .collect(),
+                vec![true],
+            )
+        };
+        let mut snap = arm_then_amd();
         let req = Request {
             slots: vec![Slot {
                 shard: 0,
@@ -798,17 +801,7 @@ mod tests {
             replicas: 1,
             ..Request::default()
         };
-        let mut snap = Snapshot::new(
-            vec![node(0, 0.9), node(0, 0.8)]
-                .into_iter()
-                .zip([arm, amd])
-                .map(|(mut n, a)| {
-                    n.arch = Some(a);
-                    n
-                })
-                .collect(),
-            vec![true],
-        );
+        let mut snap = arm_then_amd();
         assert_eq!(place(&mut snap, &req).assigned.len(), 2);
     }
 

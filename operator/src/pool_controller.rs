@@ -376,9 +376,13 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         .with_label_values(&[&name, &pool.spec.rewards.unit])
         .inc_by(0.0);
     ctx.metrics.receipts.with_label_values(&[&name]).inc_by(0);
+    ctx.metrics.forfeits.with_label_values(&[&name]).inc_by(0);
     // The ledger: re-read when a segment changed behind the operator's back, verified, and
     // checked against the last signed checkpoint (it must still begin with that history).
     let ledger = ctx.books.ledger(&name);
+    ledger
+        .set_escrow(pool.spec.verification.escrow_seconds)
+        .await;
     let signed_before = pool
         .status
         .as_ref()

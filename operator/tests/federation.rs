@@ -1335,3 +1335,118 @@ async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() 
     .await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Attack 5 of the trust model, honest until trusted and then cheating: a node caught
+/// forfeits the receipts it was paid within the pool's escrow window; each forfeit is its
+/// own ledger entry, the account's balance drops, and the job's total with it.
+#[tokio::test]
+async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 3, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    // Honest for its first result, then wrong.
+    fed.agents["edge-a"].cheat_after("edge-a-node-0", 1);
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("escrow").await.expect("ns");
+    let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    let forfeits = |uid_filter: Option<String>| {
+        ledger::export(plugin_bin(), &kubeconfig)
+            .into_iter()
+            .map(|e| e["receipt"].clone())
+            .filter(|r| r["forfeits"].is_string())
+            .filter(|r| {
+                uid_filter
+                    .as_ref()
+                    .is_none_or(|u| r["jobUid"] == u.as_str())
+            })
+            .collect::<Vec<serde_json::Value>>()
+    };
+    // Replicated jobs until the node has been paid once and then caught.
+    let mut paid_first = None;
+    for round in 0..4 {
+        let name = format!("escrow-{round}");
+        apply(
+            &fed,
+            &ns,
+            &job_yaml(&name, 3, "  verification:\n    replicas: 2\n"),
+        )
+        .await;
+        let done = jobs::wait_phase(
+            &fed,
+            &ns,
+            &name,
+            JobPhase::Succeeded,
+            Duration::from_secs(180),
+        )
+        .await;
+        let uid = done.metadata.uid.clone().expect("uid");
+        let receipts: Vec<serde_json::Value> = ledger::export(plugin_bin(), &kubeconfig)
+            .into_iter()
+            .map(|e| e["receipt"].clone())
+            .filter(|r| r["jobUid"] == uid.as_str() && r["forfeits"].is_null())
+            .collect();
+        if paid_first.is_none() {
+            paid_first = receipts
+                .iter()
+                .find(|r| r["node"] == "edge-a-node-0")
+                .map(|r| {
+                    format!(
+                        "{}/{}/{}",
+                        r["jobUid"].as_str().unwrap_or_default(),
+                        r["shard"],
+                        r["replica"]
+                    )
+                });
+        }
+        if !forfeits(None).is_empty() {
+            break;
+        }
+    }
+    let paid_first = paid_first.expect("the node was paid for its honest first result");
+    let taken = wait::until_some("a forfeit entry", Duration::from_secs(30), || {
+        let f = forfeits(None);
+        std::future::ready((!f.is_empty()).then_some(f))
+    })
+    .await;
+    assert!(
+        taken.iter().all(|f| f["node"] == "edge-a-node-0"),
+        "only the caught node forfeits: {taken:?}"
+    );
+    assert!(
+        taken.iter().any(|f| f["forfeits"] == paid_first.as_str()),
+        "its honest first receipt, still in escrow, is taken back: {taken:?} (paid {paid_first})"
+    );
+    let balance = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "balance"]);
+    let row = balance
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("acct-edge-a-node-0"))
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .expect("the caught node's account");
+    assert_eq!(row[1], "0", "{}", balance.stdout);
+    let verify = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "verify"]);
+    assert_eq!(verify.code, Some(0), "{verify:?}");
+    let events: Vec<String> = events_of_namespace(&fed, &ns)
+        .await
+        .into_iter()
+        .filter(|(r, _)| r == "RewardsForfeited")
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        events.iter().any(|m| m.contains("edge-a/edge-a-node-0")),
+        "{events:?}"
+    );
+}
+
+async fn events_of_namespace(fed: &Federation, ns: &str) -> Vec<(String, String)> {
+    Api::<Event>::namespaced(fed.hub.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}

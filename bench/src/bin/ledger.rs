@@ -90,6 +90,8 @@ fn receipt(i: usize) -> Receipt {
         amount: Amount::from_atto(123_456_789_000_000 + i as u128).to_string(),
         result_digest: format!("{:064x}", i),
         time: "2026-11-25T00:00:00Z".into(),
+        cluster: None,
+        forfeits: None,
     }
 }
 
