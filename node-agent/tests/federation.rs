@@ -950,26 +950,29 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         !nodes.contains(&"edge-a-node-1"),
         "the copier is not paid: {paid:?}"
     );
-    // The inflating node is paid at most what the operator saw: (reportedAt -
-    // dispatchedAt) x 1 core (the job named no CPU), and no GPU time on a CPU job.
+    // The inflating node is paid at most what the operator saw: the median of the agreeing
+    // replicas' (reportedAt - dispatchedAt) x 1 core (the job named no CPU), and no GPU time
+    // on a CPU job.
     let claimed = h.usage.clone().expect("usage");
     assert!(claimed.gpu_millis >= 3_600_000, "{claimed:?}");
-    let shard = done
+    let observed = done
         .status
         .as_ref()
         .expect("status")
         .shards
         .iter()
-        .find(|x| x.node == "edge-a-node-0")
-        .cloned()
-        .expect("the inflating node's replica");
-    let observed = shard
-        .reported_at
-        .as_ref()
-        .expect("reportedAt")
-        .0
-        .duration_since(shard.dispatched_at.as_ref().expect("dispatchedAt").0)
-        .as_millis() as u64;
+        .filter(|x| x.node != "edge-a-node-1")
+        .filter_map(|x| {
+            Some(
+                x.reported_at
+                    .as_ref()?
+                    .0
+                    .duration_since(x.dispatched_at.as_ref()?.0)
+                    .as_millis() as u64,
+            )
+        })
+        .max()
+        .expect("the agreeing replicas' windows");
     let receipt = ledger::export(&plugin(), &fed.plane.hub().kubeconfig)
         .into_iter()
         .map(|e| e["receipt"].clone())
