@@ -12,7 +12,7 @@ use edgeloom_crds::commitment;
 use edgeloom_crds::compute_job::ComputeJobSpec;
 use edgeloom_operator::decimal::Amount;
 use edgeloom_operator::lifecycle::{self, JobView, TaskView};
-use edgeloom_operator::trust::{self, Reputation};
+use edgeloom_operator::rewards::trust::{self, Reputation};
 use jiff::Timestamp;
 use std::collections::{BTreeSet, VecDeque};
 

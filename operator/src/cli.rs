@@ -218,7 +218,7 @@ pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> Strin
 }
 
 /// `kubectl edgeloom ledger balance` for one pool: totals per account, largest first.
-pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::ledger::Entry]) -> String {
+pub fn ledger_balance(pool: &str, unit: &str, entries: &[crate::rewards::ledger::Entry]) -> String {
     use crate::decimal::Amount;
     let mut by: std::collections::BTreeMap<&str, (Amount, u64)> = Default::default();
     let mut total = Amount::ZERO;
@@ -260,7 +260,7 @@ pub fn trust_table(
     pool: &str,
     threshold: u32,
     quarantine_after: u32,
-    rep: &crate::trust::Reputation,
+    rep: &crate::rewards::trust::Reputation,
 ) -> String {
     let mut rows = vec![
         [
@@ -303,17 +303,17 @@ pub fn trust_table(
 #[serde(rename_all = "camelCase")]
 pub struct ReceiptProof {
     /// The ledger entry (sequence number, previous hash, receipt, hash).
-    pub entry: crate::ledger::Entry,
+    pub entry: crate::rewards::ledger::Entry,
     /// Sibling hashes from the leaf up (hex).
     pub proof: Vec<String>,
     /// The signed checkpoint the proof leads to.
-    pub checkpoint: crate::merkle::Checkpoint,
+    pub checkpoint: crate::rewards::merkle::Checkpoint,
 }
 
 /// The proof of the receipt with key `key` ("JOB_UID/SHARD/REPLICA") against `cp`.
 pub fn prove(
-    entries: &[crate::ledger::Entry],
-    cp: &crate::merkle::Checkpoint,
+    entries: &[crate::rewards::ledger::Entry],
+    cp: &crate::rewards::merkle::Checkpoint,
     key: &str,
 ) -> Result<ReceiptProof, String> {
     let index = entries
@@ -333,7 +333,7 @@ pub fn prove(
         .collect();
     Ok(ReceiptProof {
         entry: entries[index].clone(),
-        proof: crate::merkle::inclusion_proof(&hashes, index),
+        proof: crate::rewards::merkle::inclusion_proof(&hashes, index),
         checkpoint: cp.clone(),
     })
 }
@@ -342,7 +342,7 @@ pub fn prove(
 /// checkpoint's tree, and the checkpoint's signature (by `trusted_key` when given).
 pub fn check_proof(p: &ReceiptProof, trusted_key: Option<&str>) -> Result<String, String> {
     let e = &p.entry;
-    let hash = crate::ledger::entry_hash(e.seq, &e.prev, &e.receipt);
+    let hash = crate::rewards::ledger::entry_hash(e.seq, &e.prev, &e.receipt);
     if hash != e.hash {
         return Err(format!(
             "entry {} does not hash to {} (its contents were altered)",
@@ -350,7 +350,7 @@ pub fn check_proof(p: &ReceiptProof, trusted_key: Option<&str>) -> Result<String
         ));
     }
     let cp = &p.checkpoint;
-    crate::merkle::verify_inclusion(&e.hash, e.seq, cp.size, &cp.root_hash()?, &p.proof)?;
+    crate::rewards::merkle::verify_inclusion(&e.hash, e.seq, cp.size, &cp.root_hash()?, &p.proof)?;
     cp.verify(trusted_key)?;
     Ok(format!(
         "valid: receipt {} ({} {} to {}) is entry {} of pool {}'s ledger, covered by the checkpoint of {} entries signed {} by key {}{}",

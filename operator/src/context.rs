@@ -1,8 +1,8 @@
 //! What every controller shares.
 
 use crate::fleet::Fleet;
-use crate::ledger_store::{LedgerStore, ReputationStore};
 use crate::metrics::Metrics;
+use crate::rewards::store::{LedgerStore, ReputationStore};
 use crate::scheduler::Scheduler;
 use edgeloom_crds::EdgePool;
 use kube::runtime::events::Recorder;
@@ -82,7 +82,7 @@ impl Books {
                 .and_then(|d| d.get(SIGNING_KEY_FIELD))
                 .map(|b| String::from_utf8_lossy(&b.0).to_string())
                 .ok_or_else(|| format!("Secret {SIGNING_KEY_SECRET} has no {SIGNING_KEY_FIELD}"))?;
-            crate::merkle::key_from_hex(&seed)
+            crate::rewards::merkle::key_from_hex(&seed)
         };
         let key = match api.get_opt(SIGNING_KEY_SECRET).await {
             Ok(Some(s)) => read(&s)?,
@@ -93,7 +93,7 @@ impl Books {
                 ));
             }
             Ok(None) => {
-                let key = crate::merkle::new_key()?;
+                let key = crate::rewards::merkle::new_key()?;
                 let secret: k8s_openapi::api::core::v1::Secret =
                     serde_json::from_value(serde_json::json!({
                         "metadata": {"name": SIGNING_KEY_SECRET,

@@ -18,7 +18,7 @@
 
 use crate::decimal::Amount;
 use crate::quantity;
-use crate::trust;
+use crate::rewards::trust;
 use crate::verification::{self, ReplicaResult, Verdict};
 use edgeloom_crds::compute_job::{ComputeJobSpec, ResultSummary, ShardStatus};
 use edgeloom_crds::{JobPhase, TaskPhase};

@@ -6,8 +6,8 @@
 use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
 use crate::decimal::Amount;
-use crate::ledger_store::{StoreError, Summary};
-use crate::merkle;
+use crate::rewards::merkle;
+use crate::rewards::store::{StoreError, Summary};
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus, PoolRewards};
@@ -160,7 +160,7 @@ async fn publish_checkpoint(ctx: &Context, pool: &str, cp: &merkle::Checkpoint) 
                 CHECKPOINTS_CONFIGMAP,
                 &PatchParams::apply(&format!(
                     "{FIELD_MANAGER}-{}",
-                    crate::ledger_store::pool_token(pool)
+                    crate::rewards::store::pool_token(pool)
                 ))
                 .force(),
                 &Patch::Apply(&patch),

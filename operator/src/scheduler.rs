@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, Interner, Request, ScoreInputs, Slot, Snapshot, Spread};
 use crate::quantity;
 use crate::queue::{self, Waiting};
-use crate::trust;
+use crate::rewards::trust;
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::commitment;
 use edgeloom_crds::compute_job::{ComputeJobSpec, Spread as SpecSpread};

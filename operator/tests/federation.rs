@@ -1194,7 +1194,7 @@ async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
 /// operator stops writing. A contributor's inclusion proof checks offline.
 #[tokio::test]
 async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() {
-    use edgeloom_operator::ledger::{Entry, entry_hash};
+    use edgeloom_operator::rewards::ledger::{Entry, entry_hash};
     let _serial = SERIAL.lock().await;
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
         .await

@@ -18,8 +18,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use edgeloom_bench::verification::{Model, Policy, simulate};
 use edgeloom_operator::decimal::Amount;
-use edgeloom_operator::ledger::{self, Ledger, Receipt};
-use edgeloom_operator::ledger_store::{self, LedgerStore, RawSegment};
+use edgeloom_operator::rewards::ledger::{self, Ledger, Receipt};
+use edgeloom_operator::rewards::store::{self as ledger_store, LedgerStore, RawSegment};
 use std::time::Instant;
 
 #[derive(Parser)]

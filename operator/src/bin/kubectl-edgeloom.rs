@@ -11,13 +11,13 @@ use clap::{Parser, Subcommand};
 use edgeloom_crds::edge_pool::VerificationPolicy;
 use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
-use edgeloom_operator::ledger::Entry;
-use edgeloom_operator::ledger_store::{
+use edgeloom_operator::rewards::ledger::Entry;
+use edgeloom_operator::rewards::merkle::Checkpoint;
+use edgeloom_operator::rewards::store::{
     LEDGER_LABEL, REPUTATION_KEY, REPUTATION_LABEL, RawSegment, parse_segments, reputation_name,
     reputation_shard, reputation_shard_of,
 };
-use edgeloom_operator::merkle::Checkpoint;
-use edgeloom_operator::trust::Reputation;
+use edgeloom_operator::rewards::trust::Reputation;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -264,7 +264,9 @@ async fn ledger(
                     entries.len(),
                     entries
                         .last()
-                        .map_or(edgeloom_operator::ledger::GENESIS, |e| e.hash.as_str())
+                        .map_or(edgeloom_operator::rewards::ledger::GENESIS, |e| e
+                            .hash
+                            .as_str())
                 );
                 let hashes: Vec<String> = entries.iter().map(|e| e.hash.clone()).collect();
                 let mut against: Vec<(&str, &Checkpoint)> = Vec::new();

@@ -11,13 +11,13 @@
 //! status update loses nothing, and a receipt key that is in the chain is never written
 //! again. A chain that does not verify is never extended.
 //!
-//! The reputation store (adaptive trust) keeps [`crate::trust::Reputation`] in 16
+//! The reputation store (adaptive trust) keeps [`crate::rewards::trust::Reputation`] in 16
 //! ConfigMaps per pool (`edgeloom-reputation-<pool>-<k>`), by hash of the node.
 
 use crate::decimal::{Amount, DecimalError};
-use crate::ledger::{self, Broken, Entry, Ledger, Receipt};
-use crate::merkle::{self, Checkpoint, Frontier};
-use crate::trust::Reputation;
+use crate::rewards::ledger::{self, Broken, Entry, Ledger, Receipt};
+use crate::rewards::merkle::{self, Checkpoint, Frontier};
+use crate::rewards::trust::Reputation;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
