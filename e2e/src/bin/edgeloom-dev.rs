@@ -205,6 +205,10 @@ async fn demo(nodes: u32, hold: bool) -> Result<()> {
     kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "balance"])?;
     println!("\n== kubectl edgeloom ledger verify    (recomputes every hash of the chain)");
     kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "verify"])?;
+    println!(
+        "\n== kubectl edgeloom ledger checkpoint (the signed Merkle-log checkpoint contributors keep)"
+    );
+    kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "checkpoint"])?;
     println!("\n== kubectl edgeloom ledger trust     (verified results per node)");
     kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "trust"])?;
     for member in fed.plane.members() {
