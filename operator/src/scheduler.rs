@@ -525,16 +525,11 @@ impl World {
         // Speed is the agent's claim: it counts only as far as verified work shows.
         let mut claims: HashMap<&str, Vec<f64>> = HashMap::new();
         for ((inv, _, _), (pool, _)) in raw.iter().zip(&whose) {
-            if inv.tflops > 0.0 {
-                claims.entry(pool.as_str()).or_default().push(inv.tflops);
-            }
+            claims.entry(pool.as_str()).or_default().push(inv.tflops);
         }
         let medians: HashMap<&str, f64> = claims
             .into_iter()
-            .map(|(pool, mut v)| {
-                v.sort_by(f64::total_cmp);
-                (pool, v[v.len() / 2])
-            })
+            .map(|(pool, v)| (pool, trust::median_claim(v)))
             .collect();
         for ((inv, _, _), (pool, key)) in raw.iter_mut().zip(&whose) {
             inv.tflops = trust::verified_tflops(

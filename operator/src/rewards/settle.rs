@@ -120,18 +120,16 @@ pub async fn trust_view(
     Ok((trusted, spot))
 }
 
-/// The median measured TFLOP/s of a pool's nodes (0 when none measured).
+/// The median claimed TFLOP/s of a pool's nodes (0 when none claims any).
 fn median_tflops(ctx: &Context, pool: &str) -> f64 {
-    let mut speeds: Vec<f64> = ctx
+    let claims: Vec<f64> = ctx
         .fleet
         .pool_members(pool)
         .iter()
         .flat_map(|pm| pm.nodes.state())
         .map(|n| n.inventory.tflops)
-        .filter(|t| *t > 0.0)
         .collect();
-    speeds.sort_by(f64::total_cmp);
-    speeds.get(speeds.len() / 2).copied().unwrap_or(0.0)
+    trust::median_claim(claims)
 }
 
 /// Pays accepted results: one receipt each, appended to the ledger of the pool where the
@@ -180,13 +178,12 @@ pub async fn settle(
                 .or_insert_with(|| median_tflops(ctx, &m.pool));
             // The claimed speed counts only as far as verified work shows.
             let claimed = node.as_ref().map_or(0.0, |n| n.inventory.tflops);
-            let verified = trust::verified_tflops(
+            trust::pay_speed_factor_milli(
                 claimed,
                 median,
                 ctx.scheduler
                     .relative_speed(&m.pool, &format!("{}/{}", a.cluster, a.node)),
-            );
-            ledger::speed_factor_milli(verified, median)
+            )
         } else {
             1000
         };

@@ -119,6 +119,31 @@ pub fn verified_tflops(claimed: f64, pool_median: f64, relative_speed_milli: Opt
     claimed.min(bound)
 }
 
+/// The median of the positive claims (0 when there is none).
+pub fn median_claim(mut claims: Vec<f64>) -> f64 {
+    claims.retain(|t| t.is_finite() && *t > 0.0);
+    claims.sort_by(f64::total_cmp);
+    claims.get(claims.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The speed factor a node is paid with under `normalizeBySpeed` (thousandths, within
+/// [100, 10000]): its speed relative to its peers as the operator timed it, when it was
+/// timed (its claim plays no part, so neither its own nor other nodes' inflated claims
+/// move it); else its claim over the pool's median claim, at most 1.
+pub fn pay_speed_factor_milli(
+    claimed: f64,
+    pool_median: f64,
+    relative_speed_milli: Option<u32>,
+) -> u64 {
+    match relative_speed_milli {
+        Some(s) => (s as u64).clamp(100, 10_000),
+        None => crate::rewards::ledger::speed_factor_milli(
+            verified_tflops(claimed, pool_median, None),
+            pool_median,
+        ),
+    }
+}
+
 /// The speed of each replica relative to the others that agreed with it, from the
 /// operator's own timing of each (milliseconds from dispatch to result): the median of
 /// the others' times over its own, in thousandths, within [10, 100000]. None for a replica
@@ -200,6 +225,17 @@ mod tests {
         assert_eq!(verified_tflops(3.0, 2.0, Some(2000)), 3.0);
         assert_eq!(verified_tflops(f64::INFINITY, 2.0, None), 0.0);
         assert_eq!(verified_tflops(f64::NAN, 2.0, None), 0.0);
+    }
+
+    #[test]
+    fn pay_follows_timed_speed_not_claims() {
+        // Timed: its relative speed, whatever it or others claim.
+        assert_eq!(pay_speed_factor_milli(1e6, 2.0, Some(1200)), 1200);
+        assert_eq!(pay_speed_factor_milli(0.1, 1e9, Some(1200)), 1200);
+        // Never timed: at most the median.
+        assert_eq!(pay_speed_factor_milli(100.0, 2.0, None), 1000);
+        assert_eq!(pay_speed_factor_milli(1.0, 2.0, None), 500);
+        assert_eq!(median_claim(vec![3.0, f64::NAN, 0.0, 1.0, 2.0]), 2.0);
     }
 
     #[test]
