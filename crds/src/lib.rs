@@ -5,6 +5,7 @@
 //! The CRD YAML under `crds/generated/` and `charts/edgeloom/crds/` is generated from
 //! these types by `cargo xtask crdgen`; a test fails when it is stale.
 
+pub mod checkpoint;
 pub mod commitment;
 pub mod compute_job;
 pub mod compute_task;

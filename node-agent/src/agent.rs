@@ -38,14 +38,36 @@ use tokio::sync::{Notify, watch};
 /// The latest progress a runner reported: percent and note.
 type Progress = (u8, Option<String>);
 
-/// Keeps `new`, a ledger checkpoint of `pool` the hub shows, if it extends the one kept
-/// (larger); the same one again changes nothing; a smaller one, or another root at the
-/// same size, is refused (the history shown before was truncated or rewritten).
+/// Keeps `new`, a ledger checkpoint of `pool` the hub shows, if its signature holds (by
+/// the key of the checkpoint kept before, once there is one) and it extends the one kept
+/// (larger); the same one again changes nothing; a smaller one, another root at the same
+/// size, or one that is not signed by the pinned key is refused (the history shown before
+/// was truncated or rewritten, or the checkpoint forged).
 pub fn keep_checkpoint(
     kept: &mut serde_json::Map<String, serde_json::Value>,
     pool: String,
     new: serde_json::Value,
 ) -> Result<(), String> {
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let pinned = kept.get(&pool).map(|old| text(old, "publicKey"));
+    if text(&new, "pool") != pool {
+        return Err(format!(
+            "a checkpoint of pool {} published as pool {pool}",
+            text(&new, "pool")
+        ));
+    }
+    edgeloom_crds::checkpoint::verify(
+        &pool,
+        new["size"].as_u64().unwrap_or(0),
+        &text(&new, "root"),
+        &text(&new, "time"),
+        &text(&new, "publicKey"),
+        &text(&new, "signature"),
+        pinned.as_deref(),
+    )
+    .map_err(|e| {
+        format!("pool {pool}: the hub shows a ledger checkpoint that does not verify: {e}")
+    })?;
     let size = |v: &serde_json::Value| v["size"].as_u64().unwrap_or(0);
     match kept.get(&pool) {
         Some(old)
@@ -848,9 +870,21 @@ impl Agent {
 mod tests {
     use super::*;
 
+    fn signed(key: &ed25519_dalek::SigningKey, size: u64, root: &str) -> serde_json::Value {
+        use ed25519_dalek::Signer;
+        let time = "2026-11-25T00:00:00Z";
+        let root = root.repeat(32);
+        let sig =
+            key.sign(edgeloom_crds::checkpoint::message("edge", size, &root, time).as_bytes());
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        serde_json::json!({"pool": "edge", "size": size, "root": root, "time": time,
+            "publicKey": hex(&key.verifying_key().to_bytes()), "signature": hex(&sig.to_bytes())})
+    }
+
     #[test]
     fn a_kept_checkpoint_is_replaced_only_by_one_that_extends_it() {
-        let cp = |size: u64, root: &str| serde_json::json!({"size": size, "root": root});
+        let operator = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let cp = |size: u64, root: &str| signed(&operator, size, root);
         let mut kept = serde_json::Map::new();
         keep_checkpoint(&mut kept, "edge".into(), cp(3, "aa")).expect("first");
         keep_checkpoint(&mut kept, "edge".into(), cp(3, "aa")).expect("the same again");
@@ -866,7 +900,14 @@ mod tests {
             "same size, other root"
         );
         assert_eq!(kept["edge"], cp(5, "bb"), "the evidence is kept");
-        keep_checkpoint(&mut kept, "other".into(), cp(1, "ee")).expect("another pool");
-        assert_eq!(kept.len(), 2);
+        // Signed by another key (a forged history), or altered: refused.
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let err = keep_checkpoint(&mut kept, "edge".into(), signed(&forger, 9, "ff"))
+            .expect_err("another key");
+        assert!(err.contains("trusted key"), "{err}");
+        let mut altered = cp(9, "ff");
+        altered["size"] = 10.into();
+        assert!(keep_checkpoint(&mut kept, "edge".into(), altered).is_err());
+        assert_eq!(kept["edge"], cp(5, "bb"));
     }
 }

@@ -12,7 +12,7 @@
 
 use ct_merkle::RootHash;
 use ct_merkle::mem_backed_tree::MemoryBackedTree;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -137,9 +137,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// What is signed.
     pub fn message(pool: &str, size: u64, root: &str, time: &str) -> String {
-        format!(
-            "edgeloom ledger checkpoint v1\npool {pool}\nsize {size}\nroot {root}\ntime {time}\n"
-        )
+        edgeloom_crds::checkpoint::message(pool, size, root, time)
     }
 
     /// Signs a checkpoint.
@@ -159,27 +157,15 @@ impl Checkpoint {
     /// Checks the signature, with `trusted_key` (hex) when given, else the key the
     /// checkpoint names (which proves only that it was not altered since it was signed).
     pub fn verify(&self, trusted_key: Option<&str>) -> Result<(), String> {
-        let key_hex = trusted_key.unwrap_or(&self.public_key);
-        if trusted_key.is_some_and(|k| k != self.public_key) {
-            return Err(format!(
-                "signed by key {}, not the trusted key {key_hex}",
-                self.public_key
-            ));
-        }
-        let key: [u8; 32] = hex::decode(key_hex)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| format!("public key {key_hex:?} is not 32 bytes of hex"))?;
-        let key = VerifyingKey::from_bytes(&key).map_err(|e| format!("public key: {e}"))?;
-        let sig: [u8; 64] = hex::decode(&self.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or("the signature is not 64 bytes of hex")?;
-        key.verify(
-            Self::message(&self.pool, self.size, &self.root, &self.time).as_bytes(),
-            &Signature::from_bytes(&sig),
+        edgeloom_crds::checkpoint::verify(
+            &self.pool,
+            self.size,
+            &self.root,
+            &self.time,
+            &self.public_key,
+            &self.signature,
+            trusted_key,
         )
-        .map_err(|_| "the signature does not match the checkpoint (altered or forged)".to_string())
     }
 
     /// The root as bytes.
