@@ -40,6 +40,16 @@ pub fn export(bin: &Path, kubeconfig: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every receipt and forfeit in the ledgers, as JSON (`ledger export`, without the chain
+/// fields), optionally only those of job `uid`.
+pub fn receipts_json(bin: &Path, kubeconfig: &Path, uid: Option<&str>) -> Vec<serde_json::Value> {
+    export(bin, kubeconfig)
+        .into_iter()
+        .map(|e| e["receipt"].clone())
+        .filter(|r| uid.is_none_or(|u| r["jobUid"] == u))
+        .collect()
+}
+
 /// The receipts of one job: (shard, replica, attempt, node, account, amount).
 pub fn receipts_of(
     entries: &[serde_json::Value],

@@ -973,10 +973,9 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         })
         .max()
         .expect("the agreeing replicas' windows");
-    let receipt = ledger::export(&plugin(), &fed.plane.hub().kubeconfig)
+    let receipt = ledger::receipts_json(&plugin(), &fed.plane.hub().kubeconfig, Some(&uid))
         .into_iter()
-        .map(|e| e["receipt"].clone())
-        .find(|r| r["jobUid"] == uid.as_str() && r["node"] == "edge-a-node-0")
+        .find(|r| r["node"] == "edge-a-node-0")
         .expect("the inflating node's receipt");
     let cpu = receipt["cpuCoreMillis"].as_u64().expect("cpuCoreMillis");
     assert!(

@@ -1167,12 +1167,7 @@ async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
     .await;
     let uid = done.metadata.uid.clone().expect("uid");
     wait_receipts(&fed, &uid, 6).await;
-    let receipts: Vec<serde_json::Value> =
-        ledger::export(plugin_bin(), &fed.plane.hub().kubeconfig)
-            .into_iter()
-            .map(|e| e["receipt"].clone())
-            .filter(|r| r["jobUid"] == uid.as_str())
-            .collect();
+    let receipts = ledger::receipts_json(plugin_bin(), &fed.plane.hub().kubeconfig, Some(&uid));
     let inflater: Vec<u64> = receipts
         .iter()
         .filter(|r| r["node"] == "edge-a-node-0")
@@ -1351,16 +1346,10 @@ async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
     let _op = fed.operator(operator_bin(), "op-1").expect("operator");
     let ns = fed.namespace("escrow").await.expect("ns");
     let kubeconfig = fed.plane.hub().kubeconfig.clone();
-    let forfeits = |uid_filter: Option<String>| {
-        ledger::export(plugin_bin(), &kubeconfig)
+    let forfeits = || {
+        ledger::receipts_json(plugin_bin(), &kubeconfig, None)
             .into_iter()
-            .map(|e| e["receipt"].clone())
             .filter(|r| r["forfeits"].is_string())
-            .filter(|r| {
-                uid_filter
-                    .as_ref()
-                    .is_none_or(|u| r["jobUid"] == u.as_str())
-            })
             .collect::<Vec<serde_json::Value>>()
     };
     // Replicated jobs until the node has been paid once and then caught.
@@ -1382,11 +1371,11 @@ async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
         )
         .await;
         let uid = done.metadata.uid.clone().expect("uid");
-        let receipts: Vec<serde_json::Value> = ledger::export(plugin_bin(), &kubeconfig)
-            .into_iter()
-            .map(|e| e["receipt"].clone())
-            .filter(|r| r["jobUid"] == uid.as_str() && r["forfeits"].is_null())
-            .collect();
+        let receipts: Vec<serde_json::Value> =
+            ledger::receipts_json(plugin_bin(), &kubeconfig, Some(&uid))
+                .into_iter()
+                .filter(|r| r["forfeits"].is_null())
+                .collect();
         if paid_first.is_none() {
             paid_first = receipts
                 .iter()
@@ -1400,13 +1389,13 @@ async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
                     )
                 });
         }
-        if !forfeits(None).is_empty() {
+        if !forfeits().is_empty() {
             break;
         }
     }
     let paid_first = paid_first.expect("the node was paid for its honest first result");
     let taken = wait::until_some("a forfeit entry", Duration::from_secs(30), || {
-        let f = forfeits(None);
+        let f = forfeits();
         std::future::ready((!f.is_empty()).then_some(f))
     })
     .await;
