@@ -14,13 +14,68 @@
 //! request (an annotation; agents can change only a task's status); the agent writes the
 //! commitment, then the result and the salt (status).
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
 /// Annotation the operator sets on a committed ComputeTask to ask for its reveal; its
 /// value is when it asked (RFC 3339), the start of the reveal deadline.
 pub const REVEAL_ANNOTATION: &str = "edgeloom.io/reveal";
 /// Seconds a replica has to reveal once asked; past it, it is caught as withholding.
 pub const REVEAL_DEADLINE_SECONDS: i64 = 60;
+
+/// A revealed result: what opens the commitment, and the metrics withheld with it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reveal {
+    /// Result digest.
+    pub digest: String,
+    /// Result vector.
+    pub vector: Vec<f64>,
+    /// Workload metrics (withheld too: a result vector may be made of them).
+    pub metrics: BTreeMap<String, f64>,
+    /// Summary values.
+    pub summary: BTreeMap<String, String>,
+    /// The secret salt of the commitment (64 hex).
+    pub salt: String,
+}
+
+/// Key of the operator's reveal public key (hex) in the member ConfigMap
+/// `edgeloom-ledger-checkpoints`.
+pub const REVEAL_KEY_FIELD: &str = "reveal-public-key";
+
+/// Seals a reveal for the operator (a libsodium sealed box to its X25519 public key, hex):
+/// other agents, which can read every task of the cluster, cannot read it, so a replica
+/// placed after the reveals (a tie-breaker, a retry) has nothing to copy.
+pub fn seal(operator_public_key: &str, reveal: &Reveal) -> Result<String, String> {
+    let key: [u8; 32] = unhex(operator_public_key)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("the operator's reveal key is not 32 bytes of hex")?;
+    let plain = serde_json::to_vec(reveal).map_err(|e| e.to_string())?;
+    crypto_box::PublicKey::from_bytes(key)
+        .seal(&mut crypto_box::aead::OsRng, &plain)
+        .map(|c| hex(&c))
+        .map_err(|_| "sealing the reveal failed".to_string())
+}
+
+/// Opens a sealed reveal with the operator's X25519 secret key.
+pub fn open(secret: &crypto_box::SecretKey, sealed: &str) -> Result<Reveal, String> {
+    let bytes = unhex(sealed).ok_or("the sealed reveal is not hex")?;
+    let plain = secret
+        .unseal(&bytes)
+        .map_err(|_| "the sealed reveal does not open with the operator's key".to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| format!("the sealed reveal is malformed: {e}"))
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
 
 /// The nonce of a task: unique per (job, shard, replica, attempt), so that two tasks never
 /// share one. It need not be secret: the agent's salt is what hides the result.
@@ -82,6 +137,29 @@ mod tests {
         assert!(
             !opens(&c, &other_task, "aa", &[0.5, 1.0], "salt"),
             "a commitment copied from another replica does not open for this one"
+        );
+    }
+
+    #[test]
+    fn a_sealed_reveal_opens_only_with_the_operators_key() {
+        let operator = crypto_box::SecretKey::from_bytes([5; 32]);
+        let public = hex(operator.public_key().as_bytes());
+        let r = Reveal {
+            digest: "aa".into(),
+            vector: vec![0.5],
+            metrics: BTreeMap::from([("accuracy".into(), 0.9)]),
+            summary: BTreeMap::new(),
+            salt: "ss".into(),
+        };
+        let sealed = seal(&public, &r).expect("sealed");
+        assert!(!sealed.contains(&hex(b"aa")), "nothing readable");
+        assert_eq!(open(&operator, &sealed), Ok(r.clone()));
+        let other = crypto_box::SecretKey::from_bytes([6; 32]);
+        assert!(open(&other, &sealed).is_err());
+        assert_ne!(
+            seal(&public, &r).expect("sealed"),
+            sealed,
+            "a fresh box each time"
         );
     }
 

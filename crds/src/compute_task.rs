@@ -138,6 +138,11 @@ pub struct ComputeTaskStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub commitment: Option<String>,
+    /// With a nonce in the spec: the reveal (result, metrics, salt) sealed for the operator
+    /// alone (hex of a sealed box to its key), so other agents cannot copy it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1_048_576))]
+    pub sealed_reveal: Option<String>,
     /// With a nonce in the spec: the agent's secret salt of the commitment, revealed with
     /// the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -105,6 +105,8 @@ pub struct Agent {
     running: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
     /// The latest signed ledger checkpoint seen of each pool (kept on the Lease).
     checkpoints: tokio::sync::Mutex<Option<serde_json::Map<String, serde_json::Value>>>,
+    /// The operator's public key for sealed reveals, once read.
+    reveal_key: tokio::sync::Mutex<Option<String>>,
     stopping: AtomicBool,
     wake: Notify,
 }
@@ -120,6 +122,7 @@ impl Agent {
             ready: Arc::new(AtomicBool::new(false)),
             running: Mutex::new(HashMap::new()),
             checkpoints: tokio::sync::Mutex::new(None),
+            reveal_key: tokio::sync::Mutex::new(None),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -251,6 +254,9 @@ impl Agent {
         .and_then(|c| c.data)
         .unwrap_or_default();
         for (pool, text) in shown {
+            if pool == commitment::REVEAL_KEY_FIELD {
+                continue;
+            }
             let Ok(new) = serde_json::from_str::<serde_json::Value>(&text) else {
                 continue;
             };
@@ -590,7 +596,7 @@ impl Agent {
                             summary,
                             salt,
                         };
-                        s.save(&self.sealed_dir(), name).map(|()| s)
+                        sealed::save(&s, &self.sealed_dir(), name).map(|()| s)
                     }) {
                         Ok(s) => {
                             status.phase = Some(TaskPhase::Committed);
@@ -654,46 +660,83 @@ impl Agent {
                 continue;
             }
             let name = t.name_any();
-            let opened = if self.config.copy_peers {
-                match self.peer(&t, |p| p.salt.is_some()).await {
-                    Some(p) => Some(Sealed {
-                        digest: p.result_digest.unwrap_or_default(),
-                        vector: p.result_vector,
-                        metrics: p.metrics,
-                        summary: p.result_summary,
-                        salt: p.salt.unwrap_or_default(),
-                    }),
+            let mut s = status.clone();
+            if self.config.copy_peers {
+                // TEST ONLY: whatever another replica revealed, as it is.
+                match self
+                    .peer(&t, |p| p.sealed_reveal.is_some() || p.salt.is_some())
+                    .await
+                {
+                    Some(p) => {
+                        s.phase = Some(TaskPhase::Succeeded);
+                        s.sealed_reveal = p.sealed_reveal;
+                        s.result_digest = p.result_digest;
+                        s.result_vector = p.result_vector;
+                        s.metrics = p.metrics;
+                        s.result_summary = p.result_summary;
+                        s.salt = p.salt;
+                    }
                     None => continue, // nothing to copy yet
                 }
             } else {
-                Sealed::load(&self.sealed_dir(), &name)
-            };
-            let mut s = status.clone();
-            match opened {
-                Some(o) => {
-                    s.phase = Some(TaskPhase::Succeeded);
-                    s.result_digest = Some(o.digest);
-                    s.result_vector = o.vector;
-                    s.metrics = o.metrics;
-                    s.result_summary = o.summary;
-                    s.salt = Some(o.salt);
-                }
-                None => {
-                    s.phase = Some(TaskPhase::Failed);
-                    s.message = Some(
-                        "the sealed result was lost before its reveal (the agent's work directory is gone)"
-                            .into(),
-                    );
+                match sealed::load(&self.sealed_dir(), &name) {
+                    // For the operator's eyes only when it published its key.
+                    Some(o) => {
+                        s.phase = Some(TaskPhase::Succeeded);
+                        let sealed_for_operator = match self.reveal_key().await {
+                            Some(k) => commitment::seal(&k, &o)
+                                .inspect_err(
+                                    |e| tracing::warn!(error = %e, "revealing in the open"),
+                                )
+                                .ok(),
+                            None => None,
+                        };
+                        match sealed_for_operator {
+                            Some(b) => s.sealed_reveal = Some(b),
+                            None => {
+                                s.result_digest = Some(o.digest);
+                                s.result_vector = o.vector;
+                                s.metrics = o.metrics;
+                                s.result_summary = o.summary;
+                                s.salt = Some(o.salt);
+                            }
+                        }
+                    }
+                    None => {
+                        s.phase = Some(TaskPhase::Failed);
+                        s.message = Some(
+                            "the sealed result was lost before its reveal (the agent's work directory is gone)"
+                                .into(),
+                        );
+                    }
                 }
             }
             match self.set_status(&name, &s).await {
                 Ok(()) => {
-                    Sealed::remove(&self.sealed_dir(), &name);
+                    sealed::remove(&self.sealed_dir(), &name);
                     tracing::info!(task = %name, phase = ?s.phase, "revealed the sealed result");
                 }
                 Err(e) => tracing::debug!(task = %name, error = %e, "reveal failed; will retry"),
             }
         }
+    }
+
+    /// The operator's public key for sealed reveals, as published in this cluster.
+    async fn reveal_key(&self) -> Option<String> {
+        let mut cached = self.reveal_key.lock().await;
+        if cached.is_none() {
+            *cached = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+                self.client.clone(),
+                SYSTEM_NAMESPACE,
+            )
+            .get_opt(CHECKPOINTS_CONFIGMAP)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.data)
+            .and_then(|d| d.get(commitment::REVEAL_KEY_FIELD).cloned());
+        }
+        cached.clone()
     }
 
     /// The status of another replica of the same shard that satisfies `has` (any cluster
@@ -817,7 +860,7 @@ impl Agent {
                             &t.name_any(),
                             "the ComputeTask was deleted (cancelled or superseded)",
                         );
-                        Sealed::remove(&me.sealed_dir(), &t.name_any());
+                        sealed::remove(&me.sealed_dir(), &t.name_any());
                     }
                     Ok(_) => me.wake.notify_one(),
                     Err(e) => tracing::debug!(error = %e, "task watch error"),

@@ -2,25 +2,10 @@
 //! agent's work directory between the commitment and the operator's request to reveal, so
 //! that an agent restarted in between can still reveal.
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A finished task's result, not yet revealed.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Sealed {
-    /// Result digest.
-    pub digest: String,
-    /// Result vector.
-    pub vector: Vec<f64>,
-    /// Workload metrics (withheld too: a result vector may be made of them).
-    pub metrics: BTreeMap<String, f64>,
-    /// Summary values.
-    pub summary: BTreeMap<String, String>,
-    /// The secret salt of the commitment (64 hex).
-    pub salt: String,
-}
+pub type Sealed = edgeloom_crds::commitment::Reveal;
 
 /// A new random salt: 32 bytes from the operating system, as hex.
 pub fn salt() -> Result<String, std::io::Error> {
@@ -33,33 +18,32 @@ fn path(dir: &Path, task: &str) -> PathBuf {
     dir.join(format!("{task}.json"))
 }
 
-impl Sealed {
-    /// Stores it for task `task` (written to a temporary file, then renamed).
-    pub fn save(&self, dir: &Path, task: &str) -> Result<(), std::io::Error> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{task}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(self).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(tmp, path(dir, task))
-    }
+/// Stores `sealed` for task `task` (written to a temporary file, then renamed).
+pub fn save(sealed: &Sealed, dir: &Path, task: &str) -> Result<(), std::io::Error> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{task}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(sealed).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(tmp, path(dir, task))
+}
 
-    /// The stored result of `task`, if any.
-    pub fn load(dir: &Path, task: &str) -> Option<Sealed> {
-        let bytes = std::fs::read(path(dir, task)).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
+/// The stored result of `task`, if any.
+pub fn load(dir: &Path, task: &str) -> Option<Sealed> {
+    let bytes = std::fs::read(path(dir, task)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
 
-    /// Forgets the stored result of `task` (after its reveal, or when the task is gone).
-    pub fn remove(dir: &Path, task: &str) {
-        let _ = std::fs::remove_file(path(dir, task));
-    }
+/// Forgets the stored result of `task` (after its reveal, or when the task is gone).
+pub fn remove(dir: &Path, task: &str) {
+    let _ = std::fs::remove_file(path(dir, task));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_sealed_result_survives_a_restart_until_removed() {
@@ -73,10 +57,10 @@ mod tests {
         };
         assert_eq!(s.salt.len(), 64);
         assert_ne!(s.salt, salt().expect("salt"), "salts are random");
-        s.save(&dir, "t-0-0-1").expect("save");
-        assert_eq!(Sealed::load(&dir, "t-0-0-1"), Some(s));
-        Sealed::remove(&dir, "t-0-0-1");
-        assert_eq!(Sealed::load(&dir, "t-0-0-1"), None);
+        save(&s, &dir, "t-0-0-1").expect("save");
+        assert_eq!(load(&dir, "t-0-0-1"), Some(s));
+        remove(&dir, "t-0-0-1");
+        assert_eq!(load(&dir, "t-0-0-1"), None);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -919,10 +919,15 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         honest.status.clone().expect("status"),
         copier.status.clone().expect("status"),
     );
-    assert!(h.commitment.is_some() && h.salt.is_some(), "{h:?}");
+    // The honest reveal is sealed for the operator: nothing in the cluster to read or copy
+    // but the opaque box, which the copier took as it was.
+    assert!(h.commitment.is_some() && h.sealed_reveal.is_some(), "{h:?}");
+    assert!(
+        h.result_digest.is_none() && h.salt.is_none() && h.metrics.is_empty(),
+        "the result is not readable by other agents: {h:?}"
+    );
     assert_eq!(c.commitment, h.commitment, "copied the commitment");
-    assert_eq!(c.result_digest, h.result_digest, "copied the result");
-    assert_eq!(c.salt, h.salt, "copied the salt");
+    assert_eq!(c.sealed_reveal, h.sealed_reveal, "copied the sealed reveal");
     assert_ne!(
         copier.spec.nonce, honest.spec.nonce,
         "each task has its own nonce"

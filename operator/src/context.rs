@@ -46,6 +46,7 @@ pub struct Books {
     ledgers: Mutex<HashMap<String, Arc<LedgerStore>>>,
     reputations: Mutex<HashMap<String, Arc<ReputationStore>>>,
     signing_key: tokio::sync::Mutex<Option<ed25519_dalek::SigningKey>>,
+    reveal_secret: std::sync::Mutex<Option<crypto_box::SecretKey>>,
 }
 
 /// The Secret (in the operator's namespace) holding the ledger's ed25519 signing key.
@@ -62,7 +63,14 @@ impl Books {
             ledgers: Mutex::default(),
             reputations: Mutex::default(),
             signing_key: tokio::sync::Mutex::default(),
+            reveal_secret: std::sync::Mutex::default(),
         }
+    }
+
+    /// The X25519 key that opens sealed reveals (derived from the signing key's seed, so
+    /// it lives in the same Secret), once the signing key is loaded.
+    pub fn reveal_secret(&self) -> Option<crypto_box::SecretKey> {
+        self.reveal_secret.lock().ok().and_then(|k| k.clone())
     }
 
     /// The key that signs ledger checkpoints: read from its Secret, made (once, by
@@ -113,6 +121,13 @@ impl Books {
             }
             Err(e) => return Err(format!("reading Secret {SIGNING_KEY_SECRET}: {e}")),
         };
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, b"edgeloom reveal key v1\n");
+        sha2::Digest::update(&mut h, key.to_bytes());
+        let seed: [u8; 32] = sha2::Digest::finalize(h).into();
+        if let Ok(mut r) = self.reveal_secret.lock() {
+            *r = Some(crypto_box::SecretKey::from_bytes(seed));
+        }
         *guard = Some(key.clone());
         Ok(key)
     }

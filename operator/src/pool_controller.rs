@@ -147,6 +147,11 @@ async fn publish_checkpoint(ctx: &Context, pool: &str, cp: &merkle::Checkpoint) 
     let Ok(json) = serde_json::to_string(cp) else {
         return;
     };
+    // Agents seal their reveals to this key (the operator alone reads them).
+    let reveal_key = ctx
+        .books
+        .reveal_secret()
+        .map(|k| hex::encode(k.public_key().as_bytes()));
     for m in ctx.fleet.pool_members(pool) {
         let api: Api<ConfigMap> = Api::namespaced(m.client.clone(), SYSTEM_NAMESPACE);
         let patch = serde_json::json!({
@@ -154,6 +159,10 @@ async fn publish_checkpoint(ctx: &Context, pool: &str, cp: &merkle::Checkpoint) 
             "metadata": {"name": CHECKPOINTS_CONFIGMAP},
             "data": {pool: json}
         });
+        let mut patch = patch;
+        if let Some(k) = &reveal_key {
+            patch["data"][edgeloom_crds::commitment::REVEAL_KEY_FIELD] = k.clone().into();
+        }
         // A field manager per pool, so that pools sharing a member keep each other's keys.
         if let Err(e) = api
             .patch(
