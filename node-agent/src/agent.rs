@@ -243,20 +243,12 @@ impl Agent {
             *kept = Some(before);
         }
         let kept = kept.as_mut()?;
-        let shown = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
-            self.client.clone(),
-            SYSTEM_NAMESPACE,
-        )
-        .get_opt(CHECKPOINTS_CONFIGMAP)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|c| c.data)
-        .unwrap_or_default();
+        let mut shown = self.published().await;
+        // The operator's reveal key comes with the checkpoints: keep it for reveals.
+        if let Some(k) = shown.remove(commitment::REVEAL_KEY_FIELD) {
+            *self.reveal_key.lock().await = Some(k);
+        }
         for (pool, text) in shown {
-            if pool == commitment::REVEAL_KEY_FIELD {
-                continue;
-            }
             let Ok(new) = serde_json::from_str::<serde_json::Value>(&text) else {
                 continue;
             };
@@ -721,20 +713,27 @@ impl Agent {
         }
     }
 
-    /// The operator's public key for sealed reveals, as published in this cluster.
+    /// What the operator publishes in this cluster's `edgeloom-ledger-checkpoints`
+    /// ConfigMap: each pool's signed checkpoint and its reveal key (empty when unreadable).
+    async fn published(&self) -> std::collections::BTreeMap<String, String> {
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+            self.client.clone(),
+            SYSTEM_NAMESPACE,
+        )
+        .get_opt(CHECKPOINTS_CONFIGMAP)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.data)
+        .unwrap_or_default()
+    }
+
+    /// The operator's public key for sealed reveals, as published in this cluster (kept by
+    /// the heartbeat; read here only before the first one has).
     async fn reveal_key(&self) -> Option<String> {
         let mut cached = self.reveal_key.lock().await;
         if cached.is_none() {
-            *cached = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
-                self.client.clone(),
-                SYSTEM_NAMESPACE,
-            )
-            .get_opt(CHECKPOINTS_CONFIGMAP)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|c| c.data)
-            .and_then(|d| d.get(commitment::REVEAL_KEY_FIELD).cloned());
+            *cached = self.published().await.remove(commitment::REVEAL_KEY_FIELD);
         }
         cached.clone()
     }
