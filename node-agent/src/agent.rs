@@ -107,6 +107,9 @@ pub struct Agent {
     checkpoints: tokio::sync::Mutex<Option<serde_json::Map<String, serde_json::Value>>>,
     /// The operator's public key for sealed reveals, once read.
     reveal_key: tokio::sync::Mutex<Option<String>>,
+    /// Tasks this agent has revealed: the task watch may still show them Committed for a
+    /// moment, and their sealed result is gone by then (not lost).
+    revealed: Mutex<std::collections::HashSet<String>>,
     stopping: AtomicBool,
     wake: Notify,
 }
@@ -123,6 +126,7 @@ impl Agent {
             running: Mutex::new(HashMap::new()),
             checkpoints: tokio::sync::Mutex::new(None),
             reveal_key: tokio::sync::Mutex::new(None),
+            revealed: Mutex::new(std::collections::HashSet::new()),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -652,6 +656,9 @@ impl Agent {
                 continue;
             }
             let name = t.name_any();
+            if self.revealed.lock().is_ok_and(|r| r.contains(&name)) {
+                continue;
+            }
             let mut s = status.clone();
             if self.config.copy_peers {
                 // TEST ONLY: whatever another replica revealed, as it is.
@@ -705,6 +712,9 @@ impl Agent {
             }
             match self.set_status(&name, &s).await {
                 Ok(()) => {
+                    if let Ok(mut r) = self.revealed.lock() {
+                        r.insert(name.clone());
+                    }
                     sealed::remove(&self.sealed_dir(), &name);
                     tracing::info!(task = %name, phase = ?s.phase, "revealed the sealed result");
                 }
@@ -860,6 +870,9 @@ impl Agent {
                             "the ComputeTask was deleted (cancelled or superseded)",
                         );
                         sealed::remove(&me.sealed_dir(), &t.name_any());
+                        if let Ok(mut r) = me.revealed.lock() {
+                            r.remove(&t.name_any());
+                        }
                     }
                     Ok(_) => me.wake.notify_one(),
                     Err(e) => tracing::debug!(error = %e, "task watch error"),
