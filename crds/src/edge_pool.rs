@@ -278,6 +278,23 @@ pub struct PoolRewards {
     /// ledger checkpoint` prints it for keeping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<LedgerCheckpoint>,
+    /// The latest snapshot of the operator's ledger state in the object store: a restarted
+    /// operator loads it (if its SHA-256 matches) and reads only the entries after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<LedgerSnapshot>,
+    /// Objects holding the ledger's entries (about one per thousand receipts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<u64>,
+}
+
+/// A snapshot of the ledger state, written by the operator to the object store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerSnapshot {
+    /// Entries it covers.
+    pub size: u64,
+    /// SHA-256 of the snapshot object (hex).
+    pub sha256: String,
 }
 
 /// A signed statement of the operator: the pool's ledger had `size` entries with RFC 6962

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane's tools with `go build` from the Go module proxy
-# (docs/ARCHITECTURE.md, "The local control plane"): etcd, kube-apiserver, kube-controller-manager, kubectl and helm.
+# (docs/ARCHITECTURE.md, "The local control plane"): etcd, kube-apiserver, kube-controller-manager, kubectl, helm,
+# and SeaweedFS's `weed` (the S3 server the rewards ledger is tested against).
 #
 # Idempotent. Binaries go to a cache outside the repository, keyed by the pinned versions
 # and the Go modules' checksums, so a machine builds each set once:
@@ -47,19 +48,21 @@ build() {
 
 kube_key="kube-${KUBE_VERSION}-etcd-${ETCD_VERSION}-$(sum "$tools/kube/go.mod" "$tools/kube/go.sum")"
 helm_key="helm-${HELM_VERSION}-$(sum "$tools/helm/go.mod" "$tools/helm/go.sum")"
+weed_key="seaweedfs-$(sum "$tools/seaweedfs/go.mod" "$tools/seaweedfs/go.sum")"
 minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
 kv="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor}"
 kv="$kv -X k8s.io/client-go/pkg/version.gitVersion=${KUBE_VERSION} -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=${minor}"
 
-if [ ! -x "$cache/tools/$kube_key/kubectl" ] || [ ! -x "$cache/tools/$helm_key/helm" ]; then
-  echo "install-tools: downloading Go modules for kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, helm ${HELM_VERSION} (several hundred MB on a cold machine)..."
-  ( cd "$tools/kube" && go mod download ) && ( cd "$tools/helm" && go mod download )
+if [ ! -x "$cache/tools/$kube_key/kubectl" ] || [ ! -x "$cache/tools/$helm_key/helm" ] || [ ! -x "$cache/tools/$weed_key/weed" ]; then
+  echo "install-tools: downloading Go modules for kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, helm ${HELM_VERSION}, SeaweedFS (several hundred MB on a cold machine)..."
+  ( cd "$tools/kube" && go mod download ) && ( cd "$tools/helm" && go mod download ) && ( cd "$tools/seaweedfs" && go mod download )
 fi
 build "$tools/kube" "$cache/tools/$kube_key" etcd go.etcd.io/etcd/server/v3 ""
 build "$tools/kube" "$cache/tools/$kube_key" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kv"
 build "$tools/kube" "$cache/tools/$kube_key" kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kv"
 build "$tools/kube" "$cache/tools/$kube_key" kubectl k8s.io/kubernetes/cmd/kubectl "$kv"
 build "$tools/helm" "$cache/tools/$helm_key" helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}"
+build "$tools/seaweedfs" "$cache/tools/$weed_key" weed github.com/seaweedfs/seaweedfs/weed ""
 
 # Prometheus + promtool: Debian's package, extracted (no root needed once downloaded).
 prom_dir="$cache/prometheus-${PROMETHEUS_DEB_VERSION}"

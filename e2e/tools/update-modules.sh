@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates e2e/tools/{kube,helm}/go.mod and go.sum from versions.env.
+# Regenerates e2e/tools/{kube,helm,seaweedfs}/go.mod and go.sum from versions.env.
 # k8s.io/kubernetes requires its staging modules at v0.0.0, which the module proxy does not
 # serve; every such line of its own go.mod becomes a replace to the matching v0.N.M release.
 set -euo pipefail
@@ -28,4 +28,11 @@ go mod init edgeloom.io/e2e-tools/helm >/dev/null 2>&1
 go mod edit -go=1.26.0
 go get -tool "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
 go mod tidy
-echo "regenerated e2e/tools/kube and e2e/tools/helm for kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, helm ${HELM_VERSION}"
+
+cd "$here/seaweedfs"
+rm -f go.mod go.sum
+go mod init edgeloom.io/e2e-tools/seaweedfs >/dev/null 2>&1
+go mod edit -go=1.26.0
+go get -tool "github.com/seaweedfs/seaweedfs/weed@${SEAWEEDFS_VERSION}"
+go mod tidy
+echo "regenerated e2e/tools/kube, helm and seaweedfs for kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, helm ${HELM_VERSION}, SeaweedFS ${SEAWEEDFS_VERSION}"

@@ -2,7 +2,9 @@
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::rewards::store::{LedgerStore, ReputationStore};
+use crate::rewards::backend::Backend;
+use crate::rewards::objects::LedgerStore;
+use crate::rewards::store::ReputationStore;
 use crate::scheduler::Scheduler;
 use edgeloom_crds::EdgePool;
 use kube::runtime::events::Recorder;
@@ -42,6 +44,7 @@ pub struct Context {
 /// The ledger and reputation store of every pool, made on first use.
 pub struct Books {
     client: kube::Client,
+    backend: Backend,
     namespace: String,
     ledgers: Mutex<HashMap<String, Arc<LedgerStore>>>,
     reputations: Mutex<HashMap<String, Arc<ReputationStore>>>,
@@ -55,10 +58,11 @@ pub const SIGNING_KEY_SECRET: &str = "edgeloom-ledger-signing-key";
 pub const SIGNING_KEY_FIELD: &str = "ed25519-seed";
 
 impl Books {
-    /// Stores in `namespace` of the hub.
-    pub fn new(client: kube::Client, namespace: &str) -> Books {
+    /// Ledgers in `backend`, the rest in `namespace` of the hub.
+    pub fn new(client: kube::Client, namespace: &str, backend: Backend) -> Books {
         Books {
             client,
+            backend,
             namespace: namespace.to_string(),
             ledgers: Mutex::default(),
             reputations: Mutex::default(),
@@ -137,7 +141,11 @@ impl Books {
         let mut m = self.ledgers.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(pool.to_string())
             .or_insert_with(|| {
-                Arc::new(LedgerStore::new(self.client.clone(), &self.namespace, pool))
+                Arc::new(LedgerStore::new(
+                    self.backend.store.clone(),
+                    &self.backend.root,
+                    pool,
+                ))
             })
             .clone()
     }

@@ -35,6 +35,21 @@ struct Flags {
     /// Longest pause between scheduling cycles, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     scheduler_interval_ms: u64,
+    /// The Secret (in the operator's namespace) naming the reward ledgers' object store
+    /// (keys url, endpoint, region, accessKeyId, secretAccessKey, allowHttp).
+    #[arg(
+        long,
+        env = "EDGELOOM_LEDGER_STORE_SECRET",
+        default_value = "edgeloom-ledger-store"
+    )]
+    ledger_store_secret: String,
+    /// Where the ledgers live when that Secret does not exist.
+    #[arg(
+        long,
+        env = "EDGELOOM_LEDGER_DIR",
+        default_value = "/var/lib/edgeloom/ledger"
+    )]
+    ledger_dir: PathBuf,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -43,6 +58,8 @@ struct Flags {
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse();
+    // TLS (the hub, an HTTPS object store) with ring; ignore "already installed".
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
     if flags.log_json {
@@ -65,6 +82,8 @@ async fn main() -> Result<()> {
         leader_elect: !flags.no_leader_elect,
         lease_duration: Duration::from_secs(flags.lease_duration_seconds.max(2)),
         scheduler_interval: Duration::from_millis(flags.scheduler_interval_ms.max(10)),
+        ledger_store_secret: flags.ledger_store_secret,
+        ledger_dir: flags.ledger_dir,
     })
     .await
 }

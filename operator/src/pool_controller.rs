@@ -7,7 +7,8 @@ use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER, POOL_FINALIZER};
 use crate::decimal::Amount;
 use crate::rewards::merkle;
-use crate::rewards::store::{StoreError, Summary};
+use crate::rewards::objects::{SnapshotRef, Summary};
+use crate::rewards::store::StoreError;
 use crate::scheduler::selector_matches;
 use edgeloom_crds::EdgePool;
 use edgeloom_crds::edge_pool::{Capacity, ClusterStatus, EdgePoolStatus, PoolRewards};
@@ -220,6 +221,14 @@ fn pool_rewards(summary: &Summary) -> PoolRewards {
             .map(|(a, v)| (a.clone(), Decimal(v.to_string())))
             .collect(),
         checkpoint: None,
+        snapshot: summary
+            .snapshot
+            .as_ref()
+            .map(|s| edgeloom_crds::edge_pool::LedgerSnapshot {
+                size: s.size,
+                sha256: s.sha256.clone(),
+            }),
+        objects: Some(summary.objects),
     }
 }
 
@@ -399,8 +408,16 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
         .is_some_and(|r| r.checkpoint.is_some());
     let key = ctx.books.signing_key(!signed_before).await;
     let previous = old_checkpoint(&pool, key.as_ref().ok());
+    let snapshot = old
+        .rewards
+        .as_ref()
+        .and_then(|r| r.snapshot.as_ref())
+        .map(|s| SnapshotRef {
+            size: s.size,
+            sha256: s.sha256.clone(),
+        });
     if let Some(Ok(cp)) = &previous {
-        ledger.set_anchor(cp.clone()).await;
+        ledger.set_anchor(cp.clone(), snapshot.clone()).await;
     }
     let checked = match (&key, &previous) {
         (Err(e), _) => Err(StoreError::Broken(format!("no signing key: {e}"))),
@@ -422,7 +439,9 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                     ),
                 });
                 if let Some(cp) = &checkpoint {
-                    ledger.set_anchor(cp.clone()).await;
+                    ledger
+                        .set_anchor(cp.clone(), summary.snapshot.clone().or(snapshot))
+                        .await;
                     publish_checkpoint(ctx, &name, cp).await;
                 }
                 ctx.metrics.ledger_intact.with_label_values(&[&name]).set(1);

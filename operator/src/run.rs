@@ -37,6 +37,34 @@ pub struct Settings {
     pub lease_duration: Duration,
     /// Longest time between scheduling cycles.
     pub scheduler_interval: Duration,
+    /// The Secret (in `namespace`) naming the ledgers' object store.
+    pub ledger_store_secret: String,
+    /// Where the ledgers live when that Secret does not exist.
+    pub ledger_dir: PathBuf,
+}
+
+/// The ledgers' object store: the one the Secret names, else the local directory.
+async fn ledger_backend(
+    client: &kube::Client,
+    settings: &Settings,
+) -> Result<crate::rewards::backend::Backend> {
+    use crate::rewards::backend::{StoreConfig, from_hub};
+    let config = match from_hub(client, &settings.namespace, &settings.ledger_store_secret)
+        .await
+        .map_err(anyhow::Error::msg)?
+    {
+        Some(c) => c,
+        None => {
+            tracing::warn!(
+                secret = %settings.ledger_store_secret, dir = %settings.ledger_dir.display(),
+                "no object store Secret: the reward ledgers live in a local directory (give the operator an S3 bucket for production)"
+            );
+            StoreConfig::local(&settings.ledger_dir)
+        }
+    };
+    let backend = config.open().map_err(anyhow::Error::msg)?;
+    tracing::info!(url = %backend.url, "reward ledgers in the object store");
+    Ok(backend)
 }
 
 async fn hub_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
@@ -73,6 +101,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .apiserver_version()
         .await
         .context("the hub API server does not answer")?;
+    let backend = ledger_backend(&client, &settings).await?;
     ready.store(true, Ordering::Relaxed);
 
     let election = Election {
@@ -110,7 +139,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         recorder,
         pools: pools.store(),
         identity: settings.identity.clone(),
-        books: Books::new(client.clone(), &settings.namespace),
+        books: Books::new(client.clone(), &settings.namespace, backend),
     });
     tokio::spawn(scheduler.run(
         fleet,

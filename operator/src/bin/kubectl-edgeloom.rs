@@ -11,11 +11,13 @@ use clap::{Parser, Subcommand};
 use edgeloom_crds::edge_pool::VerificationPolicy;
 use edgeloom_crds::{ComputeJob, EdgePool};
 use edgeloom_operator::cli;
+use edgeloom_operator::rewards::backend::{self, STORE_SECRET, StoreConfig};
 use edgeloom_operator::rewards::ledger::Entry;
 use edgeloom_operator::rewards::merkle::Checkpoint;
+use edgeloom_operator::rewards::objects;
 use edgeloom_operator::rewards::store::{
-    LEDGER_LABEL, REPUTATION_KEY, REPUTATION_LABEL, RawSegment, parse_segments, reputation_name,
-    reputation_shard, reputation_shard_of,
+    REPUTATION_KEY, REPUTATION_LABEL, pool_token, reputation_name, reputation_shard,
+    reputation_shard_of,
 };
 use edgeloom_operator::rewards::trust::Reputation;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
@@ -55,9 +57,13 @@ enum Cmd {
         /// Only this pool's ledger (default: every ledger found).
         #[arg(long, global = true)]
         pool: Option<String>,
-        /// Namespace the operator keeps ledgers in.
+        /// Namespace of the operator (its object store Secret, reputation records).
         #[arg(long, global = true, default_value = "edgeloom-system")]
         operator_namespace: String,
+        /// Read the ledgers from this store instead of the one the operator's Secret
+        /// names (file:///dir for an operator without an object store).
+        #[arg(long, global = true)]
+        store_url: Option<String>,
     },
 }
 
@@ -174,8 +180,9 @@ async fn main() -> Result<()> {
             action,
             pool,
             operator_namespace,
+            store_url,
         } => {
-            let broken = ledger(&client, action, pool, &operator_namespace).await?;
+            let broken = ledger(&client, action, pool, &operator_namespace, store_url).await?;
             if broken {
                 std::process::exit(1);
             }
@@ -190,6 +197,7 @@ async fn ledger(
     action: LedgerCmd,
     pool: Option<String>,
     namespace: &str,
+    store_url: Option<String>,
 ) -> Result<bool> {
     match &action {
         LedgerCmd::Trust => return trust(client, pool, namespace).await,
@@ -200,35 +208,48 @@ async fn ledger(
         LedgerCmd::Prove { .. } if pool.is_none() => bail!("prove needs --pool"),
         _ => {}
     }
-    let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(LEDGER_LABEL))
-        .await
-        .with_context(|| format!("listing ledger ConfigMaps in {namespace}"))?
-        .items;
-    // Segments by pool (the annotation holds the full name; the label a short token).
-    let mut pools: BTreeMap<String, Vec<RawSegment>> = BTreeMap::new();
-    for cm in &cms {
-        let name = pool_of(cm, LEDGER_LABEL);
-        pools
-            .entry(name)
-            .or_default()
-            .push(RawSegment::from_config_map(cm));
-    }
-    if let Some(p) = &pool {
-        pools.retain(|name, _| name == p);
-        if pools.is_empty() {
-            bail!("no ledger for pool {p} in namespace {namespace} (no receipts yet?)");
-        }
-    }
-    if pools.is_empty() {
-        eprintln!("no ledgers in namespace {namespace} (no receipts issued yet)");
-        return Ok(false);
-    }
     let pool_objects = Api::<EdgePool>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map(|l| l.items)
         .unwrap_or_default();
+    let config = match store_url {
+        Some(url) => StoreConfig {
+            url,
+            ..StoreConfig::default()
+        },
+        None => backend::from_hub(client, namespace, STORE_SECRET)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| {
+                format!(
+                    "no Secret {namespace}/{STORE_SECRET}: the operator keeps its ledgers in its local directory; \
+                     read them there with --store-url file:///<dir>"
+                )
+            })?,
+    };
+    let store = config.open().map_err(anyhow::Error::msg)?;
+    // Pools with a log, by their full name where an EdgePool has it.
+    let names: BTreeMap<String, String> = pool_objects
+        .iter()
+        .map(|p| (pool_token(&p.name_any()), p.name_any()))
+        .collect();
+    let mut pools: Vec<String> = objects::pools(store.store.as_ref(), &store.root)
+        .await
+        .with_context(|| format!("listing the ledgers in {}", store.url))?
+        .into_iter()
+        .map(|t| names.get(&t).cloned().unwrap_or(t))
+        .collect();
+    if let Some(p) = &pool {
+        pools.retain(|name| name == p);
+        if pools.is_empty() {
+            bail!("no ledger for pool {p} in {} (no receipts yet?)", store.url);
+        }
+    }
+    if pools.is_empty() {
+        eprintln!("no ledgers in {} (no receipts issued yet)", store.url);
+        return Ok(false);
+    }
     let units: BTreeMap<String, String> = pool_objects
         .iter()
         .map(|p| (p.name_any(), p.spec.rewards.unit.clone()))
@@ -254,13 +275,21 @@ async fn ledger(
         _ => None,
     };
     let mut broken = false;
-    for (name, segments) in pools {
-        let count = segments.len();
+    for name in pools {
+        let prefix = objects::log_prefix(&store.root, &name);
         let unit = units.get(&name).cloned().unwrap_or_default();
-        match (action.clone(), parse_segments(segments.clone())) {
-            (LedgerCmd::Verify { .. }, Ok((entries, _))) => {
+        let read = objects::read_all(store.store.as_ref(), &prefix)
+            .await
+            .map_err(|e| e.to_string());
+        match (action.clone(), read) {
+            (LedgerCmd::Verify { .. }, Ok((entries, locations))) => {
+                let count = locations
+                    .iter()
+                    .map(|l| &l.object)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
                 println!(
-                    "pool {name}: {} receipt(s) in {count} segment(s), head {}: every link verified",
+                    "pool {name}: {} entries in {count} object(s), head {}: every link verified",
                     entries.len(),
                     entries
                         .last()
@@ -323,11 +352,7 @@ async fn ledger(
                 }
                 let entries: Vec<Entry> = match result {
                     Ok((entries, _)) => entries,
-                    Err(_) => segments
-                        .iter()
-                        .flat_map(|s| s.data.lines().map(str::to_string).collect::<Vec<_>>())
-                        .filter_map(|l| serde_json::from_str(&l).ok())
-                        .collect(),
+                    Err(_) => objects::read_unchecked(store.store.as_ref(), &prefix).await?,
                 };
                 for e in entries {
                     let mut v = serde_json::to_value(&e)?;
@@ -347,8 +372,8 @@ async fn ledger(
     Ok(broken)
 }
 
-/// The pool a ledger or reputation ConfigMap belongs to: its annotation holds the full
-/// name, its label a token (the name, shortened when long).
+/// The pool a reputation ConfigMap belongs to: its annotation holds the full name, its
+/// label a token (the name, shortened when long).
 fn pool_of(cm: &ConfigMap, label: &str) -> String {
     cm.annotations()
         .get("edgeloom.io/pool")

@@ -49,6 +49,23 @@ impl Frontier {
         self.size
     }
 
+    /// The roots of the perfect subtrees, largest first.
+    pub fn peaks(&self) -> &[Hash] {
+        &self.peaks
+    }
+
+    /// A frontier from its size and peaks (as [`Frontier::peaks`] gave them).
+    pub fn from_parts(size: u64, peaks: Vec<Hash>) -> Result<Frontier, String> {
+        if peaks.len() != size.count_ones() as usize {
+            return Err(format!(
+                "a tree of {size} leaves has {} peaks, not {}",
+                size.count_ones(),
+                peaks.len()
+            ));
+        }
+        Ok(Frontier { size, peaks })
+    }
+
     /// Appends a leaf (its RFC 6962 leaf hash).
     pub fn push(&mut self, leaf: Hash) {
         let mut carry = leaf;
