@@ -46,6 +46,9 @@ pub enum FederationError {
     /// A process failed to start.
     #[error("starting {0}: {1}")]
     Spawn(String, std::io::Error),
+    /// The S3 server failed to start.
+    #[error("S3 server: {0}")]
+    S3(String),
 }
 
 /// Creates namespace `name` unless it exists.
@@ -81,9 +84,26 @@ fn kubeconfig_secret(member: &str, kubeconfig: String) -> Secret {
     }
 }
 
+/// The operator's object store Secret (`edgeloom-ledger-store`) for ledgers under `prefix`
+/// of `server`'s bucket.
+pub fn ledger_store_secret(server: &crate::s3::S3Server, prefix: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(LEDGER_STORE_SECRET.into()),
+            ..Default::default()
+        },
+        string_data: Some(server.secret_data(prefix)),
+        ..Default::default()
+    }
+}
+
+/// The Secret naming the operator's object store.
+pub const LEDGER_STORE_SECRET: &str = "edgeloom-ledger-store";
+
 /// Readies a control plane for edgeloom: the CRDs and the system namespace in every
-/// cluster, and each member's kubeconfig as a Secret `<member>-kubeconfig` in the hub's
-/// system namespace (what an EdgePool names). Returns the hub's client.
+/// cluster, each member's kubeconfig as a Secret `<member>-kubeconfig` in the hub's system
+/// namespace (what an EdgePool names), and the operator's object store: the process's
+/// shared SeaweedFS, under a prefix of this control plane's own. Returns the hub's client.
 pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, FederationError> {
     for c in plane.clusters() {
         let client = c.client().await?;
@@ -96,6 +116,18 @@ pub async fn link_members(plane: &ControlPlane) -> Result<kube::Client, Federati
         let secret = kubeconfig_secret(&m.name, m.kubeconfig_yaml()?);
         secrets.create(&PostParams::default(), &secret).await?;
     }
+    let server = crate::s3::shared().map_err(FederationError::S3)?;
+    let prefix = plane
+        .dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "e2e".into());
+    secrets
+        .create(
+            &PostParams::default(),
+            &ledger_store_secret(server, &prefix),
+        )
+        .await?;
     Ok(hub)
 }
 

@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod s3;
 pub mod scrape;
 pub mod sim_agent;
 pub mod tools;

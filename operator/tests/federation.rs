@@ -325,6 +325,73 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
     );
 }
 
+/// Pool `edge`'s ledger log in the object store the operator's Secret names (what someone
+/// with write access to the bucket could change).
+async fn ledger_log(
+    fed: &Federation,
+) -> (
+    std::sync::Arc<dyn object_store::ObjectStore>,
+    object_store::path::Path,
+) {
+    use edgeloom_operator::rewards::backend::{STORE_SECRET, StoreConfig};
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let secret = secrets.get(STORE_SECRET).await.expect("store Secret");
+    let backend = StoreConfig::from_secret(&secret)
+        .expect("store config")
+        .open()
+        .expect("store");
+    let prefix = edgeloom_operator::rewards::objects::log_prefix(&backend.root, "edge");
+    (backend.store, prefix)
+}
+
+/// Rewrites, in place, the object of pool `edge`'s log holding entry `seq`: `edit` gets its
+/// lines and the index of that entry's line. Returns the object's name and the line (from 1).
+async fn rewrite_object(
+    fed: &Federation,
+    seq: u64,
+    edit: impl Fn(&mut Vec<String>, usize),
+) -> (String, usize) {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let (store, prefix) = ledger_log(fed).await;
+    let objects: Vec<object_store::ObjectMeta> =
+        store.list(Some(&prefix)).try_collect().await.expect("list");
+    for m in objects {
+        let text = String::from_utf8(
+            store
+                .get(&m.location)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes")
+                .to_vec(),
+        )
+        .expect("utf8");
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let at = lines.iter().position(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["seq"] == seq)
+        });
+        if let Some(at) = at
+            && m.location.as_ref().contains("/entries/")
+        {
+            edit(&mut lines, at);
+            if lines.is_empty() {
+                store.delete(&m.location).await.expect("deleted");
+            } else {
+                let body = lines.join("\n") + "\n";
+                store
+                    .put(&m.location, body.into())
+                    .await
+                    .expect("rewritten");
+            }
+            return (m.location.to_string(), at + 1);
+        }
+    }
+    panic!("no object holds entry {seq}");
+}
+
 fn plugin_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kubectl-edgeloom"))
 }
@@ -509,27 +576,17 @@ async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
         balance.stdout
     );
 
-    // Someone with write access to the hub raises the amount of the third entry.
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
-    let name = "edgeloom-ledger-edge-000000";
-    let mut cm = cms.get(name).await.expect("ledger segment");
-    let data = cm.data.as_mut().expect("data");
-    let text = data["entries.jsonl"].clone();
-    let mut lines: Vec<String> = text.lines().map(String::from).collect();
-    assert_eq!(lines.len(), 4);
-    lines[2] = lines[2].replace("\"amount\":\"0.0002\"", "\"amount\":\"20.0002\"");
-    data.insert("entries.jsonl".into(), lines.join("\n") + "\n");
-    cms.replace(name, &Default::default(), &cm)
-        .await
-        .expect("altered");
-
+    // Someone with write access to the bucket raises the amount of the third entry.
+    let (name, line) = rewrite_object(&fed, 2, |lines, at| {
+        lines[at] = lines[at].replace("\"amount\":\"0.0002\"", "\"amount\":\"20.0002\"");
+    })
+    .await;
     let verify = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "verify"]);
     assert_eq!(verify.code, Some(1), "{verify:?}");
     assert!(
         verify.stdout.contains("ledger entry 2 (seq 2) is broken")
             && verify.stdout.contains("altered")
-            && verify.stdout.contains(&format!("{name} line 3")),
+            && verify.stdout.contains(&format!("{name} line {line}")),
         "{}",
         verify.stdout
     );
@@ -1255,30 +1312,13 @@ async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() 
     assert_eq!(code, Some(1), "{msg}");
     assert!(msg.contains("altered"), "{msg}");
 
-    // Someone with write access to the hub rewrites the last receipt and recomputes its
+    // Someone with write access to the bucket rewrites the last receipt and recomputes its
     // hash: the chain is internally consistent again ...
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
-    let name = "edgeloom-ledger-edge-000000";
-    async fn rewrite(
-        cms: &Api<k8s_openapi::api::core::v1::ConfigMap>,
-        name: &str,
-        edit: impl Fn(&mut Vec<String>),
-    ) {
-        let mut cm = cms.get(name).await.expect("ledger segment");
-        let data = cm.data.as_mut().expect("data");
-        let mut lines: Vec<String> = data["entries.jsonl"].lines().map(String::from).collect();
-        edit(&mut lines);
-        data.insert("entries.jsonl".into(), lines.join("\n") + "\n");
-        cms.replace(name, &Default::default(), &cm)
-            .await
-            .expect("rewritten");
-    }
-    rewrite(&cms, name, |lines: &mut Vec<String>| {
-        let mut last: Entry = serde_json::from_str(lines.last().expect("entries")).expect("entry");
+    rewrite_object(&fed, 2, |lines, at| {
+        let mut last: Entry = serde_json::from_str(&lines[at]).expect("entry");
         last.receipt.amount = "20".into();
         last.hash = entry_hash(last.seq, &last.prev, &last.receipt);
-        *lines.last_mut().expect("entries") = serde_json::to_string(&last).expect("json");
+        lines[at] = serde_json::to_string(&last).expect("json");
     })
     .await;
     let verify = |with_kept: bool| {
@@ -1308,8 +1348,8 @@ async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() 
     )
     .await;
     // Dropping the last entry instead (a valid, shorter chain) is named as a truncation.
-    rewrite(&cms, name, |lines: &mut Vec<String>| {
-        lines.pop();
+    rewrite_object(&fed, 2, |lines, at| {
+        lines.truncate(at);
     })
     .await;
     let out = verify(true);

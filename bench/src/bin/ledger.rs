@@ -1,11 +1,14 @@
 //! Rewards benchmarks (issue #5).
 //!
 //! `ledger chain [--receipts N]`: append N receipts to the hash chain (batches of 100, as
-//! the operator writes them), encode them as segments (JSON lines), read the segments back
-//! and verify the whole chain; rates per second for each step.
+//! the operator writes them), encode them as JSON lines, parse them back and verify the
+//! whole chain; rates per second for each step.
 //!
-//! `ledger store [--receipts N]`: the same through a real kube-apiserver (the operator's
-//! LedgerStore writing ConfigMap segments), then a cold load + verify as after a restart.
+//! `ledger store [--receipts N] [--single N]`: the operator's LedgerStore on a real S3
+//! server (SeaweedFS, from install-tools): N receipts appended 100 per batch, then `single`
+//! more one per batch (what a busy pool does); a duplicate batch; then, each in a fresh
+//! process, a restart (load from the signed checkpoint's snapshot) and a full load that
+//! reads and verifies every receipt, with the memory each keeps.
 //!
 //! `ledger verification [--nodes N] [--shards N] [--escrow N]`: a simulated fleet with 5%
 //! cheaters of seven kinds (`edgeloom_bench::verification`), every shard driven through
@@ -14,12 +17,14 @@
 //! on verification, the wrong results accepted and paid after the escrow, and the honest
 //! results wrongly rejected.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use edgeloom_bench::verification::{Model, Policy, simulate};
 use edgeloom_operator::decimal::Amount;
+use edgeloom_operator::rewards::backend::StoreConfig;
 use edgeloom_operator::rewards::ledger::{self, Ledger, Receipt};
-use edgeloom_operator::rewards::store::{self as ledger_store, LedgerStore, RawSegment};
+use edgeloom_operator::rewards::merkle::{self, Checkpoint};
+use edgeloom_operator::rewards::objects::{LedgerStore, SnapshotRef};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -35,16 +40,28 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         receipts: usize,
     },
-    /// The ledger through a real kube-apiserver.
+    /// The ledger on a real S3 server (SeaweedFS).
     Store {
-        #[arg(long, default_value_t = 100_000)]
+        /// Receipts appended 100 per batch.
+        #[arg(long, default_value_t = 1_000_000)]
         receipts: usize,
+        /// Receipts appended after those, one per batch.
+        #[arg(long, default_value_t = 2_000)]
+        single: usize,
     },
-    /// (Used by `store`.) Loads the bench ledger and prints the memory it holds.
+    /// (Used by `store`.) Loads the bench ledger in this fresh process and prints the time
+    /// and the memory it keeps.
     #[command(hide = true)]
     Load {
+        /// The store's settings, as JSON (url, endpoint, keys).
         #[arg(long)]
-        kubeconfig: std::path::PathBuf,
+        store: String,
+        /// The signed checkpoint, as JSON.
+        #[arg(long)]
+        checkpoint: String,
+        /// The snapshot to start from: size:sha256 (none: read every receipt).
+        #[arg(long)]
+        snapshot: Option<String>,
     },
     /// Verification overhead: fixed replicas=2 against adaptive trust.
     Verification {
@@ -89,7 +106,10 @@ fn receipt(i: usize) -> Receipt {
         speed_factor_milli: 1000,
         amount: Amount::from_atto(123_456_789_000_000 + i as u128).to_string(),
         result_digest: format!("{:064x}", i),
-        time: "2026-11-25T00:00:00Z".into(),
+        // One receipt a second: the hour in escrow holds 3,600 of them.
+        time: (jiff::Timestamp::from_second(1_795_000_000).expect("time")
+            + jiff::SignedDuration::from_secs(i as i64))
+        .to_string(),
         cluster: None,
         forfeits: None,
     }
@@ -105,24 +125,19 @@ fn chain(n: usize) {
     }
     let append = t.elapsed();
     let t = Instant::now();
-    let segments: Vec<RawSegment> = l
+    let text: String = l
         .entries()
-        .chunks(ledger_store::SEGMENT_ENTRIES)
-        .enumerate()
-        .map(|(i, c)| RawSegment {
-            name: ledger_store::segment_name("bench", i),
-            index: i,
-            data: c
-                .iter()
-                .map(|e| serde_json::to_string(e).expect("json") + "\n")
-                .collect(),
-        })
+        .iter()
+        .map(|e| serde_json::to_string(e).expect("json") + "\n")
         .collect();
     let encode = t.elapsed();
-    let bytes: usize = segments.iter().map(|s| s.data.len()).sum();
-    let largest = segments.iter().map(|s| s.data.len()).max().unwrap_or(0);
+    let bytes = text.len();
     let t = Instant::now();
-    let (entries, _) = ledger_store::parse_segments(segments).expect("verifies");
+    let entries: Vec<ledger::Entry> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("entry"))
+        .collect();
+    ledger::verify(&entries).expect("verifies");
     let load = t.elapsed();
     let t = Instant::now();
     ledger::verify(&entries).expect("verifies");
@@ -148,12 +163,12 @@ fn chain(n: usize) {
         append.as_secs_f64()
     );
     println!(
-        "  encode segments (JSON lines)  {:>12.0} receipts/s  ({:.3} s)",
+        "  encode (JSON lines)           {:>12.0} receipts/s  ({:.3} s)",
         rate(encode),
         encode.as_secs_f64()
     );
     println!(
-        "  parse segments + verify       {:>12.0} receipts/s  ({:.3} s)",
+        "  parse + verify                {:>12.0} receipts/s  ({:.3} s)",
         rate(load),
         load.as_secs_f64()
     );
@@ -163,75 +178,173 @@ fn chain(n: usize) {
         verify.as_secs_f64()
     );
     println!(
-        "  {} segments, {:.1} MiB in all, largest {:.0} KiB (etcd object limit 1.5 MiB)",
-        n.div_ceil(ledger_store::SEGMENT_ENTRIES),
+        "  {:.1} MiB of JSON lines ({:.0} bytes a receipt)",
         bytes as f64 / 1048576.0,
-        largest as f64 / 1024.0
+        bytes as f64 / n as f64
     );
 }
 
-async fn store(n: usize) -> Result<()> {
-    eprintln!("starting a hub kube-apiserver ...");
-    let plane = edgeloom_e2e::ControlPlane::start(edgeloom_e2e::Config {
-        members: vec![],
-        nodes_per_member: 0,
-        controller_manager: false,
-        ..edgeloom_e2e::Config::default()
-    })
-    .await?;
-    let client = plane.hub().client().await?;
-    edgeloom_e2e::federation::ensure_namespace(&client, "edgeloom-system").await?;
-    let store = LedgerStore::new(client.clone(), "edgeloom-system", "bench");
-    let receipts: Vec<Receipt> = (0..n).map(receipt).collect();
+async fn store(n: usize, single: usize) -> Result<()> {
+    eprintln!("starting SeaweedFS (S3 on 127.0.0.1:8333) ...");
+    let dir = std::env::temp_dir().join(format!("edgeloom-bench-s3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = edgeloom_e2e::s3::S3Server::start(&dir).map_err(anyhow::Error::msg)?;
+    let data = server.secret_data("bench");
+    let config = StoreConfig::from_data(&data).map_err(anyhow::Error::msg)?;
+    let backend = config.open().map_err(anyhow::Error::msg)?;
+    let store = LedgerStore::new(backend.store.clone(), &backend.root, "bench");
+    let total = n + single;
+    let receipts: Vec<Receipt> = (0..total).map(receipt).collect();
     let t = Instant::now();
-    for (i, batch) in receipts.chunks(100).enumerate() {
+    for (i, batch) in receipts[..n].chunks(100).enumerate() {
         store.append(batch.to_vec(), None).await?;
-        if i % 200 == 199 {
-            eprintln!("  {} receipts written", (i + 1) * 100);
+        if i % 1000 == 999 {
+            eprintln!(
+                "  {} receipts written ({:.0}/s)",
+                (i + 1) * 100,
+                ((i + 1) * 100) as f64 / t.elapsed().as_secs_f64()
+            );
         }
     }
-    let append = t.elapsed();
+    let append100 = t.elapsed();
+    let t = Instant::now();
+    for r in &receipts[n..] {
+        store.append(vec![r.clone()], None).await?;
+    }
+    let append1 = t.elapsed();
     // Idempotence costs: the same receipts again write nothing.
     let t = Instant::now();
     let again = store.append(receipts[..100].to_vec(), None).await?;
     let dup = t.elapsed();
     assert!(again.written.is_empty() && again.refused.is_empty());
-    let t = Instant::now();
-    let cold = LedgerStore::new(client, "edgeloom-system", "bench");
-    let summary = cold.summary().await?;
-    let load = t.elapsed();
-    drop(cold);
-    // The memory a loaded store holds, measured in a fresh process (this one's allocator
-    // still holds what the writes used).
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .arg("load")
-        .arg("--kubeconfig")
-        .arg(&plane.hub().kubeconfig)
-        .output()?;
-    let memory = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let summary = store.summary().await?;
+    assert_eq!(summary.size, total as u64);
+    let key = merkle::new_key().map_err(anyhow::Error::msg)?;
+    let cp = Checkpoint::sign(
+        &key,
+        "bench",
+        summary.size,
+        &summary.root,
+        &jiff::Timestamp::now().to_string(),
+    );
+    drop(store);
+    let load = |snapshot: Option<&SnapshotRef>| -> Result<String> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("load")
+            .arg("--store")
+            .arg(serde_json::to_string(&data)?)
+            .arg("--checkpoint")
+            .arg(serde_json::to_string(&cp)?);
+        if let Some(s) = snapshot {
+            cmd.arg("--snapshot")
+                .arg(format!("{}:{}", s.size, s.sha256));
+        }
+        let out = cmd.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let restart = load(summary.snapshot.as_ref())?;
+    let full = load(None)?;
+    let mut objects = 0usize;
+    let mut bytes = 0u64;
+    {
+        use futures::TryStreamExt;
+        let all: Vec<_> = backend.store.list(None).try_collect().await?;
+        for m in all {
+            objects += 1;
+            bytes += m.size;
+        }
+    }
     println!(
-        "ledger store: {n} receipts through kube-apiserver (ConfigMap segments), batches of 100"
+        "ledger store: {total} receipts in SeaweedFS (S3, create-only puts, packs of 1,000, a snapshot every 10,000)"
     );
     println!(
-        "  append            {:>10.0} receipts/s  ({:.1} s, {:.1} ms per batch write)",
-        n as f64 / append.as_secs_f64(),
-        append.as_secs_f64(),
-        append.as_secs_f64() * 1000.0 / n.div_ceil(100) as f64
+        "  append, 100 per batch  {:>10.0} receipts/s  ({:.1} s, {:.2} ms per batch)",
+        n as f64 / append100.as_secs_f64(),
+        append100.as_secs_f64(),
+        append100.as_secs_f64() * 1000.0 / n.div_ceil(100) as f64
     );
     println!(
-        "  duplicate batch   {:>10.1} ms (nothing written)",
+        "  append, 1 per batch    {:>10.0} receipts/s  ({:.1} s for {single}, {:.2} ms each)",
+        single as f64 / append1.as_secs_f64(),
+        append1.as_secs_f64(),
+        append1.as_secs_f64() * 1000.0 / single.max(1) as f64
+    );
+    println!(
+        "  duplicate batch        {:>10.1} ms (nothing written)",
         dup.as_secs_f64() * 1000.0
     );
     println!(
-        "  cold load+verify  {:>10.0} receipts/s  ({:.2} s; {} receipts, head {}...)",
-        n as f64 / load.as_secs_f64(),
-        load.as_secs_f64(),
-        summary.totals.receipts,
-        &summary.head[..12]
+        "  {objects} objects, {:.1} MiB in the bucket; snapshot at {} entries",
+        bytes as f64 / 1048576.0,
+        summary.snapshot.as_ref().map_or(0, |s| s.size)
     );
-    println!("  {memory}");
-    drop(plane);
+    println!("  restart (from the snapshot): {restart}");
+    println!("  full load + verify:          {full}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `load`: one cold load in this process; prints its time and the memory it keeps.
+async fn load(store: &str, checkpoint: &str, snapshot: Option<String>) -> Result<()> {
+    let data: std::collections::BTreeMap<String, String> = serde_json::from_str(store)?;
+    let backend = StoreConfig::from_data(&data)
+        .map_err(anyhow::Error::msg)?
+        .open()
+        .map_err(anyhow::Error::msg)?;
+    let cp: Checkpoint = serde_json::from_str(checkpoint)?;
+    let snapshot = snapshot
+        .map(|s| -> Result<SnapshotRef> {
+            let (size, sha256) = s.split_once(':').context("size:sha256")?;
+            Ok(SnapshotRef {
+                size: size.parse()?,
+                sha256: sha256.to_string(),
+            })
+        })
+        .transpose()?;
+    let from = snapshot.as_ref().map_or(0, |s| s.size);
+    let before = rss_kib();
+    let t = Instant::now();
+    let store = LedgerStore::new(backend.store.clone(), &backend.root, "bench");
+    store.set_anchor(cp.clone(), snapshot).await;
+    let summary = store.summary().await?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        summary.size == cp.size && summary.root == cp.root_hash().map_err(anyhow::Error::msg)?
+    );
+    let peak = peak_rss_kib();
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
+    let after = rss_kib();
+    let read = cp.size - from;
+    println!(
+        "{:.2} s, {} receipts read and verified ({:.0}/s), checkpoint root matches; RSS {:.1} MiB with the ledger loaded ({:.1} MiB for the ledger, peak {:.1} MiB)",
+        took.as_secs_f64(),
+        read,
+        read as f64 / took.as_secs_f64(),
+        after as f64 / 1024.0,
+        after.saturating_sub(before) as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    drop(store);
+    Ok(())
+}
+
+/// Peak resident memory of this process in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Resident memory of this process in KiB.
@@ -301,29 +414,12 @@ fn verification_bench(n: usize, shards: u64, cheaters_percent: u64, p: Policy, s
 async fn main() -> Result<()> {
     match Flags::parse().cmd {
         Cmd::Chain { receipts } => chain(receipts),
-        Cmd::Store { receipts } => store(receipts).await?,
-        Cmd::Load { kubeconfig } => {
-            let client = edgeloom_e2e::control_plane::client_for("hub", &kubeconfig).await?;
-            client.apiserver_version().await?;
-            // Load once to warm the allocator up (the listed JSON is large and transient),
-            // then a second store: the RSS it adds is what a loaded store keeps.
-            let warm = LedgerStore::new(client.clone(), "edgeloom-system", "bench");
-            warm.summary().await?;
-            // SAFETY: malloc_trim only releases free heap memory.
-            unsafe { libc::malloc_trim(0) };
-            let before = rss_kib();
-            let store = LedgerStore::new(client, "edgeloom-system", "bench");
-            let summary = store.summary().await?;
-            // SAFETY: as above.
-            unsafe { libc::malloc_trim(0) };
-            let after = rss_kib();
-            println!(
-                "memory a loaded store keeps: {:.1} MiB RSS for {} receipts (receipts stay in the API; the operator keeps keys, head, totals and the open segment)",
-                after.saturating_sub(before) as f64 / 1024.0,
-                summary.totals.receipts
-            );
-            drop(warm);
-        }
+        Cmd::Store { receipts, single } => store(receipts, single).await?,
+        Cmd::Load {
+            store,
+            checkpoint,
+            snapshot,
+        } => load(&store, &checkpoint, snapshot).await?,
         Cmd::Verification {
             nodes,
             shards,

@@ -113,6 +113,9 @@ impl StoreConfig {
             if bucket.is_empty() {
                 return Err(format!("url {:?} names no bucket", self.url));
             }
+            // HTTPS with rustls over ring (the provider kube's TLS uses too); a provider
+            // installed already is kept.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let mut b = AmazonS3Builder::new()
                 .with_bucket_name(bucket)
                 .with_region(self.region.as_deref().unwrap_or("us-east-1"))
