@@ -31,6 +31,11 @@ const EVERYTHING: &[&str] = &[
     "memberAccess.create=true",
     "agent.runtimeClassName=nvidia",
     "agent.nvidiaLibraryPath=/usr/lib/x86_64-linux-gnu",
+    "operator.ledgerStore.url=s3://edgeloom-ledgers/prod",
+    "operator.ledgerStore.endpoint=http://seaweedfs-s3.storage:8333",
+    "operator.ledgerStore.allowHttp=true",
+    "operator.ledgerStore.accessKeyId=example-id",
+    "operator.ledgerStore.secretAccessKey=example-secret",
 ];
 
 fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> (bool, String) {
@@ -61,6 +66,17 @@ fn helm_lint_strict_passes_with_defaults_and_with_everything_on() {
         &["lint", "--strict", chart, "--set", "agent.maxTask=2"],
     );
     assert!(!ok && out.contains("maxTask"), "{out}");
+    let (ok, out) = helm(
+        None,
+        &[
+            "lint",
+            "--strict",
+            chart,
+            "--set",
+            "operator.ledgerStore.url=ftp://ledgers",
+        ],
+    );
+    assert!(!ok && out.contains("/operator/ledgerStore/url"), "{out}");
 }
 
 #[test]
@@ -430,6 +446,16 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
     let rendered = helm::template(EVERYTHING).expect("helm template");
     let objects = manifests::parse(&rendered).expect("rendered YAML");
     assert!(objects.len() >= 25, "{} objects", objects.len());
+    // The operator's object store Secret, from the values.
+    let store = objects
+        .iter()
+        .find(|o| o.metadata.name.as_deref() == Some("edgeloom-ledger-store"))
+        .expect("the ledger store Secret");
+    assert_eq!(
+        store.data["stringData"]["url"], "s3://edgeloom-ledgers/prod",
+        "{store:?}"
+    );
+    assert_eq!(store.data["stringData"]["accessKeyId"], "example-id");
     // The CRDs of the chart first (helm installs crds/ before templates).
     manifests::install_crds(&hub_client).await.expect("CRDs");
     edgeloom_e2e::federation::ensure_namespace(&hub_client, NS)
