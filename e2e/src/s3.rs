@@ -42,6 +42,13 @@ impl S3Server {
     /// Starts `weed mini` with its data in `dir`; waits until S3 answers (seconds).
     pub fn start(dir: &Path) -> Result<S3Server, String> {
         let weed = tools::tool("weed").map_err(|e| e.to_string())?;
+        // The server of a test process that just exited may take a moment to go.
+        let free_by = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", S3_PORT)).is_ok()
+            && Instant::now() < free_by
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
         if std::net::TcpStream::connect(("127.0.0.1", S3_PORT)).is_ok() {
             return Err(format!(
                 "port {S3_PORT} on 127.0.0.1 is in use (another SeaweedFS, e.g. a running demo?): stop it first"

@@ -120,6 +120,13 @@ async fn demo(nodes: u32, hold: bool) -> Result<()> {
     }
     println!("== starting a hub and 2 edge clusters with {nodes} node(s) each");
     let fed = Federation::start_bare(&["edge-a", "edge-b"], nodes).await?;
+    if let Ok(s3) = edgeloom_e2e::s3::shared() {
+        println!(
+            "== the reward ledgers live in SeaweedFS (S3 at {}, bucket {}, its own access key; Secret edgeloom-ledger-store in the hub)",
+            s3.endpoint,
+            edgeloom_e2e::s3::BUCKET
+        );
+    }
     println!(
         "== starting one edgeloom-agent per node (each measures its node with libtorch first)"
     );

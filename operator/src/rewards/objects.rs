@@ -245,6 +245,93 @@ impl TryFrom<&TotalsJson> for Totals {
     }
 }
 
+/// Most (job, account) totals the operator keeps: jobs whose last receipt is oldest are
+/// evicted beyond it (a finished job's status is frozen and never asks again); a job
+/// evicted and then asked about is summed again from the log.
+pub const JOB_CACHE_ENTRIES: usize = 100_000;
+
+/// Totals by job: those of recent jobs, and the 64-bit hashes of the jobs evicted.
+#[derive(Clone, Debug, Default)]
+struct Jobs {
+    cached: HashMap<String, (Totals, u64)>,
+    /// Sum over cached jobs of 1 + accounts.
+    entries: usize,
+    evicted: HashSet<u64>,
+    limit: usize,
+}
+
+impl Jobs {
+    fn with_limit(limit: usize) -> Jobs {
+        Jobs {
+            limit,
+            ..Jobs::default()
+        }
+    }
+
+    /// Counts `r` (entry `seq`) unless its job was evicted (then it is summed from the
+    /// log when asked).
+    fn add(&mut self, r: &Receipt, seq: u64) -> Result<(), crate::decimal::DecimalError> {
+        if !self.evicted.is_empty() && self.evicted.contains(&key_hash(&r.job_uid)) {
+            return Ok(());
+        }
+        let (t, last) = self.cached.entry(r.job_uid.clone()).or_insert_with(|| {
+            self.entries += 1;
+            (Totals::default(), seq)
+        });
+        let accounts = t.by_account.len();
+        t.add(r)?;
+        *last = seq;
+        self.entries += t.by_account.len() - accounts;
+        if self.entries > self.limit {
+            self.evict();
+        }
+        Ok(())
+    }
+
+    /// Evicts the jobs whose last receipt is oldest, down to 80% of the limit.
+    fn evict(&mut self) {
+        let mut by_age: Vec<(u64, String, usize)> = self
+            .cached
+            .iter()
+            .map(|(j, (t, last))| (*last, j.clone(), 1 + t.by_account.len()))
+            .collect();
+        by_age.sort_unstable();
+        for (_, job, n) in by_age {
+            if self.entries <= self.limit * 4 / 5 {
+                break;
+            }
+            self.cached.remove(&job);
+            self.evicted.insert(key_hash(&job));
+            self.entries -= n;
+        }
+        self.cached.shrink_to_fit();
+    }
+
+    fn get(&self, job: &str) -> Option<Totals> {
+        if let Some((t, _)) = self.cached.get(job) {
+            return Some(t.clone());
+        }
+        (!self.evicted.contains(&key_hash(job))).then(Totals::default)
+    }
+
+    /// Caches `t`, summed from the log, for an evicted job.
+    fn restore(&mut self, job: &str, t: Totals, seq: u64) {
+        self.evicted.remove(&key_hash(job));
+        self.entries += 1 + t.by_account.len();
+        self.cached.insert(job.to_string(), (t, seq));
+        if self.entries > self.limit {
+            self.evict();
+        }
+    }
+}
+
+fn hashes_to_base64(h: &HashSet<u64>) -> String {
+    let mut all: Vec<u64> = h.iter().copied().collect();
+    all.sort_unstable();
+    let bytes: Vec<u8> = all.iter().flat_map(|h| h.to_be_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// The operator's state after `size` entries, as written to `snapshots/`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -255,7 +342,10 @@ struct Snapshot {
     /// The Merkle frontier's peaks, hex, largest subtree first.
     peaks: Vec<String>,
     totals: TotalsJson,
-    by_job: BTreeMap<String, TotalsJson>,
+    /// Cached jobs: totals and the sequence number of their last entry.
+    by_job: BTreeMap<String, (TotalsJson, u64)>,
+    /// Base64 of the sorted 64-bit hashes of the evicted jobs.
+    evicted_jobs: String,
     /// Base64 of the sorted 64-bit key hashes, big-endian.
     keys: String,
     /// Receipts still in escrow.
@@ -272,7 +362,7 @@ struct Loaded {
     size: u64,
     head: String,
     keys: KeyIndex,
-    by_job: HashMap<String, Totals>,
+    by_job: Jobs,
     totals: Totals,
     tree: Frontier,
     /// Receipts still in escrow (younger than the window), by "cluster/node".
@@ -297,9 +387,10 @@ fn in_escrow(r: &Receipt, now: jiff::Timestamp, window: i64) -> bool {
 }
 
 impl Loaded {
-    fn genesis(escrow_seconds: i64, anchor: Option<Checkpoint>) -> Loaded {
+    fn genesis(escrow_seconds: i64, anchor: Option<Checkpoint>, job_cache: usize) -> Loaded {
         Loaded {
             head: ledger::GENESIS.to_string(),
+            by_job: Jobs::with_limit(job_cache),
             escrow_seconds,
             anchor,
             ..Loaded::default()
@@ -352,9 +443,7 @@ impl Loaded {
             None => {}
         }
         self.by_job
-            .entry(e.receipt.job_uid.clone())
-            .or_default()
-            .add(&e.receipt)
+            .add(&e.receipt, e.seq)
             .map_err(|x| format!("ledger entry {}: {x}", e.seq))?;
         self.totals
             .add(&e.receipt)
@@ -389,9 +478,11 @@ impl Loaded {
             totals: (&self.totals).into(),
             by_job: self
                 .by_job
+                .cached
                 .iter()
-                .map(|(j, t)| (j.clone(), t.into()))
+                .map(|(j, (t, last))| (j.clone(), (t.into(), *last)))
                 .collect(),
+            evicted_jobs: hashes_to_base64(&self.by_job.evicted),
             keys: self.keys.to_base64(),
             escrow: self.escrow.values().flatten().cloned().collect(),
             sealed_objects: self.listing.objects,
@@ -403,6 +494,7 @@ impl Loaded {
         s: Snapshot,
         escrow_seconds: i64,
         anchor: Option<Checkpoint>,
+        job_cache: usize,
     ) -> Result<Loaded, String> {
         let peaks = s
             .peaks
@@ -428,11 +520,19 @@ impl Loaded {
             size: s.size,
             head: s.head,
             keys: KeyIndex::from_base64(&s.keys)?,
-            by_job: s
-                .by_job
-                .iter()
-                .map(|(j, t)| Ok((j.clone(), Totals::try_from(t)?)))
-                .collect::<Result<_, String>>()?,
+            by_job: {
+                let mut jobs = Jobs::with_limit(job_cache);
+                for (j, (t, last)) in &s.by_job {
+                    let t = Totals::try_from(t)?;
+                    jobs.entries += 1 + t.by_account.len();
+                    jobs.cached.insert(j.clone(), (t, *last));
+                }
+                jobs.evicted = KeyIndex::from_base64(&s.evicted_jobs)?
+                    .sorted
+                    .into_iter()
+                    .collect();
+                jobs
+            },
             totals: Totals::try_from(&s.totals)?,
             tree,
             escrow,
@@ -606,6 +706,8 @@ pub struct LedgerStore {
     escrow_seconds: std::sync::atomic::AtomicI64,
     /// Entries between snapshots (a multiple of PACK_ENTRIES).
     snapshot_every: u64,
+    /// Most (job, account) totals kept.
+    job_cache: usize,
 }
 
 impl LedgerStore {
@@ -625,7 +727,14 @@ impl LedgerStore {
             anchor: std::sync::Mutex::new((None, None)),
             escrow_seconds: std::sync::atomic::AtomicI64::new(3600),
             snapshot_every: SNAPSHOT_EVERY,
+            job_cache: JOB_CACHE_ENTRIES,
         }
+    }
+
+    /// Keeps at most `n` (job, account) totals instead of [`JOB_CACHE_ENTRIES`].
+    pub fn with_job_cache(mut self, n: usize) -> LedgerStore {
+        self.job_cache = n.max(2);
+        self
     }
 
     fn anchor(&self) -> (Option<Checkpoint>, Option<SnapshotRef>) {
@@ -658,7 +767,7 @@ impl LedgerStore {
         if s.size != r.size {
             return Err(format!("it covers {} entries, not {}", s.size, r.size));
         }
-        let mut loaded = Loaded::from_snapshot(s, escrow_seconds, cp)?;
+        let mut loaded = Loaded::from_snapshot(s, escrow_seconds, cp, self.job_cache)?;
         loaded.snapshot = Some(r.clone());
         Ok(loaded)
     }
@@ -697,7 +806,7 @@ impl LedgerStore {
                     (objects, listing, _) =
                         list_objects(self.store.as_ref(), &self.prefix, 0).await?;
                 }
-                let mut l = Loaded::genesis(escrow_seconds, cp);
+                let mut l = Loaded::genesis(escrow_seconds, cp, self.job_cache);
                 // Keep the recorded snapshot as the latest: the next is written after it.
                 l.snapshot = snap;
                 l
@@ -774,11 +883,10 @@ impl LedgerStore {
         let pool = self.pool.clone();
         let snapshot_every = self.snapshot_every;
         self.with(async move |l: &mut Loaded| {
-            let job = receipts
-                .first()
-                .and_then(|r| l.by_job.get(&r.job_uid))
-                .cloned()
-                .unwrap_or_default();
+            let job = match receipts.first() {
+                Some(r) => job_totals_of(store.as_ref(), &prefix, l, &r.job_uid).await?,
+                None => Totals::default(),
+            };
             let (admitted, refused) = admit(
                 &|k: &str| l.keys.contains(k),
                 receipts,
@@ -917,8 +1025,12 @@ impl LedgerStore {
 
     /// Totals of one job's receipts.
     pub async fn job_totals(&self, job_uid: &str) -> Result<Totals, StoreError> {
-        self.with(async |l: &mut Loaded| Ok(l.by_job.get(job_uid).cloned().unwrap_or_default()))
-            .await
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        self.with(async move |l: &mut Loaded| {
+            job_totals_of(store.as_ref(), &prefix, l, job_uid).await
+        })
+        .await
     }
 
     /// Lists the log's objects; when the listing is not what the operator left (an object
@@ -941,6 +1053,32 @@ impl LedgerStore {
         }
         Ok(())
     }
+}
+
+/// A job's totals: kept, or summed again from the log for a job evicted earlier.
+async fn job_totals_of(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    l: &mut Loaded,
+    job: &str,
+) -> Result<Totals, StoreError> {
+    if let Some(t) = l.by_job.get(job) {
+        return Ok(t);
+    }
+    tracing::info!(job, "summing an evicted job's receipts from the ledger");
+    let mut t = Totals::default();
+    let mut last = 0;
+    let end = l.size;
+    read_entries(store, prefix, 0, |e, _| {
+        if e.seq < end && e.receipt.job_uid == job {
+            t.add(&e.receipt).map_err(|x| x.to_string())?;
+            last = e.seq;
+        }
+        Ok(())
+    })
+    .await?;
+    l.by_job.restore(job, t.clone(), last);
+    Ok(t)
 }
 
 /// Packs a full block into one object and deletes the small objects it replaces (best
@@ -1017,7 +1155,7 @@ pub async fn read_all(
     store: &dyn ObjectStore,
     prefix: &Path,
 ) -> Result<(Vec<Entry>, Vec<Location>), StoreError> {
-    let mut check = Loaded::genesis(0, None);
+    let mut check = Loaded::genesis(0, None, 2);
     let (mut entries, mut locations) = (Vec::new(), Vec::new());
     read_entries(store, prefix, 0, |e, at| {
         check.apply(&e)?;
@@ -1314,6 +1452,48 @@ mod tests {
         mem.delete(&last).await.expect("delete");
         let why = l.summary().await.expect_err("truncated");
         assert!(why.to_string().contains("history was truncated"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn totals_of_jobs_evicted_from_memory_are_summed_again_from_the_log() {
+        let mem = Arc::new(InMemory::new());
+        let root = Path::default();
+        // 100 receipts a job, 3 accounts each: 4 entries a job; room for 10 jobs.
+        let l = store(&mem, &root).with_job_cache(40);
+        append(&l, 0, 3000, 100).await;
+        let first = l.job_totals("uid-0").await.expect("job 0");
+        assert_eq!((first.receipts, first.by_account.len()), (100, 3));
+        assert_eq!(first.total, "0.1".parse().expect("amount"));
+        // After a restart from the snapshot too.
+        let s = l.summary().await.expect("summary");
+        let restarted = store(&mem, &root).with_job_cache(40);
+        restarted.set_anchor(signed(&s), s.snapshot.clone()).await;
+        let again = restarted.job_totals("uid-1").await.expect("job 1");
+        assert_eq!(again.receipts, 100);
+        assert_eq!(
+            restarted.job_totals("uid-29").await.expect("last").receipts,
+            100
+        );
+        assert_eq!(
+            restarted
+                .job_totals("never-paid")
+                .await
+                .expect("none")
+                .receipts,
+            0
+        );
+        // A job evicted and paid again: its budget counts what it was paid before.
+        let mut more = receipt(0);
+        more.shard = 500;
+        let cap = "0.1005".parse().expect("cap");
+        let a = restarted
+            .append(vec![more], Some(cap))
+            .await
+            .expect("append");
+        assert_eq!(
+            a.written[0].receipt.amount, "0.0005",
+            "capped by what job 0 was paid"
+        );
     }
 
     #[tokio::test]
