@@ -141,11 +141,10 @@ impl Books {
         let mut m = self.ledgers.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(pool.to_string())
             .or_insert_with(|| {
-                Arc::new(LedgerStore::new(
-                    self.backend.store.clone(),
-                    &self.backend.root,
-                    pool,
-                ))
+                Arc::new(
+                    LedgerStore::new(self.backend.store.clone(), &self.backend.root, pool)
+                        .require_anchor(),
+                )
             })
             .clone()
     }

@@ -416,8 +416,12 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             size: s.size,
             sha256: s.sha256.clone(),
         });
-    if let Some(Ok(cp)) = &previous {
-        ledger.set_anchor(cp.clone(), snapshot.clone()).await;
+    match &previous {
+        // A pool that never signed one: its ledger may be used as it is.
+        None => ledger.set_anchor(None, snapshot.clone()).await,
+        Some(Ok(cp)) => ledger.set_anchor(Some(cp.clone()), snapshot.clone()).await,
+        // A checkpoint that does not verify: the ledger stays unusable.
+        Some(Err(_)) => {}
     }
     let checked = match (&key, &previous) {
         (Err(e), _) => Err(StoreError::Broken(format!("no signing key: {e}"))),
@@ -440,7 +444,7 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                 });
                 if let Some(cp) = &checkpoint {
                     ledger
-                        .set_anchor(cp.clone(), summary.snapshot.clone().or(snapshot))
+                        .set_anchor(Some(cp.clone()), summary.snapshot.clone().or(snapshot))
                         .await;
                     publish_checkpoint(ctx, &name, cp).await;
                 }

@@ -311,7 +311,7 @@ async fn load(store: &str, checkpoint: &str, snapshot: Option<String>) -> Result
     let before = rss_kib();
     let t = Instant::now();
     let store = LedgerStore::new(backend.store.clone(), &backend.root, "bench");
-    store.set_anchor(cp.clone(), snapshot).await;
+    store.set_anchor(Some(cp.clone()), snapshot).await;
     let summary = store.summary().await?;
     let took = t.elapsed();
     anyhow::ensure!(

@@ -348,8 +348,9 @@ struct Snapshot {
     evicted_jobs: String,
     /// Base64 of the sorted 64-bit key hashes, big-endian.
     keys: String,
-    /// Receipts still in escrow.
+    /// Receipts still in escrow, under this window (seconds).
     escrow: Vec<Receipt>,
+    escrow_seconds: i64,
     /// The objects holding the entries it covers (count, and the listing digest, hex): a
     /// restart that finds them changed reads the whole log instead.
     sealed_objects: u64,
@@ -378,6 +379,8 @@ struct Loaded {
     listing: Listing,
     /// The signed checkpoint the log must agree with, checked once it is reached.
     anchor: Option<Checkpoint>,
+    /// Tree heads this state went through that may have been signed (most recent last).
+    seen: std::collections::VecDeque<(u64, merkle::Hash)>,
 }
 
 fn in_escrow(r: &Receipt, now: jiff::Timestamp, window: i64) -> bool {
@@ -469,6 +472,17 @@ impl Loaded {
         }
     }
 
+    /// Remembers the current tree head (a checkpoint may be signed over it).
+    fn remember(&mut self) {
+        let head = (self.size, self.tree.root());
+        if self.seen.back() != Some(&head) {
+            self.seen.push_back(head);
+            if self.seen.len() > 64 {
+                self.seen.pop_front();
+            }
+        }
+    }
+
     fn to_snapshot(&self, pool: &str) -> Snapshot {
         Snapshot {
             pool: pool.to_string(),
@@ -485,6 +499,7 @@ impl Loaded {
             evicted_jobs: hashes_to_base64(&self.by_job.evicted),
             keys: self.keys.to_base64(),
             escrow: self.escrow.values().flatten().cloned().collect(),
+            escrow_seconds: self.escrow_seconds,
             sealed_objects: self.listing.objects,
             sealed_digest: format!("{:032x}", self.listing.digest),
         }
@@ -496,6 +511,12 @@ impl Loaded {
         anchor: Option<Checkpoint>,
         job_cache: usize,
     ) -> Result<Loaded, String> {
+        if s.escrow_seconds != escrow_seconds {
+            return Err(format!(
+                "it holds the escrow of a {} s window, the pool's is {escrow_seconds} s",
+                s.escrow_seconds
+            ));
+        }
         let peaks = s
             .peaks
             .iter()
@@ -566,7 +587,9 @@ async fn list_objects(
         }
         match parse_object_name(&name) {
             // A pack that ends after `from`; a small object of `from`'s block or later.
-            Some((first, end)) if end.map_or(first + PACK_ENTRIES > from, |e| e > from) => {
+            Some((first, end))
+                if end.map_or(first.saturating_add(PACK_ENTRIES) > from, |e| e > from) =>
+            {
                 objects.push((first, end.is_none(), m))
             }
             Some(_) => {}
@@ -578,7 +601,7 @@ async fn list_objects(
         }
     }
     // By first entry; a pack before the small objects it replaced.
-    objects.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    objects.sort_by_key(|a| (a.0, a.1));
     Ok((
         objects.into_iter().map(|(_, _, m)| m).collect(),
         listing,
@@ -607,6 +630,9 @@ async fn read_listed(
     f: &mut impl FnMut(Entry, Location) -> Result<(), String>,
 ) -> Result<u64, StoreError> {
     let mut next = from;
+    // The entries read in the last two blocks, as stored: a second copy of an entry (a
+    // small object next to its pack) must be the same.
+    let mut read: HashMap<u64, (String, String)> = HashMap::new();
     let mut bodies = futures::stream::iter(objects.into_iter().map(|m| async move {
         let bytes = store.get(&m.location).await?.bytes().await?;
         Ok::<_, object_store::Error>((m.location, bytes))
@@ -616,7 +642,15 @@ async fn read_listed(
         let (location, bytes) = got?;
         let name = location.to_string();
         let (first, end) = parse_object_name(&name).unwrap_or((u64::MAX, None));
-        if end.is_some_and(|e| e <= next) {
+        let block_end = (first / PACK_ENTRIES + 1).saturating_mul(PACK_ENTRIES);
+        if let Some(end) = end
+            && (!first.is_multiple_of(PACK_ENTRIES) || end != first + PACK_ENTRIES)
+        {
+            return Err(StoreError::Broken(format!(
+                "{name} is not a pack of one block of {PACK_ENTRIES} entries (the operator writes no such object)"
+            )));
+        }
+        if end.is_some_and(|e| e <= next) && first < from {
             continue;
         }
         if first > next {
@@ -644,10 +678,25 @@ async fn read_listed(
                     entry.seq
                 )));
             }
+            if entry.seq >= block_end {
+                return Err(StoreError::Broken(format!(
+                    "{at} holds entry {} past the end of its block (the operator writes no such object)",
+                    entry.seq
+                )));
+            }
             expected += 1;
             if entry.seq < next {
-                continue;
+                match read.get(&entry.seq) {
+                    Some((copy, other)) if copy.as_str() != line => {
+                        return Err(StoreError::Broken(format!(
+                            "{at} holds a different entry {} than {other}: one of them was altered",
+                            entry.seq
+                        )));
+                    }
+                    _ => continue,
+                }
             }
+            read.insert(entry.seq, (line.to_string(), at.to_string()));
             f(entry, at.clone()).map_err(|e| StoreError::Broken(format!("{e} ({at})")))?;
             next += 1;
         }
@@ -655,6 +704,10 @@ async fn read_listed(
             return Err(StoreError::Broken(format!(
                 "{name} ends at entry {expected}, not where its name says"
             )));
+        }
+        if read.len() > 2 * PACK_ENTRIES as usize {
+            let keep = next.saturating_sub(next % PACK_ENTRIES + PACK_ENTRIES);
+            read.retain(|seq, _| *seq >= keep);
         }
     }
     Ok(next)
@@ -708,6 +761,8 @@ pub struct LedgerStore {
     snapshot_every: u64,
     /// Most (job, account) totals kept.
     job_cache: usize,
+    /// Whether the pool's checkpoint is known (see [`LedgerStore::require_anchor`]).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl LedgerStore {
@@ -728,7 +783,18 @@ impl LedgerStore {
             escrow_seconds: std::sync::atomic::AtomicI64::new(3600),
             snapshot_every: SNAPSHOT_EVERY,
             job_cache: JOB_CACHE_ENTRIES,
+            ready: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Refuses to read or write the log ([`StoreError::NotReady`]) until
+    /// [`LedgerStore::set_anchor`] has said which signed checkpoint it must agree with (or
+    /// that there is none yet): the operator's stores, so that nothing is paid on top of a
+    /// history nobody checked.
+    pub fn require_anchor(self) -> LedgerStore {
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// Keeps at most `n` (job, account) totals instead of [`JOB_CACHE_ENTRIES`].
@@ -813,29 +879,27 @@ impl LedgerStore {
             }
         };
         let from = l.size;
-        let block_start = from - from % PACK_ENTRIES;
-        let mut block_objects = Vec::new();
-        for m in &objects {
-            if parse_object_name(m.location.as_ref()).is_some_and(|(first, end)| {
-                first >= block_start && end.is_none() && first < block_start + PACK_ENTRIES
-            }) {
-                block_objects.push((m.location.clone(), m.e_tag.clone(), m.size));
-            }
-        }
+        let smalls: Vec<(Path, Option<String>, u64)> = objects
+            .iter()
+            .filter(|m| {
+                parse_object_name(m.location.as_ref()).is_some_and(|(_, end)| end.is_none())
+            })
+            .map(|m| (m.location.clone(), m.e_tag.clone(), m.size))
+            .collect();
         read_listed(self.store.as_ref(), objects, from, &mut |e, _| {
-            let keep = e.seq >= l.size - l.size % PACK_ENTRIES;
             l.apply(&e)?;
-            if l.size % PACK_ENTRIES == 0 {
+            if l.size.is_multiple_of(PACK_ENTRIES) {
                 l.block.clear();
-            } else if keep {
+            } else {
                 l.block.push(e);
             }
             Ok(())
         })
         .await?;
         l.check_complete().map_err(StoreError::Broken)?;
+        // The small objects of the open block: packed with it once it is full.
         let open = l.size - l.size % PACK_ENTRIES;
-        l.block_objects = block_objects
+        l.block_objects = smalls
             .into_iter()
             .filter(|(p, _, _)| {
                 parse_object_name(p.as_ref()).is_some_and(|(first, _)| first >= open)
@@ -843,6 +907,7 @@ impl LedgerStore {
             .collect();
         l.listing = listing;
         l.keys.compact();
+        l.remember();
         Ok(l)
     }
 
@@ -851,6 +916,9 @@ impl LedgerStore {
         &self,
         f: impl AsyncFnOnce(&mut Loaded) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::NotReady);
+        }
         let mut guard = self.state.lock().await;
         if guard.is_none() {
             *guard = Some(self.load(true).await?);
@@ -927,6 +995,20 @@ impl LedgerStore {
                     )
                     .await
                     .map_err(object_error)?;
+                // A name can be free again because its block was packed (a writer with a
+                // stale head): then these entries are not in the log.
+                let block = first - first % PACK_ENTRIES;
+                match store
+                    .head(&pack_object(&prefix, block, block + PACK_ENTRIES))
+                    .await
+                {
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Ok(_) => {
+                        let _ = store.delete(&object).await;
+                        return Err(StoreError::Conflict);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 l.listing.add(object.as_ref(), put.e_tag.as_deref(), size);
                 for e in &chunk {
                     l.apply(e).map_err(StoreError::Broken)?;
@@ -934,7 +1016,7 @@ impl LedgerStore {
                 l.block.extend(chunk.iter().cloned());
                 l.block_objects.push((object, put.e_tag, size));
                 written.extend(chunk);
-                if l.size % PACK_ENTRIES == 0 {
+                if l.size.is_multiple_of(PACK_ENTRIES) {
                     pack(store.as_ref(), &prefix, l).await;
                     if l.size - l.snapshot.as_ref().map_or(0, |s| s.size) >= snapshot_every {
                         write_snapshot(store.as_ref(), &prefix, &pool, l).await;
@@ -989,28 +1071,32 @@ impl LedgerStore {
         Ok(self.append(forfeits, None).await?.written)
     }
 
-    /// Makes `cp` (a checkpoint whose signature was checked) the history a loaded ledger
-    /// must agree with, and `snapshot` (recorded beside it in the pool's status) where a
-    /// restart starts reading. A ledger loaded already that `cp` does not describe is read
-    /// again (and checked) on next use.
-    pub async fn set_anchor(&self, cp: Checkpoint, snapshot: Option<SnapshotRef>) {
+    /// Makes `cp` (a checkpoint whose signature was checked; `None` for a pool that never
+    /// signed one) the history the ledger must agree with, and `snapshot` (recorded beside
+    /// it in the pool's status) where a restart starts reading. A loaded ledger that did not
+    /// go through `cp`'s tree head is read again (and checked) on next use.
+    pub async fn set_anchor(&self, cp: Option<Checkpoint>, snapshot: Option<SnapshotRef>) {
         let mut guard = self.state.lock().await;
-        let describes = guard
-            .as_ref()
-            .is_some_and(|l| l.tree.size() == cp.size && Ok(l.tree.root()) == cp.root_hash());
-        if !describes {
-            *guard = None;
-        } else if let Some(l) = guard.as_mut() {
-            l.anchor = Some(cp.clone());
+        let went_through = |l: &Loaded| match &cp {
+            None => true,
+            Some(cp) => cp
+                .root_hash()
+                .is_ok_and(|root| l.seen.iter().any(|s| *s == (cp.size, root))),
+        };
+        match guard.as_mut() {
+            Some(l) if went_through(l) => l.anchor = cp.clone(),
+            _ => *guard = None,
         }
         if let Ok(mut a) = self.anchor.lock() {
-            *a = (Some(cp), snapshot);
+            *a = (cp, snapshot);
         }
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Head and totals.
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.with(async |l: &mut Loaded| {
+            l.remember();
             Ok(Summary {
                 head: l.head.clone(),
                 totals: l.totals.clone(),
@@ -1035,22 +1121,44 @@ impl LedgerStore {
 
     /// Lists the log's objects; when the listing is not what the operator left (an object
     /// was rewritten, removed or added behind its back), reads and verifies the whole log
-    /// again from its first entry, so that an alteration anywhere is found.
+    /// again from its first entry, so that an alteration anywhere is found. The log must
+    /// then still be exactly what the operator wrote: as many entries, the same tree head.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::NotReady);
+        }
         let mut guard = self.state.lock().await;
         let Some(l) = guard.as_ref() else {
             *guard = Some(self.load(true).await?);
             return Ok(());
         };
         let (_, listing, _) = list_objects(self.store.as_ref(), &self.prefix, u64::MAX).await?;
-        if listing != l.listing {
-            tracing::warn!(
-                pool = %self.pool,
-                "the ledger's objects changed behind the operator's back; verifying the whole log again"
-            );
-            *guard = None;
-            *guard = Some(self.load(false).await?);
+        if listing == l.listing {
+            return Ok(());
         }
+        tracing::warn!(
+            pool = %self.pool,
+            "the ledger's objects changed behind the operator's back; verifying the whole log again"
+        );
+        let (size, root) = (l.size, l.tree.root());
+        *guard = None;
+        let again = self.load(false).await?;
+        if again.size != size || again.tree.root() != root {
+            return Err(StoreError::Broken(format!(
+                "the log has {} entries with tree head {} where the operator wrote {size} with {}: entries were {} behind its back",
+                again.size,
+                hex::encode(again.tree.root()),
+                hex::encode(root),
+                if again.size > size {
+                    "added"
+                } else if again.size < size {
+                    "removed"
+                } else {
+                    "rewritten"
+                }
+            )));
+        }
+        *guard = Some(again);
         Ok(())
     }
 }
@@ -1329,7 +1437,9 @@ mod tests {
         let cp = signed(&s);
         drop(l);
         let restarted = store(&mem, &root);
-        restarted.set_anchor(cp.clone(), Some(snap.clone())).await;
+        restarted
+            .set_anchor(Some(cp.clone()), Some(snap.clone()))
+            .await;
         let r = restarted.summary().await.expect("loads from the snapshot");
         assert_eq!(
             (r.size, r.root, r.totals.clone()),
@@ -1357,7 +1467,7 @@ mod tests {
             "{why}"
         );
         let again = store(&mem, &root);
-        again.set_anchor(cp.clone(), Some(snap.clone())).await;
+        again.set_anchor(Some(cp.clone()), Some(snap.clone())).await;
         let why = again.summary().await.expect_err("gone");
         assert!(
             why.to_string()
@@ -1386,7 +1496,7 @@ mod tests {
             .await
             .expect("put");
         let restarted = store(&mem, &root);
-        restarted.set_anchor(signed(&s), Some(snap)).await;
+        restarted.set_anchor(Some(signed(&s)), Some(snap)).await;
         let r = restarted
             .summary()
             .await
@@ -1401,7 +1511,7 @@ mod tests {
         let l = store(&mem, &root);
         append(&l, 0, 30, 10).await;
         let s = l.summary().await.expect("summary");
-        l.set_anchor(signed(&s), None).await;
+        l.set_anchor(Some(signed(&s)), None).await;
         let last = Path::from("ledger/p/entries/000000000020.jsonl");
         let text = String::from_utf8(
             mem.get(&last)
@@ -1467,7 +1577,9 @@ mod tests {
         // After a restart from the snapshot too.
         let s = l.summary().await.expect("summary");
         let restarted = store(&mem, &root).with_job_cache(40);
-        restarted.set_anchor(signed(&s), s.snapshot.clone()).await;
+        restarted
+            .set_anchor(Some(signed(&s)), s.snapshot.clone())
+            .await;
         let again = restarted.job_totals("uid-1").await.expect("job 1");
         assert_eq!(again.receipts, 100);
         assert_eq!(
@@ -1493,6 +1605,110 @@ mod tests {
         assert_eq!(
             a.written[0].receipt.amount, "0.0005",
             "capped by what job 0 was paid"
+        );
+    }
+
+    #[tokio::test]
+    async fn entries_added_behind_the_operators_back_after_its_checkpoint_are_named() {
+        let mem = Arc::new(InMemory::new());
+        let root = Path::default();
+        let l = store(&mem, &root).require_anchor();
+        let e = l.summary().await.expect_err("not checked yet");
+        assert!(matches!(e, StoreError::NotReady), "{e}");
+        l.set_anchor(None, None).await;
+        append(&l, 0, 20, 10).await;
+        let s = l.summary().await.expect("summary");
+        l.set_anchor(Some(signed(&s)), None).await;
+        append(&l, 20, 25, 5).await;
+        // A correctly chained entry 25, written by someone else: the chain alone cannot
+        // tell, the operator's own head can.
+        let other = store(&mem, &root);
+        append(&other, 25, 26, 1).await;
+        let why = l.refresh().await.expect_err("added");
+        assert!(
+            why.to_string()
+                .contains("entries were added behind its back"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_writer_cannot_reuse_a_name_freed_by_packing() {
+        let mem = Arc::new(InMemory::new());
+        let root = Path::default();
+        let a = store(&mem, &root);
+        let stale = store(&mem, &root);
+        append(&a, 0, 990, 990).await;
+        assert_eq!(stale.summary().await.expect("stale").size, 990);
+        // a completes the block in two appends and packs it, deleting 990.jsonl.
+        append(&a, 990, 995, 5).await;
+        append(&a, 995, 1000, 5).await;
+        assert!(
+            names(&mem)
+                .await
+                .iter()
+                .any(|n| n.ends_with(".pack-000000001000.jsonl"))
+        );
+        let e = stale
+            .append(vec![receipt(5000)], None)
+            .await
+            .expect_err("stale");
+        assert!(matches!(e, StoreError::Conflict), "{e}");
+        let (entries, _) = read_all(mem.as_ref(), &Path::from("ledger/p"))
+            .await
+            .expect("reads");
+        assert_eq!(entries.len(), 1000, "the stale write left nothing behind");
+    }
+
+    #[tokio::test]
+    async fn objects_the_operator_never_writes_are_refused() {
+        let mem = Arc::new(InMemory::new());
+        let root = Path::default();
+        let l = store(&mem, &root);
+        append(&l, 0, 1000, 500).await;
+        let pack = Path::from("ledger/p/entries/000000000000.pack-000000001000.jsonl");
+        let text = String::from_utf8(
+            mem.get(&pack)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("b")
+                .to_vec(),
+        )
+        .expect("utf8");
+        // A leftover small object that differs from the pack's copy.
+        let first: Vec<&str> = text.lines().take(3).collect();
+        let altered = first.join("\n").replacen("0.001", "0.002", 1) + "\n";
+        mem.put(
+            &Path::from("ledger/p/entries/000000000000.jsonl"),
+            altered.into(),
+        )
+        .await
+        .expect("put");
+        let why = read_all(mem.as_ref(), &Path::from("ledger/p"))
+            .await
+            .expect_err("differs");
+        assert!(
+            why.to_string().contains("holds a different entry 0"),
+            "{why}"
+        );
+        mem.delete(&Path::from("ledger/p/entries/000000000000.jsonl"))
+            .await
+            .expect("delete");
+        // A pack of a range that is not a block.
+        mem.put(
+            &Path::from("ledger/p/entries/000000000500.pack-000000000900.jsonl"),
+            text.clone().into(),
+        )
+        .await
+        .expect("put");
+        let why = read_all(mem.as_ref(), &Path::from("ledger/p"))
+            .await
+            .expect_err("pack");
+        assert!(
+            why.to_string().contains("is not a pack of one block"),
+            "{why}"
         );
     }
 
@@ -1530,7 +1746,9 @@ mod tests {
         append(&l, 0, SNAP, 1000).await;
         let s = l.summary().await.expect("summary");
         let restarted = store(&mem, &root);
-        restarted.set_anchor(signed(&s), s.snapshot.clone()).await;
+        restarted
+            .set_anchor(Some(signed(&s)), s.snapshot.clone())
+            .await;
         let now: jiff::Timestamp = "2026-11-25T00:10:00Z".parse().expect("time");
         let taken = restarted.forfeit("edge/n3", now).await.expect("forfeit");
         assert_eq!(taken.len(), (0..SNAP).filter(|i| i % 7 == 3).count());

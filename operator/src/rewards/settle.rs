@@ -322,6 +322,26 @@ pub async fn settle(
     for pool in pools {
         let valid = valid.remove(&pool).unwrap_or_default();
         let outvoted = caught.remove(&pool).unwrap_or_default();
+        // Escrow first: a node caught forfeits what it was paid within the window, before
+        // the catch is recorded, so that a failed or interrupted forfeit is retried (a
+        // forfeit is idempotent; a catch recorded is not seen as new again).
+        let unrecorded = ctx
+            .books
+            .reputation(&pool)
+            .unrecorded(&outvoted)
+            .await
+            .map_err(|e| Error::Ledger(pool.clone(), e))?;
+        let mut forfeited = Vec::new();
+        let nodes: BTreeSet<&String> = unrecorded.iter().map(|(n, _)| n).collect();
+        for node in nodes {
+            let forfeits = ctx
+                .books
+                .ledger(&pool)
+                .forfeit(node, now)
+                .await
+                .map_err(|e| Error::Ledger(pool.clone(), e))?;
+            forfeited.push((node.clone(), forfeits));
+        }
         let new_caught = ctx
             .books
             .reputation(&pool)
@@ -329,18 +349,11 @@ pub async fn settle(
             .await
             .map_err(|e| Error::Ledger(pool.clone(), e))?;
         record_caught(job, &broken, &new_caught, ctx).await;
-        // Escrow: a node caught forfeits what it was paid within the window.
-        for node in &new_caught {
-            let forfeits = ctx
-                .books
-                .ledger(&pool)
-                .forfeit(node, now)
-                .await
-                .map_err(|e| Error::Ledger(pool.clone(), e))?;
+        for (node, forfeits) in &forfeited {
             if forfeits.is_empty() {
                 continue;
             }
-            for e in &forfeits {
+            for e in forfeits {
                 tracing::warn!(
                     pool = %pool, seq = e.seq, node = %node, receipt = ?e.receipt.forfeits,
                     amount = %e.receipt.amount, "receipt forfeited"

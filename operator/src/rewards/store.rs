@@ -52,6 +52,10 @@ pub enum StoreError {
     /// An amount is unusable.
     #[error("{0}")]
     Decimal(#[from] DecimalError),
+    /// The ledger is not checked against the pool's signed checkpoint yet (right after a
+    /// start, until the pool's first reconcile).
+    #[error("the ledger is not checked against the pool's signed checkpoint yet")]
+    NotReady,
 }
 
 /// Totals of a set of receipts (less forfeits).
@@ -380,6 +384,25 @@ impl ReputationStore {
             .iter()
             .filter(|(_, r)| r.caught >= after as u64)
             .map(|(n, _)| n.clone())
+            .collect())
+    }
+
+    /// Of `caught` (node, result key), those not recorded yet (read only).
+    pub async fn unrecorded(
+        &self,
+        caught: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let guard = self.ensure().await?;
+        let rep = &guard.as_ref().expect("loaded").0;
+        Ok(caught
+            .iter()
+            .filter(|(n, key)| {
+                rep.nodes.get(n).is_none_or(|r| {
+                    r.last_caught.as_deref() != Some(key.as_str())
+                        && !r.caught_keys.iter().any(|k| k == key)
+                })
+            })
+            .cloned()
             .collect())
     }
 
