@@ -495,7 +495,7 @@ async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once()
         &["ledger", "verify"],
     );
     assert_eq!(verify.code, Some(0), "{verify:?}");
-    assert!(verify.stdout.contains("3 receipt(s)"), "{}", verify.stdout);
+    assert!(verify.stdout.contains("3 entries"), "{}", verify.stdout);
     // Status comes from the ledger: wait for it to catch up.
     let rewards = wait::until_some("job rewards in status", Duration::from_secs(30), || {
         let fed = &fed;

@@ -249,6 +249,36 @@ async fn store(n: usize, single: usize) -> Result<()> {
     };
     let restart = load(summary.snapshot.as_ref())?;
     let full = load(None)?;
+    // References, same server: what any S3-backed log must do at least. A plain put of one
+    // receipt's JSON line per request (no checks, no conditional put); and reading back
+    // every object of the log without parsing or verifying it.
+    let line = serde_json::to_string(&receipts[0])? + "\n";
+    let t = Instant::now();
+    for i in 0..single {
+        let p = object_store::path::Path::from(format!("reference/{i:012}.jsonl"));
+        backend
+            .store
+            .put_opts(&p, line.clone().into(), Default::default())
+            .await?;
+    }
+    let ref_put = t.elapsed();
+    let t = Instant::now();
+    let mut ref_bytes = 0u64;
+    {
+        use futures::{StreamExt, TryStreamExt};
+        let prefix = object_store::path::Path::from("bench/ledger/bench/entries");
+        let metas: Vec<_> = backend.store.list(Some(&prefix)).try_collect().await?;
+        let store = backend.store.clone();
+        let mut gets = futures::stream::iter(metas.into_iter().map(|m| {
+            let store = store.clone();
+            async move { store.get_opts(&m.location, Default::default()).await?.bytes().await }
+        }))
+        .buffered(8);
+        while let Some(b) = gets.next().await {
+            ref_bytes += b?.len() as u64;
+        }
+    }
+    let ref_get = t.elapsed();
     let mut objects = 0usize;
     let mut bytes = 0u64;
     {
@@ -285,6 +315,17 @@ async fn store(n: usize, single: usize) -> Result<()> {
     );
     println!("  restart (from the snapshot): {restart}");
     println!("  full load + verify:          {full}");
+    println!(
+        "  reference: plain put of one receipt per request  {:>8.0} receipts/s ({:.2} ms each)",
+        single as f64 / ref_put.as_secs_f64(),
+        ref_put.as_secs_f64() * 1000.0 / single.max(1) as f64
+    );
+    println!(
+        "  reference: read every entry object, no parsing    {:>8.0} receipts/s ({:.2} s, {:.1} MiB)",
+        total as f64 / ref_get.as_secs_f64(),
+        ref_get.as_secs_f64(),
+        ref_bytes as f64 / 1048576.0
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
