@@ -184,16 +184,22 @@ impl KeyIndex {
     }
 
     fn from_base64(s: &str) -> Result<KeyIndex, String> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(|e| format!("keys: {e}"))?;
-        if bytes.len() % 8 != 0 {
-            return Err("keys: not a whole number of hashes".into());
+        // In pieces (a multiple of both 4 base64 characters and 8 bytes), so that the
+        // decoded bytes are never all in memory beside the hashes.
+        let mut sorted = Vec::with_capacity(s.len() / 4 * 3 / 8);
+        for piece in s.as_bytes().chunks(4 * 1024) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(piece)
+                .map_err(|e| format!("keys: {e}"))?;
+            if bytes.len() % 8 != 0 {
+                return Err("keys: not a whole number of hashes".into());
+            }
+            sorted.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().expect("8"))),
+            );
         }
-        let sorted: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
         if !sorted.is_sorted() {
             return Err("keys: not sorted".into());
         }
@@ -830,6 +836,7 @@ impl LedgerStore {
             ));
         }
         let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        drop(bytes);
         if s.size != r.size {
             return Err(format!("it covers {} entries, not {}", s.size, r.size));
         }
@@ -1252,7 +1259,20 @@ async fn write_snapshot(store: &dyn ObjectStore, prefix: &Path, pool: &str, l: &
             l.snapshot = Some(SnapshotRef {
                 size: l.size,
                 sha256,
-            })
+            });
+            // Keep this one and the one before (the pool's status may still name it).
+            let dir = child(prefix, "snapshots");
+            if let Ok(mut old) = store
+                .list(Some(&dir))
+                .map_ok(|m| m.location)
+                .try_collect::<Vec<Path>>()
+                .await
+            {
+                old.sort_by(|a, b| b.as_ref().cmp(a.as_ref()));
+                for p in old.into_iter().skip(2) {
+                    let _ = store.delete(&p).await;
+                }
+            }
         }
         Err(e) => tracing::warn!(object = %object, error = %e, "writing a ledger snapshot failed"),
     }
