@@ -30,6 +30,9 @@ pub const TFLOPS_ANNOTATION: &str = "edgeloom.io/tflops";
 pub const DATASETS_ANNOTATION: &str = "edgeloom.io/datasets";
 /// Annotation: the contributor's price factor (1.0 = the pool's rate), used in scoring.
 pub const PRICE_ANNOTATION: &str = "edgeloom.io/price-factor";
+/// Annotation: how many tasks the agent runs at once (its `maxTasks`). The pool's
+/// `maxTasksPerNode` only caps it.
+pub const TASK_SLOTS_ANNOTATION: &str = "edgeloom.io/task-slots";
 
 /// The Node labels an agent may write (add, change or remove); all others are the
 /// platform team's. The chart's admission policy lists the same keys (a test checks).
@@ -42,6 +45,7 @@ pub const AGENT_ANNOTATION_KEYS: &[&str] = &[
     TFLOPS_ANNOTATION,
     DATASETS_ANNOTATION,
     PRICE_ANNOTATION,
+    TASK_SLOTS_ANNOTATION,
 ];
 
 /// Label: the owner of several contributor accounts, where the platform team knows one
@@ -86,6 +90,8 @@ pub struct NodeInventory {
     pub datasets: Vec<String>,
     /// Price factor (default 1).
     pub price_factor: f64,
+    /// Tasks the agent runs at once (0: not advertised, the pool's cap applies).
+    pub task_slots: u32,
 }
 
 impl NodeInventory {
@@ -130,6 +136,9 @@ impl NodeInventory {
                 })
                 .unwrap_or_default(),
             price_factor: float(PRICE_ANNOTATION).unwrap_or(1.0),
+            task_slots: num(annotations, TASK_SLOTS_ANNOTATION)
+                .unwrap_or(0)
+                .min(u32::MAX as u64) as u32,
         }
     }
 
@@ -153,6 +162,12 @@ impl NodeInventory {
         annotations.insert(TFLOPS_ANNOTATION.to_string(), format!("{:.4}", self.tflops));
         annotations.insert(DATASETS_ANNOTATION.to_string(), self.datasets.join(","));
         annotations.insert(PRICE_ANNOTATION.to_string(), self.price_factor.to_string());
+        if self.task_slots > 0 {
+            annotations.insert(
+                TASK_SLOTS_ANNOTATION.to_string(),
+                self.task_slots.to_string(),
+            );
+        }
         (labels, annotations)
     }
 }
@@ -174,6 +189,7 @@ mod tests {
             tflops: 1.5,
             datasets: vec!["clinic-records".into(), "cams".into()],
             price_factor: 0.8,
+            task_slots: 2,
         };
         let (mut labels, annotations) = inv.to_metadata();
         assert!(

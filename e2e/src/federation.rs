@@ -257,11 +257,21 @@ impl Federation {
     /// Starts simulated agents (paid to `acct-<node>`) for every member node; each task
     /// takes `work`.
     pub async fn start_sims(&mut self, work: Duration) -> Result<(), FederationError> {
+        self.start_sims_with_slots(work, 0).await
+    }
+
+    /// [`Federation::start_sims`] with agents that advertise `slots` task slots (0: none
+    /// advertised, the pool's cap applies).
+    pub async fn start_sims_with_slots(
+        &mut self,
+        work: Duration,
+        slots: u32,
+    ) -> Result<(), FederationError> {
         for m in self.plane.members() {
             let sims = m
                 .nodes
                 .iter()
-                .map(|n| SimNode::cpu(n, &format!("acct-{n}")))
+                .map(|n| SimNode::cpu(n, &format!("acct-{n}")).with_slots(slots))
                 .collect();
             let agents = SimAgents::start(m.client().await?, sims, work).await?;
             self.agents.insert(m.name.clone(), agents);

@@ -47,6 +47,12 @@ impl SimNode {
             },
         }
     }
+
+    /// The same node, advertising that it runs `slots` tasks at once.
+    pub fn with_slots(mut self, slots: u32) -> SimNode {
+        self.inventory.task_slots = slots;
+        self
+    }
 }
 
 #[derive(Default)]

@@ -208,6 +208,7 @@ impl Agent {
             tflops,
             datasets: self.config.datasets.keys().cloned().collect(),
             price_factor: self.config.price_factor,
+            task_slots: self.config.max_tasks.min(u32::MAX as usize) as u32,
         };
         let (labels, annotations) = inv.to_metadata();
         let node = &self.config.node;

@@ -240,6 +240,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 commitment: status.commitment,
                 salt: status.salt,
                 reveal_requested_at: t.reveal_requested_at,
+                dispatched: ctx.scheduler.dispatched_at(&m.key, &t.name),
             });
         }
     }

@@ -80,6 +80,8 @@ pub struct TaskView {
     pub salt: Option<String>,
     /// When the operator asked for the reveal.
     pub reveal_requested_at: Option<Timestamp>,
+    /// When this operator created the task, by its own clock (unknown after a restart).
+    pub dispatched: Option<Timestamp>,
 }
 
 impl TaskView {
@@ -426,7 +428,11 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 Some(t) => {
                     // The operator's own observations of this attempt, kept once made.
                     let seen = seen_at.get(&(shard, replica, t.attempt));
-                    status.dispatched_at = to_time(Some(seen.and_then(|s| s.0).unwrap_or(now)));
+                    // Dispatch: when the operator created the task (its own clock), else
+                    // when it first saw it; a task that ran faster than a reconcile is
+                    // then still paid for the time it really took.
+                    status.dispatched_at =
+                        to_time(Some(seen.and_then(|s| s.0).or(t.dispatched).unwrap_or(now)));
                     let reported = matches!(
                         t.phase,
                         Some(TaskPhase::Committed | TaskPhase::Succeeded | TaskPhase::Failed)

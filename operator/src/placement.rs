@@ -10,7 +10,7 @@
 //! node-local dataset, region and zone, and never two replicas of one shard on one node.
 //! With `gang`, either every slot is placed or none is.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// An interned string (label `key=value`, GPU product, dataset, region, account).
 pub type Sym = u32;
@@ -70,6 +70,8 @@ pub struct Node {
     pub ready: bool,
     /// Task slots left.
     pub free_slots: u32,
+    /// Task slots in all (what the agent runs at once, capped by the pool).
+    pub total_slots: u32,
     /// CPU left, in millicores.
     pub free_cpu_millis: u64,
     /// Memory left, in MiB.
@@ -114,6 +116,12 @@ pub struct Snapshot {
     /// free slot, not ready, or its cluster unreachable): the best nodes fill first, so
     /// without it each slot would re-scan a growing prefix of useless nodes.
     first_free: usize,
+    /// Usable nodes running nothing: while there are any, a slot goes to one of them
+    /// before a busy node (load spreading); at 0 that pass is skipped.
+    idle: usize,
+    /// Every node before this position in `order` is not idle (the idle pass's cursor,
+    /// as `first_free` is the others').
+    first_idle: usize,
 }
 
 impl Snapshot {
@@ -130,13 +138,43 @@ impl Snapshot {
         for (pos, id) in order.iter().enumerate() {
             position[*id as usize] = pos as u32;
         }
-        Snapshot {
+        let mut snapshot = Snapshot {
             nodes,
             cluster_reachable,
             order,
             position,
             first_free: 0,
+            idle: 0,
+            first_idle: 0,
+        };
+        snapshot.idle = (0..snapshot.nodes.len() as u32)
+            .filter(|id| snapshot.is_idle(*id))
+            .count();
+        snapshot
+    }
+
+    /// Advances past the prefix of nodes that are not idle; returns the start.
+    fn skip_busy(&mut self) -> usize {
+        while let Some(&id) = self.order.get(self.first_idle) {
+            if self.is_idle(id) {
+                break;
+            }
+            self.first_idle += 1;
         }
+        self.first_idle
+    }
+
+    /// Usable and running nothing.
+    fn is_idle(&self, id: u32) -> bool {
+        let n = &self.nodes[id as usize];
+        n.free_slots > 0
+            && n.free_slots >= n.total_slots
+            && n.ready
+            && self
+                .cluster_reachable
+                .get(n.cluster as usize)
+                .copied()
+                .unwrap_or(false)
     }
 
     /// Advances past the prefix of nodes that can take no task; returns the start.
@@ -230,6 +268,9 @@ pub struct Request {
     /// Replicas per shard. With more than one, a shard's replicas are compared, so they
     /// must all run in one determinism class (see [`class`]).
     pub replicas: u32,
+    /// What the job wants, in words, by the filter that checks it ("1 x NVIDIA A100",
+    /// "label residency=eu"): named beside that filter when a slot does not fit.
+    pub wants: BTreeMap<Filter, String>,
 }
 
 /// A node's determinism class for a request: what decides whether two honest replicas
@@ -248,6 +289,8 @@ pub enum Filter {
     Cluster,
     /// Heartbeat stale.
     NotReady,
+    /// No GPU at all (the job wants one).
+    NoGpu,
     /// No free task slot.
     Slots,
     /// Not enough CPU.
@@ -280,6 +323,7 @@ impl Filter {
         match self {
             Filter::Cluster => "are in unreachable or unselected clusters",
             Filter::NotReady => "have a stale heartbeat",
+            Filter::NoGpu => "have no GPU",
             Filter::Slots => "have no free task slot",
             Filter::Cpu => "lack CPU",
             Filter::Memory => "lack memory",
@@ -298,13 +342,16 @@ impl Filter {
     }
 }
 
-/// Why a slot could not be placed: how many nodes each filter rejected.
+/// Why a slot could not be placed: how many nodes each filter rejected (a node counts
+/// once under every filter it fails, as kube-scheduler's FitError counts), most first.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Unfit {
     /// Nodes considered.
     pub nodes: usize,
-    /// Rejections by the first filter that failed, most first.
+    /// Rejections per filter, most first.
     pub rejected: Vec<(Filter, usize)>,
+    /// What the job wants, by filter (see [`Request::wants`]).
+    pub wants: BTreeMap<Filter, String>,
 }
 
 impl std::fmt::Display for Unfit {
@@ -317,6 +364,9 @@ impl std::fmt::Display for Unfit {
                 if i == 0 { ": " } else { ", " },
                 filter.describe()
             )?;
+            if let Some(want) = self.wants.get(filter) {
+                write!(f, " (job wants {want})")?;
+            }
         }
         Ok(())
     }
@@ -391,6 +441,64 @@ pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> 
         return Err(Filter::Memory);
     }
     Ok(())
+}
+
+/// Every hard filter `node` fails for `req` (to explain; [`check`] stops at the first).
+pub fn failures(snapshot: &Snapshot, id: u32, req: &Request) -> Vec<Filter> {
+    let n = &snapshot.nodes[id as usize];
+    let mut out = Vec::new();
+    if !snapshot
+        .cluster_reachable
+        .get(n.cluster as usize)
+        .copied()
+        .unwrap_or(false)
+        || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster))
+    {
+        out.push(Filter::Cluster);
+    }
+    if !n.ready {
+        out.push(Filter::NotReady);
+    }
+    if !allowed(n.region, &req.regions) || !allowed(n.zone, &req.zones) {
+        out.push(Filter::Topology);
+    }
+    if !contains_all(&n.labels, &req.required_labels) {
+        out.push(Filter::Labels);
+    }
+    if let Some(ds) = req.dataset
+        && ds.is_none_or(|d| n.datasets.binary_search(&d).is_err())
+    {
+        out.push(Filter::Dataset);
+    }
+    if req.gpus > 0 {
+        if n.gpu_product.is_none() && n.gpu_memory_mib == 0 && n.free_gpus == 0 {
+            out.push(Filter::NoGpu);
+        } else {
+            if !req.gpu_products.is_empty()
+                && !n
+                    .gpu_product
+                    .is_some_and(|p| req.gpu_products.contains(&Some(p)))
+            {
+                out.push(Filter::GpuProduct);
+            }
+            if n.gpu_memory_mib < req.gpu_memory_mib {
+                out.push(Filter::GpuMemory);
+            }
+            if n.free_gpus < req.gpus {
+                out.push(Filter::Gpus);
+            }
+        }
+    }
+    if n.free_slots == 0 {
+        out.push(Filter::Slots);
+    }
+    if n.free_cpu_millis < req.cpu_millis {
+        out.push(Filter::Cpu);
+    }
+    if n.free_memory_mib < req.memory_mib {
+        out.push(Filter::Memory);
+    }
+    out
 }
 
 fn take(n: &mut Node, req: &Request) {
@@ -472,13 +580,28 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
             .map(|c| per_cluster.get(c).copied().unwrap_or(0))
             .min()
             .unwrap_or(0);
-        // Pass 0 honours every preference; pass 1 drops them (hard filters stay).
-        for pass in 0..2 {
-            for &id in &snapshot.order[start..] {
+        // Pass 0 honours every preference and takes only idle nodes (the best-scored of
+        // them), so that a job's shards and re-placed shards spread over idle nodes before
+        // any node runs two; pass 1 honours the preferences on any node; pass 2 drops them
+        // (hard filters stay).
+        let idle_start = if snapshot.idle > 0 {
+            snapshot.skip_busy()
+        } else {
+            snapshot.order.len()
+        };
+        for pass in 0..3 {
+            if pass == 0 && snapshot.idle == 0 {
+                continue;
+            }
+            let from = if pass == 0 { idle_start } else { start };
+            for &id in &snapshot.order[from..] {
+                if pass == 0 && !snapshot.is_idle(id) {
+                    continue;
+                }
                 if blocked(&snapshot.nodes, id).is_some() || check(snapshot, id, req).is_err() {
                     continue;
                 }
-                if pass == 0 {
+                if pass < 2 {
                     let n = &snapshot.nodes[id as usize];
                     if replicated
                         && required.is_none()
@@ -506,6 +629,9 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         }
         match chosen {
             Some(id) => {
+                if snapshot.is_idle(id) {
+                    snapshot.idle -= 1;
+                }
                 let node = &mut snapshot.nodes[id as usize];
                 take(node, req);
                 used_nodes.insert(id);
@@ -532,6 +658,12 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
     if req.gang && !outcome.unplaced.is_empty() && !outcome.assigned.is_empty() {
         for (_, id) in outcome.assigned.drain(..) {
             give_back(&mut snapshot.nodes[id as usize], req);
+            if snapshot.is_idle(id) {
+                snapshot.idle += 1;
+            }
+            snapshot.first_idle = snapshot
+                .first_idle
+                .min(snapshot.position[id as usize] as usize);
             snapshot.first_free = snapshot
                 .first_free
                 .min(snapshot.position[id as usize] as usize);
@@ -543,25 +675,32 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
     outcome
 }
 
-/// Counts, over all nodes, the first filter each fails (nodes the slot avoids count as
-/// [`Filter::Avoided`]).
+/// Counts, over all nodes, every filter each fails (nodes that pass them all count under
+/// the slot's own filter: avoided, same owner, class).
 fn explain(snapshot: &Snapshot, req: &Request, blocked: impl Fn(u32) -> Option<Filter>) -> Unfit {
     let mut counts: HashMap<Filter, usize> = HashMap::new();
     for id in 0..snapshot.nodes.len() as u32 {
-        let filter = match check(snapshot, id, req) {
-            Err(f) => f,
-            Ok(()) => match blocked(id) {
-                Some(f) => f,
-                None => continue,
-            },
-        };
-        *counts.entry(filter).or_default() += 1;
+        let failed = failures(snapshot, id, req);
+        if failed.is_empty() {
+            if let Some(f) = blocked(id) {
+                *counts.entry(f).or_default() += 1;
+            }
+            continue;
+        }
+        for f in failed {
+            *counts.entry(f).or_default() += 1;
+        }
     }
     let mut rejected: Vec<(Filter, usize)> = counts.into_iter().collect();
     rejected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let wants = rejected
+        .iter()
+        .filter_map(|(f, _)| Some((*f, req.wants.get(f)?.clone())))
+        .collect();
     Unfit {
         nodes: snapshot.nodes.len(),
         rejected,
+        wants,
     }
 }
 
@@ -575,6 +714,7 @@ mod tests {
             cluster,
             ready: true,
             free_slots: 1,
+            total_slots: 1,
             free_cpu_millis: 4000,
             free_memory_mib: 8192,
             score,
@@ -651,6 +791,58 @@ mod tests {
         );
     }
 
+    /// Two clusters of two nodes, each node with two slots and one better-scored node per
+    /// cluster: a 4-shard job spread by cluster runs one shard per node, not two on each
+    /// cluster's best node; shards placed later go to the nodes still idle first.
+    #[test]
+    fn shards_spread_over_idle_nodes_before_any_node_runs_two() {
+        let two_slots = |cluster, score| Node {
+            free_slots: 2,
+            total_slots: 2,
+            ..node(cluster, score)
+        };
+        let nodes = vec![
+            two_slots(0, 0.9),
+            two_slots(0, 0.2),
+            two_slots(1, 0.8),
+            two_slots(1, 0.1),
+        ];
+        let mut snap = Snapshot::new(nodes.clone(), vec![true, true]);
+        let req = Request {
+            slots: slots(4),
+            spread: Spread::Cluster,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        let mut used: Vec<u32> = out.assigned.iter().map(|(_, id)| *id).collect();
+        used.sort();
+        assert_eq!(used, [0, 1, 2, 3], "one shard per node: {out:?}");
+        // A re-placed shard (node 0 lost) while nodes 2 and 3 run one task each and node 1
+        // is idle: it goes to the idle node, not to the better-scored busy one.
+        let mut busy = nodes;
+        busy[0].ready = false;
+        busy[2].free_slots = 1;
+        busy[3].free_slots = 1;
+        let mut snap = Snapshot::new(busy, vec![true, true]);
+        let out = place(
+            &mut snap,
+            &Request {
+                slots: slots(1),
+                ..Request::default()
+            },
+        );
+        assert_eq!(out.assigned, [(0, 1)], "{out:?}");
+        // With no idle node left, the best-scored node with a free slot takes it.
+        let out = place(
+            &mut snap,
+            &Request {
+                slots: slots(1),
+                ..Request::default()
+            },
+        );
+        assert_eq!(out.assigned, [(0, 2)], "{out:?}");
+    }
+
     #[test]
     fn gang_places_all_or_nothing_and_returns_capacity() {
         let mut snap = Snapshot::new(vec![node(0, 0.9), node(0, 0.8)], vec![true]);
@@ -681,9 +873,46 @@ mod tests {
         };
         let out = place(&mut snap, &req);
         let text = out.unplaced[0].1.to_string();
+        // Every filter a node fails counts, and GPU-less nodes are named as such.
         assert_eq!(
             text,
-            "0/3 nodes fit: 1 are in unreachable or unselected clusters, 1 have a stale heartbeat, 1 lack free GPUs"
+            "0/3 nodes fit: 3 have no GPU, 1 are in unreachable or unselected clusters, 1 have a stale heartbeat"
+        );
+    }
+
+    /// The style of kube-scheduler's FitError: every node counted under every filter it
+    /// fails, the most common first, with what the job wants named.
+    #[test]
+    fn reasons_count_every_filter_and_name_what_is_missing() {
+        let mut interner = Interner::default();
+        let a100 = interner.intern("NVIDIA A100");
+        let l4 = interner.intern("NVIDIA L4");
+        let eu = interner.intern("residency=eu");
+        let mut gpu = node(0, 0.5);
+        gpu.gpu_product = Some(l4);
+        gpu.free_gpus = 1;
+        gpu.gpu_memory_mib = 24_576;
+        let nodes = vec![node(0, 0.9), node(0, 0.8), node(0, 0.7), gpu];
+        let mut snap = Snapshot::new(nodes, vec![true]);
+        let req = Request {
+            slots: slots(1),
+            gpus: 1,
+            gpu_products: vec![Some(a100)],
+            memory_mib: 100_000,
+            required_labels: vec![Some(eu)],
+            wants: BTreeMap::from([
+                (Filter::NoGpu, "1 x NVIDIA A100".to_string()),
+                (Filter::GpuProduct, "1 x NVIDIA A100".to_string()),
+                (Filter::Labels, "label residency=eu".to_string()),
+                (Filter::Memory, "100000Mi memory".to_string()),
+            ]),
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        assert_eq!(
+            out.unplaced[0].1.to_string(),
+            "0/4 nodes fit: 4 lack memory (job wants 100000Mi memory), 4 lack a required label (job wants label residency=eu), \
+             3 have no GPU (job wants 1 x NVIDIA A100), 1 have another GPU product (job wants 1 x NVIDIA A100)"
         );
     }
 
@@ -810,6 +1039,7 @@ mod tests {
             cluster in 0..clusters,
             ready in prop::bool::weighted(0.85),
             free_slots in 0u32..3,
+            busy in 0u32..2,
             free_cpu_millis in 0u64..4000,
             free_memory_mib in 0u64..4096,
             free_gpus in 0u32..3,
@@ -823,7 +1053,8 @@ mod tests {
             score in 0.0f64..1.0,
         ) -> Node {
             Node {
-                cluster, ready, free_slots, free_cpu_millis, free_memory_mib, free_gpus,
+                cluster, ready, free_slots, total_slots: free_slots + busy, free_cpu_millis,
+                free_memory_mib, free_gpus,
                 gpu_memory_mib: gpu_memory_mib * 8192, gpu_product,
                 labels: labels.into_iter().collect(), datasets: datasets.into_iter().collect(),
                 region, zone: None, account, owner: None, arch, score,
@@ -855,7 +1086,7 @@ mod tests {
             Request {
                 slots, cpu_millis, memory_mib, gpus, gpu_memory_mib: gpu_memory_mib * 8192,
                 gpu_products, required_labels, dataset, regions, zones: vec![], clusters: vec![],
-                spread, gang, used_nodes, replicas,
+                spread, gang, used_nodes, replicas, wants: BTreeMap::new(),
             }
         }
     }

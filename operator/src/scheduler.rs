@@ -81,6 +81,8 @@ pub struct Scheduler {
     speeds: Mutex<HashMap<String, HashMap<String, u32>>>,
     unfit: Mutex<HashMap<String, String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
+    /// When each task ("member/name") was created, by the operator's clock.
+    dispatched: Mutex<HashMap<String, Timestamp>>,
     notify: Notify,
 }
 
@@ -94,6 +96,15 @@ impl Scheduler {
                 q.insert(pool.to_string(), nodes);
             }
         }
+    }
+
+    /// When this operator created task `name` in member `member` (its own clock).
+    pub fn dispatched_at(&self, member: &str, name: &str) -> Option<Timestamp> {
+        self.dispatched
+            .lock()
+            .ok()?
+            .get(&format!("{member}/{name}"))
+            .copied()
     }
 
     /// Replaces the verified relative speeds of `pool`'s nodes ("cluster/node").
@@ -292,6 +303,14 @@ impl Scheduler {
                 })
                 .collect();
             for (created, member, node, name) in results.into_iter().flatten() {
+                if created && let Ok(mut d) = self.dispatched.lock() {
+                    if d.len() > 100_000 {
+                        // Kept a day: a job's status records the time once it saw the task.
+                        let day_ago = now - jiff::SignedDuration::from_hours(24);
+                        d.retain(|_, t| *t > day_ago);
+                    }
+                    d.insert(format!("{member}/{name}"), now);
+                }
                 if created {
                     metrics.tasks_created.inc();
                     tracing::info!(job = %job_key, task = %name, %member, %node, "placed");
@@ -486,10 +505,12 @@ impl World {
                 let (ok, failed) = history.get(&name).copied().unwrap_or_default();
                 let reliability = (ok as f64 + 1.0) / ((ok + failed) as f64 + 2.0);
                 let idx = nodes.len() as u32;
+                let cap = task_slots(inv.task_slots, pool.max_tasks_per_node);
                 nodes.push(placement::Node {
                     cluster: ci as u32,
                     ready: m.node_ready(&name, now),
-                    free_slots: pool.max_tasks_per_node.saturating_sub(slots),
+                    free_slots: cap.saturating_sub(slots),
+                    total_slots: cap,
                     free_cpu_millis: (inv.cpu_cores as u64 * 1000).saturating_sub(cpu),
                     free_memory_mib: inv.memory_mib.saturating_sub(mem),
                     free_gpus: inv.gpus.saturating_sub(gpus),
@@ -645,6 +666,7 @@ impl World {
             gang: work.gang,
             used_nodes: work.used.iter().filter_map(lookup).collect(),
             replicas: spec.verification.as_ref().map_or(1, |v| v.replicas.max(1)),
+            wants: wants(spec),
         };
         let mut request = request;
         let gpus = request.gpus;
@@ -659,6 +681,72 @@ impl World {
         }
         (request, work.needs.clone())
     }
+}
+
+/// A node's task slots: what its agent says it runs at once (a claim), never more than the
+/// pool's `maxTasksPerNode` (the platform team's); an agent that says nothing gets the
+/// pool's number.
+pub fn task_slots(advertised: u32, pool_cap: u32) -> u32 {
+    match advertised {
+        0 => pool_cap,
+        n => n.min(pool_cap),
+    }
+}
+
+/// What a job wants, in words, by the filter that checks it (named when a slot does not
+/// fit, e.g. "0/4 nodes fit: 4 have no GPU (job wants 1 x NVIDIA A100)").
+fn wants(spec: &ComputeJobSpec) -> BTreeMap<placement::Filter, String> {
+    use placement::Filter;
+    let r = &spec.resources;
+    let p = &spec.placement;
+    let mut w = BTreeMap::new();
+    if r.gpus > 0 {
+        let product = match r.gpu_products.as_slice() {
+            [] => "any GPU".to_string(),
+            [one] => one.clone(),
+            many => many.join(" or "),
+        };
+        let gpu = format!("{} x {product}", r.gpus);
+        w.insert(Filter::NoGpu, gpu.clone());
+        w.insert(Filter::GpuProduct, gpu.clone());
+        w.insert(Filter::Gpus, gpu);
+        if let Some(m) = &r.gpu_memory {
+            w.insert(Filter::GpuMemory, format!("{} per GPU", m.as_string()));
+        }
+    }
+    if let Some(c) = &r.cpu {
+        w.insert(Filter::Cpu, format!("{} CPU", c.as_string()));
+    }
+    if let Some(m) = &r.memory {
+        w.insert(Filter::Memory, format!("{} memory", m.as_string()));
+    }
+    if !p.required_labels.is_empty() {
+        let labels: Vec<String> = p
+            .required_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        w.insert(Filter::Labels, format!("label {}", labels.join(", ")));
+    }
+    if let Some(d) = spec
+        .workload
+        .dataset
+        .as_ref()
+        .and_then(|d| d.node_local.as_ref())
+    {
+        w.insert(Filter::Dataset, format!("node-local dataset {d}"));
+    }
+    let mut topology = Vec::new();
+    if !p.regions.is_empty() {
+        topology.push(format!("region {}", p.regions.join(" or ")));
+    }
+    if !p.zones.is_empty() {
+        topology.push(format!("zone {}", p.zones.join(" or ")));
+    }
+    if !topology.is_empty() {
+        w.insert(Filter::Topology, topology.join(", "));
+    }
+    w
 }
 
 /// Whether a label selector matches labels (matchLabels and matchExpressions).
@@ -684,4 +772,22 @@ pub fn selector_matches(
         })
     });
     labels_ok && exprs_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Task slots are the agent's claim: an agent that claims a thousand runs no more
+    /// than the pool allows, and one that runs one task at a time is never given two.
+    #[test]
+    fn an_agent_claiming_more_slots_gets_at_most_the_pools_cap() {
+        assert_eq!(task_slots(1000, 2), 2);
+        assert_eq!(task_slots(1, 2), 1);
+        assert_eq!(
+            task_slots(0, 2),
+            2,
+            "an agent that says nothing: the pool's number"
+        );
+    }
 }

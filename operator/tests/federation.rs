@@ -1479,3 +1479,98 @@ async fn events_of_namespace(fed: &Federation, ns: &str) -> Vec<(String, String)
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
 }
+
+/// Issue #11, "uses the whole fleet": two clusters of two idle nodes whose agents run one
+/// task at a time (advertised as `edgeloom.io/task-slots`) in a pool that allows two per
+/// node. A 4-shard job spread by cluster runs one shard on every node at once (not two on
+/// each cluster's best node), and a second job applied with it waits for free slots: no
+/// node ever holds more tasks than its agent runs.
+#[tokio::test]
+async fn shards_use_every_idle_node_and_never_exceed_what_an_agent_runs() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
+        .await
+        .expect("federation");
+    fed.start_sims_with_slots(Duration::from_secs(4), 1)
+        .await
+        .expect("sims");
+    fed.apply_pool("edge", 10, 2).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("fleet").await.expect("ns");
+    let spread = "  placement:\n    spread: Cluster\n";
+    apply(&fed, &ns, &job_yaml("wide", 4, spread)).await;
+    let wide = wait::until_some("job wide has a uid", Duration::from_secs(10), || {
+        let fed = &fed;
+        let ns = ns.clone();
+        async move {
+            Api::<ComputeJob>::namespaced(fed.hub.clone(), &ns)
+                .get_opt("wide")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|j| j.metadata.uid)
+        }
+    })
+    .await;
+    apply(&fed, &ns, &job_yaml("more", 4, spread)).await;
+    let mut most_per_node = 0usize;
+    let mut wide_nodes: std::collections::BTreeSet<String> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut running: std::collections::BTreeMap<String, usize> = Default::default();
+        for member in ["edge-a", "edge-b"] {
+            let client = fed
+                .plane
+                .cluster(member)
+                .expect("member")
+                .client()
+                .await
+                .expect("client");
+            let all = Api::<ComputeTask>::namespaced(client, SYSTEM_NAMESPACE)
+                .list(&ListParams::default())
+                .await
+                .expect("tasks")
+                .items;
+            for t in all {
+                let phase = t.status.as_ref().and_then(|s| s.phase);
+                let node = format!("{member}/{}", t.spec.node_name);
+                if t.spec.job.uid == wide {
+                    wide_nodes.insert(node.clone());
+                }
+                if !matches!(phase, Some(TaskPhase::Succeeded | TaskPhase::Failed)) {
+                    *running.entry(node).or_default() += 1;
+                }
+            }
+        }
+        most_per_node = most_per_node.max(running.values().copied().max().unwrap_or(0));
+        let done = |name: &str| {
+            let fed = &fed;
+            let ns = ns.clone();
+            let name = name.to_string();
+            async move {
+                job(fed, &ns, &name)
+                    .await
+                    .status
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p == JobPhase::Succeeded)
+            }
+        };
+        if done("wide").await && done("more").await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs did not finish; tasks per node now {running:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        most_per_node, 1,
+        "no node ever held more tasks than its agent runs"
+    );
+    assert_eq!(
+        wide_nodes.len(),
+        4,
+        "the 4-shard job ran one shard on every node: {wide_nodes:?}"
+    );
+}

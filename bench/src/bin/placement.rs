@@ -45,6 +45,7 @@ fn fleet(n: usize, interner: &mut Interner, rng: &mut Rng) -> Snapshot {
                 cluster,
                 ready: rng.below(50) != 0,
                 free_slots: 2,
+                total_slots: 2,
                 free_cpu_millis: 8000,
                 free_memory_mib: 32_768,
                 free_gpus: if gpu { 1 + rng.below(4) as u32 } else { 0 },
