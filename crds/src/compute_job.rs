@@ -169,7 +169,9 @@ pub struct ComputeJobStatus {
     /// Pending, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,
-    /// Standard conditions: Admitted, Placed, Verified, Succeeded, BudgetExceeded.
+    /// Conditions the operator sets: `Scheduled` (reasons Placed, Unschedulable, Waiting,
+    /// Finished), `Complete` and `Failed` (the verdict), `Paid` (ReceiptsIssued,
+    /// LedgerUnavailable, ReceiptRefused) and `BudgetExceeded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation this status describes.

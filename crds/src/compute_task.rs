@@ -14,6 +14,10 @@ use std::collections::BTreeMap;
 pub const NODE_LABEL: &str = "edgeloom.io/node";
 /// Label on a ComputeTask carrying its job's UID.
 pub const JOB_UID_LABEL: &str = "edgeloom.io/job-uid";
+/// Annotation: when the operator created the task, by its own clock (RFC 3339). Set at
+/// creation by the operator (agents write only a task's status): the start of the window
+/// a result's usage is paid for.
+pub const DISPATCHED_AT_ANNOTATION: &str = "edgeloom.io/dispatched-at";
 
 /// One attempt of one shard of a ComputeJob, bound to one node.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -193,6 +193,8 @@ pub struct TaskEntry {
     pub nonce: Option<Box<str>>,
     /// When the operator asked for its sealed result.
     pub reveal_requested_at: Option<jiff::Timestamp>,
+    /// When the operator created it (its own clock, an annotation it set at creation).
+    pub dispatched_at: Option<jiff::Timestamp>,
 }
 
 impl TaskEntry {
@@ -239,6 +241,12 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(edgeloom_crds::commitment::REVEAL_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
+            dispatched_at: t
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(edgeloom_crds::compute_task::DISPATCHED_AT_ANNOTATION))
                 .and_then(|v| v.parse().ok()),
         },
     ))

@@ -240,7 +240,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
                 commitment: status.commitment,
                 salt: status.salt,
                 reveal_requested_at: t.reveal_requested_at,
-                dispatched: ctx.scheduler.dispatched_at(&m.key, &t.name),
+                dispatched: t.dispatched_at,
             });
         }
     }
@@ -496,8 +496,22 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // A finished job's verdict is frozen: its shards, result, metrics and placement stay
     // as they were when it finished, even if its tasks vanish or trust changes later.
     let frozen = matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed));
+    let finishing = matches!(decision.phase, JobPhase::Succeeded | JobPhase::Failed);
     match (&unfit, placed) {
-        _ if frozen => {}
+        // A finished job has nothing left to place (and its placement is frozen).
+        _ if frozen || finishing => {
+            if conditions::get(&conds, "Scheduled").is_none_or(|c| c.reason != "Finished") {
+                conditions::set(
+                    &mut conds,
+                    "Scheduled",
+                    true,
+                    "Finished",
+                    "the job finished: nothing left to place",
+                    generation,
+                    now,
+                );
+            }
+        }
         (_, true) => conditions::set(
             &mut conds,
             "Scheduled",
@@ -719,7 +733,7 @@ async fn publish_events(
                 prev.attempt,
                 prev.cluster,
                 prev.node,
-                prev.message.as_deref().unwrap_or(prev_phase(prev))
+                replaced_because(prev)
             )),
             _ => placed.push(format!(
                 "shard {}/{} attempt {} on {}/{}",
@@ -793,11 +807,23 @@ async fn publish_events(
     }
 }
 
-fn prev_phase(s: &ShardStatus) -> &'static str {
+/// Why an attempt was replaced, in words: its failure, or that it was lost.
+fn replaced_because(s: &ShardStatus) -> String {
     match s.phase {
-        TaskPhase::Failed => "failed",
-        TaskPhase::Cancelled => "cancelled",
-        _ => "lost",
+        TaskPhase::Failed => format!(
+            "failed{}",
+            s.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+        TaskPhase::Cancelled => "was cancelled".into(),
+        phase => {
+            let was = format!("{phase:?}").to_lowercase();
+            format!(
+                "was lost while {was} (its node stopped heartbeating, its cluster became unreachable or its task vanished)"
+            )
+        }
     }
 }
 

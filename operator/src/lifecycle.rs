@@ -1279,6 +1279,36 @@ mod tests {
         assert!(d.accepted.is_empty() && d.outvoted.is_empty());
     }
 
+    /// A task that ran faster than a reconcile is first seen with its result: its window
+    /// starts when the operator created it (the annotation it set), not at that first
+    /// sight, so an honest fast node is not paid 0.
+    #[test]
+    fn a_task_first_seen_with_its_result_is_paid_from_its_creation() {
+        let s = verified(2, None);
+        let mut two = vec![replica(0, "n0", Some("aa")), replica(1, "n1", Some("aa"))];
+        for t in &mut two {
+            t.cpu_core_millis = 300;
+            t.dispatched = Some(t0() - SignedDuration::from_secs(2));
+        }
+        let d = decide(&view(&s), &two, t0());
+        assert_eq!(
+            d.shards[0].dispatched_at,
+            Some(Time(t0() - SignedDuration::from_secs(2)))
+        );
+        assert_eq!(d.accepted.len(), 2);
+        assert!(
+            d.accepted.iter().all(|a| a.cpu_core_millis == 300),
+            "{:?}",
+            d.accepted
+        );
+        // Without the creation time (e.g. a task of an earlier operator), first sight it is.
+        for t in &mut two {
+            t.dispatched = None;
+        }
+        let d = decide(&view(&s), &two, t0());
+        assert!(d.accepted.iter().all(|a| a.cpu_core_millis == 0));
+    }
+
     #[test]
     fn paid_usage_is_bounded_by_what_the_operator_observed() {
         // 10 s observed, 2 cores asked for: at most 20 core-s; no GPU asked for: none paid.

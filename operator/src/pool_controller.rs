@@ -539,11 +539,15 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                 let ev = Event {
                     type_,
                     reason: reason.into(),
-                    note: Some(format!(
-                        "{}: {}",
-                        new.name,
-                        new.message.clone().unwrap_or_else(|| "reachable".into())
-                    )),
+                    note: Some(if new.reachable {
+                        format!("{}: reachable again", new.name)
+                    } else {
+                        format!(
+                            "{}: unreachable: {}",
+                            new.name,
+                            new.message.as_deref().unwrap_or("no answer")
+                        )
+                    }),
                     action: "Probe".into(),
                     secondary: None,
                 };

@@ -81,8 +81,6 @@ pub struct Scheduler {
     speeds: Mutex<HashMap<String, HashMap<String, u32>>>,
     unfit: Mutex<HashMap<String, String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
-    /// When each task ("member/name") was created, by the operator's clock.
-    dispatched: Mutex<HashMap<String, Timestamp>>,
     notify: Notify,
 }
 
@@ -96,15 +94,6 @@ impl Scheduler {
                 q.insert(pool.to_string(), nodes);
             }
         }
-    }
-
-    /// When this operator created task `name` in member `member` (its own clock).
-    pub fn dispatched_at(&self, member: &str, name: &str) -> Option<Timestamp> {
-        self.dispatched
-            .lock()
-            .ok()?
-            .get(&format!("{member}/{name}"))
-            .copied()
     }
 
     /// Replaces the verified relative speeds of `pool`'s nodes ("cluster/node").
@@ -303,14 +292,6 @@ impl Scheduler {
                 })
                 .collect();
             for (created, member, node, name) in results.into_iter().flatten() {
-                if created && let Ok(mut d) = self.dispatched.lock() {
-                    if d.len() > 100_000 {
-                        // Kept a day: a job's status records the time once it saw the task.
-                        let day_ago = now - jiff::SignedDuration::from_hours(24);
-                        d.retain(|_, t| *t > day_ago);
-                    }
-                    d.insert(format!("{member}/{name}"), now);
-                }
                 if created {
                     metrics.tasks_created.inc();
                     tracing::info!(job = %job_key, task = %name, %member, %node, "placed");
@@ -377,10 +358,13 @@ fn build_task(work: &Work, need: &Need, member: &str, node: &str, identity: &str
                 (JOB_UID_LABEL.to_string(), work.uid.clone()),
                 (NODE_LABEL.to_string(), node.to_string()),
             ])),
-            annotations: Some(BTreeMap::from([(
-                CREATED_BY_ANNOTATION.to_string(),
-                identity.to_string(),
-            )])),
+            annotations: Some(BTreeMap::from([
+                (CREATED_BY_ANNOTATION.to_string(), identity.to_string()),
+                (
+                    edgeloom_crds::compute_task::DISPATCHED_AT_ANNOTATION.to_string(),
+                    Timestamp::now().to_string(),
+                ),
+            ])),
             ..Default::default()
         },
         spec: ComputeTaskSpec {

@@ -309,10 +309,10 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
     );
     let events = events_of(&fed, &ns, "hb").await;
     assert!(
-        events
-            .iter()
-            .any(|(r, m)| r == "Replaced" && m.contains("attempt 2")),
-        "{events:?}"
+        events.iter().any(|(r, m)| r == "Replaced"
+            && m.contains("attempt 2")
+            && m.contains("was lost while running")),
+        "the event says why the attempt was replaced: {events:?}"
     );
     // Only the accepted attempt is paid: one receipt, attempt 2, the second node.
     let uid = done.metadata.uid.clone().expect("uid");
@@ -1573,4 +1573,26 @@ async fn shards_use_every_idle_node_and_never_exceed_what_an_agent_runs() {
         4,
         "the 4-shard job ran one shard on every node: {wide_nodes:?}"
     );
+    // A finished job's conditions agree with its phase: nothing is left to place.
+    for name in ["wide", "more"] {
+        let status = job(&fed, &ns, name).await.status.expect("status");
+        let scheduled = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Scheduled")
+            .expect("Scheduled condition");
+        assert_eq!(
+            (scheduled.status.as_str(), scheduled.reason.as_str()),
+            ("True", "Finished"),
+            "{name}: {scheduled:?}"
+        );
+        assert!(
+            status
+                .shards
+                .iter()
+                .all(|s| !s.node.is_empty() && s.attempt >= 1),
+            "{name}: every slot shows its real attempt and node: {:?}",
+            status.shards
+        );
+    }
 }
