@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
-step "prerequisites (Go-built etcd, kube-apiserver, kube-controller-manager, kubectl, helm)"
+step "prerequisites (Go-built etcd, kube-apiserver, kube-controller-manager, kubectl, helm, SeaweedFS)"
 e2e/scripts/install-tools.sh
 
 step "prerequisites (libtorch 2.11.0 from PyPI, for edgeloom-runner)"

@@ -392,113 +392,78 @@ fn allowed(value: Option<Sym>, allowed: &[Option<Sym>]) -> bool {
 
 /// The first hard filter `node` fails for `req`, if any (capacity included).
 pub fn check(snapshot: &Snapshot, id: u32, req: &Request) -> Result<(), Filter> {
-    let n = &snapshot.nodes[id as usize];
-    if !snapshot
-        .cluster_reachable
-        .get(n.cluster as usize)
-        .copied()
-        .unwrap_or(false)
-        || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster))
-    {
-        return Err(Filter::Cluster);
-    }
-    if !n.ready {
-        return Err(Filter::NotReady);
-    }
-    if !allowed(n.region, &req.regions) || !allowed(n.zone, &req.zones) {
-        return Err(Filter::Topology);
-    }
-    if !contains_all(&n.labels, &req.required_labels) {
-        return Err(Filter::Labels);
-    }
-    if let Some(ds) = req.dataset
-        && ds.is_none_or(|d| n.datasets.binary_search(&d).is_err())
-    {
-        return Err(Filter::Dataset);
-    }
-    if req.gpus > 0 {
-        if !req.gpu_products.is_empty()
-            && !n
-                .gpu_product
-                .is_some_and(|p| req.gpu_products.contains(&Some(p)))
-        {
-            return Err(Filter::GpuProduct);
-        }
-        if n.gpu_memory_mib < req.gpu_memory_mib {
-            return Err(Filter::GpuMemory);
-        }
-        if n.free_gpus < req.gpus {
-            return Err(Filter::Gpus);
-        }
-    }
-    if n.free_slots == 0 {
-        return Err(Filter::Slots);
-    }
-    if n.free_cpu_millis < req.cpu_millis {
-        return Err(Filter::Cpu);
-    }
-    if n.free_memory_mib < req.memory_mib {
-        return Err(Filter::Memory);
-    }
-    Ok(())
+    let mut first = None;
+    visit_failures(snapshot, id, req, |f| {
+        first = Some(f);
+        false
+    });
+    first.map_or(Ok(()), Err)
 }
 
 /// Every hard filter `node` fails for `req` (to explain; [`check`] stops at the first).
 pub fn failures(snapshot: &Snapshot, id: u32, req: &Request) -> Vec<Filter> {
+    let mut all = Vec::new();
+    visit_failures(snapshot, id, req, |f| {
+        all.push(f);
+        true
+    });
+    all
+}
+
+/// Calls `failed` with each hard filter the node fails, in order, while it returns true.
+fn visit_failures(
+    snapshot: &Snapshot,
+    id: u32,
+    req: &Request,
+    mut failed: impl FnMut(Filter) -> bool,
+) {
     let n = &snapshot.nodes[id as usize];
-    let mut out = Vec::new();
-    if !snapshot
+    let mut fail = |f: Filter, when: bool| !when || failed(f);
+    let reachable = snapshot
         .cluster_reachable
         .get(n.cluster as usize)
         .copied()
-        .unwrap_or(false)
-        || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster))
+        .unwrap_or(false);
+    if !fail(
+        Filter::Cluster,
+        !reachable || (!req.clusters.is_empty() && !req.clusters.contains(&n.cluster)),
+    ) || !fail(Filter::NotReady, !n.ready)
+        || !fail(
+            Filter::Topology,
+            !allowed(n.region, &req.regions) || !allowed(n.zone, &req.zones),
+        )
+        || !fail(
+            Filter::Labels,
+            !contains_all(&n.labels, &req.required_labels),
+        )
+        || !fail(
+            Filter::Dataset,
+            req.dataset
+                .is_some_and(|ds| ds.is_none_or(|d| n.datasets.binary_search(&d).is_err())),
+        )
     {
-        out.push(Filter::Cluster);
-    }
-    if !n.ready {
-        out.push(Filter::NotReady);
-    }
-    if !allowed(n.region, &req.regions) || !allowed(n.zone, &req.zones) {
-        out.push(Filter::Topology);
-    }
-    if !contains_all(&n.labels, &req.required_labels) {
-        out.push(Filter::Labels);
-    }
-    if let Some(ds) = req.dataset
-        && ds.is_none_or(|d| n.datasets.binary_search(&d).is_err())
-    {
-        out.push(Filter::Dataset);
+        return;
     }
     if req.gpus > 0 {
         if n.gpu_product.is_none() && n.gpu_memory_mib == 0 && n.free_gpus == 0 {
-            out.push(Filter::NoGpu);
-        } else {
-            if !req.gpu_products.is_empty()
+            if !fail(Filter::NoGpu, true) {
+                return;
+            }
+        } else if !fail(
+            Filter::GpuProduct,
+            !req.gpu_products.is_empty()
                 && !n
                     .gpu_product
-                    .is_some_and(|p| req.gpu_products.contains(&Some(p)))
-            {
-                out.push(Filter::GpuProduct);
-            }
-            if n.gpu_memory_mib < req.gpu_memory_mib {
-                out.push(Filter::GpuMemory);
-            }
-            if n.free_gpus < req.gpus {
-                out.push(Filter::Gpus);
-            }
+                    .is_some_and(|p| req.gpu_products.contains(&Some(p))),
+        ) || !fail(Filter::GpuMemory, n.gpu_memory_mib < req.gpu_memory_mib)
+            || !fail(Filter::Gpus, n.free_gpus < req.gpus)
+        {
+            return;
         }
     }
-    if n.free_slots == 0 {
-        out.push(Filter::Slots);
-    }
-    if n.free_cpu_millis < req.cpu_millis {
-        out.push(Filter::Cpu);
-    }
-    if n.free_memory_mib < req.memory_mib {
-        out.push(Filter::Memory);
-    }
-    out
+    let _ = fail(Filter::Slots, n.free_slots == 0)
+        && fail(Filter::Cpu, n.free_cpu_millis < req.cpu_millis)
+        && fail(Filter::Memory, n.free_memory_mib < req.memory_mib);
 }
 
 fn take(n: &mut Node, req: &Request) {
@@ -589,8 +554,11 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         } else {
             snapshot.order.len()
         };
+        // Whether pass 1 met any node passing the hard filters: if not, pass 2 (which only
+        // drops preferences) would find none either.
+        let mut fits_any = false;
         for pass in 0..3 {
-            if pass == 0 && snapshot.idle == 0 {
+            if (pass == 0 && snapshot.idle == 0) || (pass == 2 && !fits_any) {
                 continue;
             }
             let from = if pass == 0 { idle_start } else { start };
@@ -601,6 +569,7 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 if blocked(&snapshot.nodes, id).is_some() || check(snapshot, id, req).is_err() {
                     continue;
                 }
+                fits_any = true;
                 if pass < 2 {
                     let n = &snapshot.nodes[id as usize];
                     if replicated
@@ -680,14 +649,13 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
 fn explain(snapshot: &Snapshot, req: &Request, blocked: impl Fn(u32) -> Option<Filter>) -> Unfit {
     let mut counts: HashMap<Filter, usize> = HashMap::new();
     for id in 0..snapshot.nodes.len() as u32 {
-        let failed = failures(snapshot, id, req);
-        if failed.is_empty() {
-            if let Some(f) = blocked(id) {
-                *counts.entry(f).or_default() += 1;
-            }
-            continue;
-        }
-        for f in failed {
+        let mut failed = false;
+        visit_failures(snapshot, id, req, |f| {
+            failed = true;
+            *counts.entry(f).or_default() += 1;
+            true
+        });
+        if !failed && let Some(f) = blocked(id) {
             *counts.entry(f).or_default() += 1;
         }
     }

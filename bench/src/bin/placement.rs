@@ -149,6 +149,11 @@ struct Run {
     slots: usize,
     seconds: f64,
     per_job_us: Vec<f64>,
+    /// Tasks on the busiest node, and the mean over nodes with any.
+    max_per_node: u32,
+    mean_per_busy_node: f64,
+    /// Ready nodes left with nothing to run.
+    idle_nodes: usize,
 }
 
 fn run(nodes: usize, jobs: usize, reference: bool) -> Run {
@@ -169,18 +174,33 @@ fn run(nodes: usize, jobs: usize, reference: bool) -> Run {
         };
         per_job_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    let seconds = start.elapsed().as_secs_f64();
+    let busy: Vec<u32> = snapshot
+        .nodes
+        .iter()
+        .map(|n| n.total_slots - n.free_slots)
+        .collect();
+    let used: Vec<u32> = busy.iter().copied().filter(|b| *b > 0).collect();
     Run {
         slots,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         per_job_us,
+        max_per_node: busy.iter().copied().max().unwrap_or(0),
+        mean_per_busy_node: used.iter().sum::<u32>() as f64 / used.len().max(1) as f64,
+        idle_nodes: snapshot
+            .nodes
+            .iter()
+            .zip(&busy)
+            .filter(|(n, b)| n.ready && **b == 0)
+            .count(),
     }
 }
 
 fn main() {
     println!(
-        "| nodes | implementation | jobs | slots placed | placements/s | job p50 (µs) | job p99 (µs) |"
+        "| nodes | implementation | jobs | slots placed | placements/s | job p50 (µs) | job p99 (µs) | tasks per node: max / mean of busy | ready nodes idle |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for nodes in [1_000usize, 10_000, 100_000] {
         // Jobs enough to fill about a third of the fleet's slots.
         let jobs = nodes * 2 / 3 / 3;
@@ -193,7 +213,7 @@ fn main() {
             };
             let mut r = run(nodes, jobs, reference);
             println!(
-                "| {nodes} | {} | {jobs} | {} | {:.0} | {:.1} | {:.1} |",
+                "| {nodes} | {} | {jobs} | {} | {:.0} | {:.1} | {:.1} | {} / {:.2} | {} |",
                 if reference {
                     "reference: filter + score every node"
                 } else {
@@ -203,6 +223,9 @@ fn main() {
                 r.slots as f64 / r.seconds,
                 percentile(&mut r.per_job_us, 50.0),
                 percentile(&mut r.per_job_us, 99.0),
+                r.max_per_node,
+                r.mean_per_busy_node,
+                r.idle_nodes,
             );
         }
         // Worst case: a slot nothing fits scans every node twice and once more to explain.
@@ -225,7 +248,7 @@ fn main() {
             })
             .collect();
         println!(
-            "| {nodes} | edgeloom, unplaceable job (reason computed) | 20 | 0 | - | {:.1} | {:.1} |",
+            "| {nodes} | edgeloom, unplaceable job (reason computed) | 20 | 0 | - | {:.1} | {:.1} | - | - |",
             percentile(&mut fails, 50.0),
             percentile(&mut fails, 99.0)
         );
