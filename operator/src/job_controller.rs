@@ -488,7 +488,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // Status.
     let generation = job.metadata.generation;
     let mut conds = old.conditions.clone();
-    let placed = decision.needs.is_empty() && decision.shards.iter().all(|s| !s.node.is_empty());
+    let placed = decision.needs.is_empty()
+        && decision
+            .shards
+            .iter()
+            .all(|s| !s.node.is_empty() || s.phase == TaskPhase::Cancelled);
     let unfit = model_problem
         .as_ref()
         .map(|why| format!("ModelUnavailable: {why}"))

@@ -325,6 +325,13 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         .map(|s| ((s.index, s.replica), s.attempt))
         .collect();
 
+    // The last recorded status of each slot that was bound to a node.
+    let recorded_status: BTreeMap<(u32, u32), &ShardStatus> = job
+        .recorded
+        .iter()
+        .filter(|s| !s.node.is_empty())
+        .map(|s| ((s.index, s.replica), s))
+        .collect();
     let finished = matches!(job.phase, Some(JobPhase::Succeeded | JobPhase::Failed));
     let mut needs = Vec::new();
     let mut cancel = Vec::new();
@@ -634,6 +641,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 done_shards[shard as usize] = true;
                 digests.push(digest);
                 needs.truncate(needs_before);
+
                 let verified = agreeing.len() >= 2;
                 let agreed: Vec<&TaskView> = current_tasks
                     .iter()
@@ -684,6 +692,23 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                             "accepted alone: trusted node, not spot-checked".into()
                         });
                     }
+                }
+                // Replicas the decided shard no longer needs (their task cancelled and gone,
+                // or never placed) say so, with the node they last had, rather than look
+                // like a slot waiting for placement.
+                for st in shards[first_status..]
+                    .iter_mut()
+                    .filter(|st| st.node.is_empty())
+                {
+                    if let Some(prev) = recorded_status.get(&(shard, st.replica)) {
+                        st.attempt = prev.attempt;
+                        st.cluster = prev.cluster.clone();
+                        st.node = prev.node.clone();
+                        st.started_at = prev.started_at.clone();
+                        st.finished_at = prev.finished_at.clone();
+                    }
+                    st.phase = TaskPhase::Cancelled;
+                    st.message = Some("not needed: the shard was decided without it".into());
                 }
                 for t in current_tasks.iter().filter(|t| !t.terminal()) {
                     cancel.push(Cancel {
@@ -1240,6 +1265,45 @@ mod tests {
             d.cancel.iter().map(|c| c.reason).collect::<Vec<_>>(),
             ["Verified"]
         );
+    }
+
+    /// A third replica placed to break a tie and then not needed (the shard was decided,
+    /// its task cancelled and gone): its slot says Cancelled, on the node it last had, not
+    /// "Pending, no node".
+    #[test]
+    fn a_replica_the_decided_shard_no_longer_needs_says_cancelled() {
+        let s = verified(2, None);
+        let running = vec![
+            replica(0, "n0", None),
+            replica(1, "n1", None),
+            replica(2, "n2", None),
+        ];
+        let mut v = view(&s);
+        v.max_replicas = 3;
+        // Three slots recorded with their nodes (the third a tie-breaker).
+        let first = decide(&v, &running, t0());
+        let mut recorded = first.shards.clone();
+        if recorded.len() < 3 {
+            let mut third = recorded[1].clone();
+            third.replica = 2;
+            third.node = "n2".into();
+            recorded.push(third);
+        }
+        v.recorded = &recorded;
+        // Replicas 0 and 1 agree; replica 2's task is gone.
+        let done = vec![replica(0, "n0", Some("aa")), replica(1, "n1", Some("aa"))];
+        let d = decide(&v, &done, t0() + SignedDuration::from_secs(5));
+        let third = d
+            .shards
+            .iter()
+            .find(|s| s.replica == 2)
+            .expect("the third slot is still shown");
+        assert_eq!(
+            (third.phase, third.node.as_str()),
+            (TaskPhase::Cancelled, "n2"),
+            "{third:?}"
+        );
+        assert!(d.needs.is_empty(), "nothing re-placed: {:?}", d.needs);
     }
 
     #[test]
