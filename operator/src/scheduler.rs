@@ -181,6 +181,26 @@ impl Scheduler {
                 w.needs.retain(|n| {
                     !created.contains(task_name(&w.uid, n.shard, n.replica, n.attempt).as_str())
                 });
+                // Tasks of this job created in an earlier cycle and not in the job
+                // controller's view yet still count for spreading and for keeping a
+                // shard's replicas apart.
+                let prefix = task_name(&w.uid, 0, 0, 0);
+                let prefix = prefix.split('-').next().unwrap_or_default().to_string() + "-";
+                for f in &in_flight {
+                    let Some(rest) = f.name.strip_prefix(&prefix) else {
+                        continue;
+                    };
+                    let at = (f.member.clone(), f.node.clone());
+                    if !w.used.contains(&at) {
+                        w.used.push(at.clone());
+                    }
+                    if let Some(shard) = rest.split('-').next().and_then(|s| s.parse().ok()) {
+                        let r = w.replicas.entry(shard).or_default();
+                        if !r.contains(&at) {
+                            r.push(at);
+                        }
+                    }
+                }
                 w
             })
             .filter(|w| !w.needs.is_empty())
