@@ -30,6 +30,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Longest wait for one call to a member's API server inside a job reconcile.
+const MEMBER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Errors of the job controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -373,37 +376,57 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    // Reveals: asked for only once every replica of a shard has committed (lifecycle).
-    for (member, task) in &decision.reveal {
-        if let Some(m) = ctx.fleet.members().into_iter().find(|m| &m.key == member) {
-            let patch = serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: now.to_string()}}});
-            match m
-                .tasks_api()
-                .patch(task, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => tracing::info!(task = %task, %member, "asked for the sealed result"),
-                Err(e) => {
+    // Reveals (asked for only once every replica of a shard has committed) and
+    // cancellations go to the members at once, each bounded by MEMBER_CALL_TIMEOUT, and
+    // not to a member that is unreachable now (it gets them on a later reconcile): one
+    // slow or dead member never holds up this job's status or any other member.
+    let reachable = |key: &str| {
+        ctx.fleet.members().into_iter().find(|m| {
+            let h = m.health();
+            // Not known to fail (a member not probed yet is tried).
+            m.key == key && (h.reachable || h.unreachable_since.is_none())
+        })
+    };
+    let reveals = decision.reveal.iter().filter_map(|(member, task)| {
+        let m = reachable(member)?;
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {REVEAL_ANNOTATION: now.to_string()}}});
+        Some(async move {
+            let api = m.tasks_api();
+            let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+            let call = api.patch(task, &params, &patch);
+            match tokio::time::timeout(MEMBER_CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => tracing::info!(task = %task, %member, "asked for the sealed result"),
+                Ok(Err(e)) => {
                     tracing::debug!(task = %task, error = %e, "reveal request failed; will retry")
                 }
+                Err(_) => {
+                    tracing::debug!(task = %task, %member, "reveal request timed out; will retry")
+                }
             }
-        }
-    }
-    for c in &decision.cancel {
-        if let Some(m) = ctx.fleet.members().into_iter().find(|m| m.key == c.member) {
-            match m
-                .tasks_api()
-                .delete(&c.name, &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {
+        })
+    });
+    let cancels = decision.cancel.iter().filter_map(|c| {
+        let m = reachable(&c.member)?;
+        Some(async move {
+            let api = m.tasks_api();
+            let params = DeleteParams::default();
+            let call = api.delete(&c.name, &params);
+            match tokio::time::timeout(MEMBER_CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => {
                     tracing::info!(task = %c.name, member = %c.member, reason = c.reason, "cancelled task")
                 }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => tracing::debug!(task = %c.name, error = %e, "cancel failed; will retry"),
+                Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+                Ok(Err(e)) => tracing::debug!(task = %c.name, error = %e, "cancel failed; will retry"),
+                Err(_) => tracing::debug!(task = %c.name, member = %c.member, "cancel timed out; will retry"),
             }
-        }
-    }
+        })
+    });
+    futures::future::join(
+        futures::future::join_all(reveals),
+        futures::future::join_all(cancels),
+    )
+    .await;
 
     let mut model_problem: Option<String> = None;
     if decision.needs.is_empty() {

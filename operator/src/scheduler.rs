@@ -275,11 +275,19 @@ impl Scheduler {
                 async move {
                     let member = member?;
                     let name = task.metadata.name.clone().unwrap_or_default();
-                    match member.tasks_api().create(&PostParams::default(), &task).await {
-                        Ok(_) => Some((true, member_key, node_name, name)),
-                        Err(kube::Error::Api(s)) if s.code == 409 => Some((false, member_key, node_name, name)),
-                        Err(e) => {
+                    // Bounded, so that one slow member never stalls the cycle for all jobs.
+                    let api = member.tasks_api();
+                    let params = PostParams::default();
+                    let call = api.create(&params, &task);
+                    match tokio::time::timeout(Duration::from_secs(5), call).await {
+                        Ok(Ok(_)) => Some((true, member_key, node_name, name)),
+                        Ok(Err(kube::Error::Api(s))) if s.code == 409 => Some((false, member_key, node_name, name)),
+                        Ok(Err(e)) => {
                             tracing::warn!(task = %name, member = %member_key, error = %e, "creating task failed; will retry");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::warn!(task = %name, member = %member_key, "creating task timed out; will retry");
                             None
                         }
                     }
