@@ -930,15 +930,18 @@ pub fn bound_usage(
 /// The deterministic name of a task: `<first 8 of job uid>-<shard>-<replica>-<attempt>`.
 /// Creating the same attempt twice (after a restart) finds the first one.
 pub fn task_name(job_uid: &str, shard: u32, replica: u32, attempt: u32) -> String {
+    format!("{}-{shard}-{replica}-{attempt}", task_prefix(job_uid))
+}
+
+/// The part of a job's task names that names the job: the first 8 alphanumerics of its
+/// UID, lower case.
+pub fn task_prefix(job_uid: &str) -> String {
     let prefix: String = job_uid
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .take(8)
         .collect();
-    format!(
-        "{}-{shard}-{replica}-{attempt}",
-        prefix.to_ascii_lowercase()
-    )
+    prefix.to_ascii_lowercase()
 }
 
 #[cfg(test)]

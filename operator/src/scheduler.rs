@@ -5,7 +5,7 @@
 //! or while a cache lags) finds the existing one instead of doubling work.
 
 use crate::fleet::{Fleet, Member};
-use crate::lifecycle::{Need, task_name};
+use crate::lifecycle::{Need, task_name, task_prefix};
 use crate::metrics::Metrics;
 use crate::placement::{self, Interner, Request, ScoreInputs, Slot, Snapshot, Spread};
 use crate::quantity;
@@ -184,8 +184,7 @@ impl Scheduler {
                 // Tasks of this job created in an earlier cycle and not in the job
                 // controller's view yet still count for spreading and for keeping a
                 // shard's replicas apart.
-                let prefix = task_name(&w.uid, 0, 0, 0);
-                let prefix = prefix.split('-').next().unwrap_or_default().to_string() + "-";
+                let prefix = format!("{}-", task_prefix(&w.uid));
                 for f in &in_flight {
                     let Some(rest) = f.name.strip_prefix(&prefix) else {
                         continue;

@@ -177,10 +177,7 @@ impl KeyIndex {
     }
 
     fn to_base64(&self) -> String {
-        let mut all: Vec<u64> = self.sorted.iter().chain(&self.recent).copied().collect();
-        all.sort_unstable();
-        let bytes: Vec<u8> = all.iter().flat_map(|h| h.to_be_bytes()).collect();
-        base64::engine::general_purpose::STANDARD.encode(bytes)
+        hashes_to_base64(self.sorted.iter().chain(&self.recent).copied())
     }
 
     fn from_base64(s: &str) -> Result<KeyIndex, String> {
@@ -331,8 +328,9 @@ impl Jobs {
     }
 }
 
-fn hashes_to_base64(h: &HashSet<u64>) -> String {
-    let mut all: Vec<u64> = h.iter().copied().collect();
+/// 64-bit hashes, sorted, as base64 of their big-endian bytes.
+fn hashes_to_base64(h: impl Iterator<Item = u64>) -> String {
+    let mut all: Vec<u64> = h.collect();
     all.sort_unstable();
     let bytes: Vec<u8> = all.iter().flat_map(|h| h.to_be_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -502,7 +500,7 @@ impl Loaded {
                 .iter()
                 .map(|(j, (t, last))| (j.clone(), (t.into(), *last)))
                 .collect(),
-            evicted_jobs: hashes_to_base64(&self.by_job.evicted),
+            evicted_jobs: hashes_to_base64(self.by_job.evicted.iter().copied()),
             keys: self.keys.to_base64(),
             escrow: self.escrow.values().flatten().cloned().collect(),
             escrow_seconds: self.escrow_seconds,
