@@ -60,6 +60,28 @@ fn proc_stat(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss))
 }
 
+/// The CPU ticks of child `pid` once it has exited, read before it is reaped (waitid with
+/// WNOWAIT leaves it a zombie, whose /proc stat still holds its times); waits at most 5 s.
+async fn exit_ticks(pid: u32) -> Option<u64> {
+    let waited = tokio::task::spawn_blocking(move || {
+        // SAFETY: waitid on our own child with WNOWAIT only observes its exit; the
+        // siginfo is a plain struct written by the kernel.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            ) == 0
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(5), waited).await {
+        Ok(Ok(true)) => proc_stat(pid).map(|(t, _)| t),
+        _ => None,
+    }
+}
+
 /// Runs `runner` with `spec`; `progress` is called with each progress line; a `true` on
 /// `cancel` stops it.
 pub async fn execute(
@@ -117,6 +139,7 @@ pub async fn execute(
     let mut stop: Option<Outcome> = None;
     let mut gpu = false;
     let mut ticks = 0u64;
+    let mut final_ticks: Option<u64> = None;
     let page_mib = 4096.0 / (1024.0 * 1024.0);
     let deadline = limits.timeout.map(|t| started + t);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
@@ -132,10 +155,18 @@ pub async fn execute(
                     Ok(Line::Error { message }) => error = Some(message),
                     Err(_) => tracing::debug!(line = %text, "ignoring a non-protocol line from the runner"),
                 },
-                Ok(None) | Err(_) => stdout_open = false,
+                Ok(None) | Err(_) => {
+                    stdout_open = false;
+                    // The runner's CPU time as it exits: sampled every 250 ms, a short
+                    // run would otherwise report (and be paid for) none.
+                    final_ticks = exit_ticks(pid).await;
+                }
             },
             status = child.wait(), if !stdout_open => {
                 usage.wall_millis = started.elapsed().as_millis() as u64;
+                if let Some(t) = final_ticks.take() {
+                    ticks = ticks.max(t);
+                }
                 // SAFETY: sysconf(_SC_CLK_TCK) has no preconditions.
                 let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
                 usage.cpu_core_millis = ticks * 1000 / hz;
