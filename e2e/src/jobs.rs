@@ -181,3 +181,133 @@ pub async fn wait_pool_condition(
     )
     .await
 }
+
+/// The events of object `name` in `ns` as (reason, message), oldest first.
+pub async fn events_of(fed: &Federation, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(fed.hub.clone(), ns);
+    let mut list: Vec<_> = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .collect();
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+/// Asserts that a finished job's status and events tell the truth (issue #11):
+/// - its conditions agree with its phase (`Scheduled=True Finished`, `Complete` or `Failed`
+///   true as the phase says, the other false);
+/// - no slot still reads Pending, Running or Committed, and every slot that ran names its
+///   node and a real attempt;
+/// - its progress counts the shards that succeeded;
+/// - an event names its end, and a Succeeded job has a `Placed` event that counts every
+///   slot placed (`k/k`), not only the first ones.
+///
+/// Returns the events, for more checks by the caller. Waits (bounded) for the events,
+/// which the operator publishes just after the status.
+pub async fn assert_truthful(fed: &Federation, job: &ComputeJob) -> Vec<(String, String)> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let ns = job.metadata.namespace.clone().unwrap_or_default();
+    let s = job.status.clone().unwrap_or_default();
+    let phase = s.phase.unwrap_or_else(|| panic!("job {name} has no phase"));
+    assert!(
+        matches!(phase, JobPhase::Succeeded | JobPhase::Failed),
+        "job {name} is not finished: {phase:?}"
+    );
+    let cond = |t: &str| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    assert_eq!(
+        cond("Scheduled"),
+        Some(("True".into(), "Finished".into())),
+        "job {name}: {:?}",
+        s.conditions
+    );
+    let ok = phase == JobPhase::Succeeded;
+    let truth = |b: bool| if b { "True" } else { "False" }.to_string();
+    assert_eq!(
+        cond("Complete").map(|c| c.0),
+        Some(truth(ok)),
+        "job {name}: {:?}",
+        s.conditions
+    );
+    assert_eq!(
+        cond("Failed").map(|c| c.0),
+        Some(truth(!ok)),
+        "job {name}: {:?}",
+        s.conditions
+    );
+    for sh in &s.shards {
+        assert!(
+            !matches!(
+                sh.phase,
+                TaskPhase::Pending | TaskPhase::Running | TaskPhase::Committed
+            ),
+            "job {name} ended with a slot that still reads {:?}: {sh:?}",
+            sh.phase
+        );
+        if matches!(sh.phase, TaskPhase::Succeeded | TaskPhase::Failed) {
+            assert!(
+                !sh.node.is_empty() && sh.attempt >= 1,
+                "job {name}: a slot that ran names no node or attempt: {sh:?}"
+            );
+        }
+        if sh.phase == TaskPhase::Cancelled {
+            assert!(
+                sh.message.is_some(),
+                "job {name}: a cancelled slot says why: {sh:?}"
+            );
+        }
+    }
+    let shards = job.spec.shards as usize;
+    let succeeded: std::collections::BTreeSet<u32> = s
+        .shards
+        .iter()
+        .filter(|x| x.phase == TaskPhase::Succeeded)
+        .map(|x| x.index)
+        .collect();
+    if ok {
+        assert_eq!(
+            s.progress.as_deref(),
+            Some(format!("{shards}/{shards}").as_str()),
+            "job {name}"
+        );
+        assert_eq!(
+            succeeded.len(),
+            shards,
+            "job {name}: every shard has a succeeded slot: {:?}",
+            s.shards
+        );
+    }
+    let end = if ok { "Succeeded" } else { "Failed" };
+    wait::until(
+        &format!("the events of job {name}"),
+        Duration::from_secs(20),
+        || async {
+            let events = events_of(fed, &ns, &name).await;
+            let ended = events.iter().any(|(r, _)| r == end);
+            let full = !ok
+                || events.iter().any(|(r, m)| {
+                    r == "Placed"
+                        && m.split_whitespace()
+                            .next()
+                            .and_then(|c| c.split_once('/'))
+                            .is_some_and(|(a, b)| a == b)
+                });
+            if ended && full {
+                Ok(events)
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await
+}

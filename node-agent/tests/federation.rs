@@ -64,6 +64,7 @@ async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &trained).await;
     let s = trained.status.expect("status");
     assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
     assert_eq!(
@@ -84,6 +85,7 @@ async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &inferred).await;
     let s = inferred.status.expect("status");
     assert!(s.metrics["accuracy"] >= 0.9, "{:?}", s.metrics);
     assert!(s.metrics["samplesPerSecond"] > 0.0);
@@ -148,6 +150,7 @@ async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shard = &done.status.expect("status").shards[0];
     assert_eq!(
         shard.attempt, 2,
@@ -176,6 +179,7 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
         Duration::from_secs(180),
     )
     .await;
+    jobs::assert_truthful(&fed, &failed).await;
     let status = failed.status.expect("status");
     let cond = status
         .conditions
@@ -205,6 +209,7 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
         Duration::from_secs(180),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     assert_eq!(
         done.status.expect("status").placement.as_deref(),
         Some("edge-a:1,edge-b:1")
@@ -317,6 +322,7 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
             Duration::from_secs(240),
         )
         .await;
+        jobs::assert_truthful(&fed, &done).await;
         let m = done.status.expect("status").metrics;
         assert!(m["accuracy"] >= 0.9, "{name}: {m:?}");
     }
@@ -328,6 +334,7 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
         Duration::from_secs(120),
     )
     .await;
+    jobs::assert_truthful(&fed, &tampered).await;
     let msg = tampered
         .status
         .expect("status")
@@ -449,6 +456,7 @@ async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let s = done.status.expect("status");
     assert!(
         s.shards.iter().all(|x| x.node == "edge-a-node-0"),
@@ -465,6 +473,7 @@ async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shards = done.status.expect("status").shards;
     assert_eq!(shards.len(), 2);
     assert_ne!(shards[0].node, shards[1].node, "replicas on distinct nodes");
@@ -547,6 +556,7 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shard = &done.status.expect("status").shards[0];
     assert_eq!(shard.attempt, 2);
     assert_ne!(shard.node, first.node);
@@ -643,6 +653,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
         Duration::from_secs(180),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shards = done.status.expect("status").shards;
     assert_eq!(shards.len(), 3, "{shards:?}");
     let cheat = shards
@@ -772,6 +783,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
                 Duration::from_secs(120),
             )
             .await;
+            jobs::assert_truthful(fed, &done).await;
             done.status
                 .expect("status")
                 .shards
@@ -947,6 +959,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
         Duration::from_secs(180),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let uid = done.metadata.uid.clone().expect("uid");
     let paid = receipts(&fed, &uid, 2).await;
     let nodes: Vec<&str> = paid.iter().map(|p| p.3.as_str()).collect();
@@ -1134,6 +1147,7 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
         Duration::from_secs(240),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     receipts(&fed, &done.metadata.uid.clone().expect("uid"), 4).await;
     // Let Prometheus scrape the final state.
     wait::until_true(

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -821,16 +821,7 @@ async fn publish_events(
     }
     let reference = job.object_ref(&());
     for (type_, reason, note) in events {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::debug!(error = %e, "publishing event failed");
-        }
+        crate::events::publish(&ctx.recorder, &reference, type_, reason, "Reconcile", &note).await;
     }
 }
 
@@ -910,17 +901,18 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     }
     if !pending.is_empty() {
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "CleanupPending".into(),
-            note: Some(format!(
+        crate::events::publish(
+            &ctx.recorder,
+            &job.object_ref(&()),
+            EventType::Warning,
+            "CleanupPending",
+            "Cleanup",
+            &format!(
                 "waiting for unreachable member clusters to delete: {}",
                 pending.join(", ")
-            )),
-            action: "Cleanup".into(),
-            secondary: None,
-        };
-        let _ = ctx.recorder.publish(&ev, &job.object_ref(&())).await;
+            ),
+        )
+        .await;
         return Err(Error::CleanupPending(pending.len(), pending.join(", ")));
     }
     tracing::info!(job = %name, "tasks removed from every member cluster");

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod conditions;
 pub mod context;
 pub mod decimal;
+pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod job_controller;

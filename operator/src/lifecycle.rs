@@ -847,6 +847,32 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         needs.clear();
         reveal.clear();
         (replaced_lost, retried) = (0, 0);
+        // Slots the end of the job cut off say so (their last attempt and node, or that
+        // they were never placed) instead of looking like work still waiting or running.
+        if !finished {
+            for st in shards.iter_mut().filter(|st| {
+                matches!(
+                    st.phase,
+                    TaskPhase::Pending | TaskPhase::Running | TaskPhase::Committed
+                )
+            }) {
+                if st.node.is_empty()
+                    && let Some(prev) = recorded_status.get(&(st.index, st.replica))
+                {
+                    st.attempt = prev.attempt;
+                    st.cluster = prev.cluster.clone();
+                    st.node = prev.node.clone();
+                    st.started_at = prev.started_at.clone();
+                }
+                let what = if st.node.is_empty() {
+                    "never placed"
+                } else {
+                    "cut off"
+                };
+                st.phase = TaskPhase::Cancelled;
+                st.message = Some(format!("{what}: the job ended ({reason}) first"));
+            }
+        }
         for t in tasks.iter().filter(|t| !t.terminal()) {
             if !cancel
                 .iter()
@@ -1126,6 +1152,62 @@ mod tests {
         let d = decide(&v, &running, t0() + SignedDuration::from_secs(61));
         assert_eq!((d.phase, d.reason), (JobPhase::Failed, "DeadlineExceeded"));
         assert_eq!(d.cancel.len(), 1, "the running task is cancelled");
+
+        // The slots the deadline cut off say so: the running one on its node and attempt,
+        // one whose task was lost on the node it last had, one never placed with no node.
+        let mut s3 = spec(3);
+        s3.deadline_seconds = Some(60);
+        let mut v = view(&s3);
+        v.start_time = Some(t0());
+        let first = decide(
+            &v,
+            &[
+                task(0, 1, "n0", Some(TaskPhase::Running)),
+                task(1, 2, "n1", Some(TaskPhase::Running)),
+            ],
+            t0(),
+        );
+        v.recorded = &first.shards;
+        let d = decide(
+            &v,
+            &[task(0, 1, "n0", Some(TaskPhase::Running))],
+            t0() + SignedDuration::from_secs(61),
+        );
+        let shown: Vec<(u32, &str, TaskPhase, &str)> = d
+            .shards
+            .iter()
+            .map(|s| {
+                (
+                    s.attempt,
+                    s.node.as_str(),
+                    s.phase,
+                    s.message.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    1,
+                    "n0",
+                    TaskPhase::Cancelled,
+                    "cut off: the job ended (DeadlineExceeded) first"
+                ),
+                (
+                    2,
+                    "n1",
+                    TaskPhase::Cancelled,
+                    "cut off: the job ended (DeadlineExceeded) first"
+                ),
+                (
+                    0,
+                    "",
+                    TaskPhase::Cancelled,
+                    "never placed: the job ended (DeadlineExceeded) first"
+                ),
+            ]
+        );
 
         let mut g = spec(2);
         g.placement.gang = Some(true);

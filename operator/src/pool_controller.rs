@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -536,22 +536,24 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
                 } else {
                     (EventType::Warning, "ClusterUnreachable")
                 };
-                let ev = Event {
-                    type_,
-                    reason: reason.into(),
-                    note: Some(if new.reachable {
-                        format!("{}: reachable again", new.name)
-                    } else {
-                        format!(
-                            "{}: unreachable: {}",
-                            new.name,
-                            new.message.as_deref().unwrap_or("no answer")
-                        )
-                    }),
-                    action: "Probe".into(),
-                    secondary: None,
+                let note = if new.reachable {
+                    format!("{}: reachable again", new.name)
+                } else {
+                    format!(
+                        "{}: unreachable: {}",
+                        new.name,
+                        new.message.as_deref().unwrap_or("no answer")
+                    )
                 };
-                let _ = ctx.recorder.publish(&ev, &pool.object_ref(&())).await;
+                crate::events::publish(
+                    &ctx.recorder,
+                    &pool.object_ref(&()),
+                    type_,
+                    reason,
+                    "Probe",
+                    &note,
+                )
+                .await;
             }
         }
         let api: Api<EdgePool> = Api::all(ctx.client.clone());

@@ -90,6 +90,7 @@ async fn a_job_spread_over_two_member_clusters_completes() {
         Duration::from_secs(90),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let status = done.status.expect("status");
     assert_eq!(status.progress.as_deref(), Some("4/4"));
     let placement = status.placement.expect("placement");
@@ -243,6 +244,7 @@ async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
     .await;
     let failed =
         jobs::wait_phase(&fed, &ns, "gang", JobPhase::Failed, Duration::from_secs(60)).await;
+    jobs::assert_truthful(&fed, &failed).await;
     let status = failed.status.expect("status");
     let cond = status
         .conditions
@@ -291,6 +293,7 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
         Duration::from_secs(90),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shard = done.status.clone().expect("status").shards[0].clone();
     assert_eq!(shard.attempt, 2, "re-placed with attempt + 1");
     assert_ne!(
@@ -560,6 +563,7 @@ async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
         Duration::from_secs(90),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     wait_receipts(&fed, &done.metadata.uid.clone().expect("uid"), 4).await;
     let kubeconfig = fed.plane.hub().kubeconfig.clone();
     let balance = ledger::plugin(plugin_bin(), &kubeconfig, &["ledger", "balance"]);
@@ -658,6 +662,7 @@ async fn a_job_stops_placing_when_its_budget_would_be_exceeded() {
         Duration::from_secs(90),
     )
     .await;
+    jobs::assert_truthful(&fed, &failed).await;
     let status = failed.status.expect("status");
     let cond = status
         .conditions
@@ -716,6 +721,7 @@ async fn a_killed_member_apiserver_fails_over_and_is_cleaned_when_it_returns() {
         Duration::from_secs(120),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let status = done.status.expect("status");
     assert_eq!(
         status.placement.as_deref(),
@@ -924,6 +930,7 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
         Duration::from_secs(60),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let creators: Vec<String> = all_tasks(&fed, &done.metadata.uid.expect("uid"))
         .await
         .iter()
@@ -984,6 +991,7 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
         Duration::from_secs(60),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let creators: Vec<String> = all_tasks(&fed, &done.metadata.uid.expect("uid"))
         .await
         .iter()
@@ -1146,6 +1154,7 @@ async fn replicas_stay_in_one_determinism_class_so_no_honest_node_is_outvoted() 
         Duration::from_secs(120),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let shards = done.status.expect("status").shards;
     assert_eq!(shards.len(), 8, "no extra replica was needed: {shards:?}");
     for shard in 0..4 {
@@ -1222,6 +1231,7 @@ async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
         Duration::from_secs(120),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let uid = done.metadata.uid.clone().expect("uid");
     wait_receipts(&fed, &uid, 6).await;
     let receipts = ledger::receipts_json(plugin_bin(), &fed.plane.hub().kubeconfig, Some(&uid));
@@ -1263,6 +1273,7 @@ async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() 
         Duration::from_secs(90),
     )
     .await;
+    jobs::assert_truthful(&fed, &done).await;
     let uid = done.metadata.uid.clone().expect("uid");
     wait_receipts(&fed, &uid, 3).await;
     let kubeconfig = fed.plane.hub().kubeconfig.clone();
@@ -1410,6 +1421,7 @@ async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
             Duration::from_secs(180),
         )
         .await;
+        jobs::assert_truthful(&fed, &done).await;
         let uid = done.metadata.uid.clone().expect("uid");
         let receipts: Vec<serde_json::Value> =
             ledger::receipts_json(plugin_bin(), &kubeconfig, Some(&uid))

@@ -15,7 +15,7 @@ use edgeloom_crds::ComputeJob;
 use edgeloom_crds::compute_job::RewardSummary;
 use edgeloom_crds::schema::Decimal;
 use jiff::Timestamp;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -363,19 +363,18 @@ pub async fn settle(
                 .forfeits
                 .with_label_values(&[&pool])
                 .inc_by(forfeits.len() as u64);
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: "RewardsForfeited".into(),
-                note: Some(format!(
+            crate::events::publish(
+                &ctx.recorder,
+                &job.object_ref(&()),
+                EventType::Warning,
+                "RewardsForfeited",
+                "Pay",
+                &format!(
                     "{node} was caught: {} receipt(s) still in escrow forfeited (forfeit entries in the ledger of pool {pool})",
                     forfeits.len()
-                )),
-                action: "Pay".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-                tracing::debug!(error = %e, "publishing event failed");
-            }
+                ),
+            )
+            .await;
         }
     }
     Ok(problems)
@@ -411,18 +410,17 @@ async fn record_caught(job: &ComputeJob, broken: &BTreeSet<String>, new: &[Strin
             .verification
             .with_label_values(&[label])
             .inc_by(nodes.len() as u64);
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(format!(
+        crate::events::publish(
+            &ctx.recorder,
+            &job.object_ref(&()),
+            EventType::Warning,
+            reason,
+            "Verify",
+            &format!(
                 "result(s) of {} {what}: not paid, node trust reset",
                 nodes.join(", ")
-            )),
-            action: "Verify".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &job.object_ref(&())).await {
-            tracing::debug!(error = %e, "publishing event failed");
-        }
+            ),
+        )
+        .await;
     }
 }
