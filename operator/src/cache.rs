@@ -13,13 +13,17 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// A name-keyed cache of projections of one kind.
 pub struct Cache<V> {
     map: RwLock<HashMap<Box<str>, Arc<V>>>,
     ready: AtomicBool,
+    /// Bumped whenever an entry is added, changed or removed (not when a watch event
+    /// repeats what is cached): the scheduler rebuilds what it derives from a cache only
+    /// when this moved (docs/ARCHITECTURE.md, "Scheduling").
+    generation: AtomicU64,
 }
 
 impl<V> Default for Cache<V> {
@@ -27,6 +31,7 @@ impl<V> Default for Cache<V> {
         Cache {
             map: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -45,6 +50,14 @@ impl<V> Cache<V> {
             .unwrap_or_default()
     }
 
+    /// Calls `f` with the whole map under one read lock (no copy of the entries).
+    pub fn read<R>(&self, f: impl FnOnce(&HashMap<Box<str>, Arc<V>>) -> R) -> R {
+        match self.map.read() {
+            Ok(m) => f(&m),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
     /// Entries.
     pub fn len(&self) -> usize {
         self.map.read().map(|m| m.len()).unwrap_or(0)
@@ -59,11 +72,39 @@ impl<V> Cache<V> {
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+
+    /// Changes so far (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl<V: PartialEq> Cache<V> {
+    /// Sets `name` to `value` (as a watch event does); for benchmarks and tests that fill
+    /// a cache without an API server.
+    pub fn upsert(&self, name: &str, value: V) {
+        if let Ok(mut map) = self.map.write()
+            && map.get(name).is_none_or(|old| **old != value)
+        {
+            map.insert(name.into(), Arc::new(value));
+            self.bump();
+        }
+    }
+
+    /// Marks the cache as listed (for benchmarks and tests, with [`Cache::upsert`]).
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.bump();
+    }
 }
 
 /// Applies a watcher's events to `cache` through `project` (name and value, or `None` to
 /// skip an object), calling `touched` with each applied or deleted object's value.
-pub async fn feed<K, V, S>(
+pub async fn feed<K, V: PartialEq, S>(
     stream: S,
     cache: Arc<Cache<V>>,
     project: impl Fn(&K) -> Option<(String, V)>,
@@ -90,20 +131,26 @@ pub async fn feed<K, V, S>(
                     map.shrink_to_fit();
                 }
                 cache.ready.store(true, Ordering::Release);
+                cache.bump();
             }
             Ok(watcher::Event::Apply(obj)) => {
                 if let Some((name, v)) = project(&obj) {
                     touched(&v);
-                    if let Ok(mut map) = cache.map.write() {
+                    if let Ok(mut map) = cache.map.write()
+                        && map.get(name.as_str()).is_none_or(|old| **old != v)
+                    {
                         map.insert(name.into_boxed_str(), Arc::new(v));
+                        cache.bump();
                     }
                 }
             }
             Ok(watcher::Event::Delete(obj)) => {
                 if let Some((name, v)) = project(&obj) {
                     touched(&v);
-                    if let Ok(mut map) = cache.map.write() {
-                        map.remove(name.as_str());
+                    if let Ok(mut map) = cache.map.write()
+                        && map.remove(name.as_str()).is_some()
+                    {
+                        cache.bump();
                     }
                 }
             }
@@ -290,5 +337,75 @@ mod tests {
         assert!(cache.ready());
         assert_eq!(cache.len(), 1);
         assert!(cache.get("d").is_some());
+    }
+
+    /// The generation moves only when what is cached changes, so the scheduler rebuilds
+    /// nothing for a watch event that repeats it (a resync, or an unprojected field).
+    #[tokio::test]
+    async fn the_generation_moves_only_when_an_entry_changes() {
+        let cache: Arc<Cache<Option<Timestamp>>> = Arc::default();
+        let mk = |name: &str, t: Option<&str>| {
+            serde_json::from_value::<Lease>(serde_json::json!({
+                "metadata": {"name": name}, "spec": {"renewTime": t}
+            }))
+            .expect("lease")
+        };
+        let t1 = Some("2026-01-01T00:00:00.000000Z");
+        let t2 = Some("2026-01-01T00:00:10.000000Z");
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(mk("a", t1))),
+            Ok(watcher::Event::InitDone),
+        ];
+        feed(
+            stream::iter(events),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+        let listed = cache.generation();
+        let same = vec![Ok(watcher::Event::Apply(mk("a", t1)))];
+        feed(
+            stream::iter(same),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+        assert_eq!(cache.generation(), listed, "a repeat is no change");
+        let renewed = vec![Ok(watcher::Event::Apply(mk("a", t2)))];
+        feed(
+            stream::iter(renewed),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+        assert_eq!(cache.generation(), listed + 1);
+        let gone = vec![
+            Ok(watcher::Event::Delete(mk("a", t2))),
+            Ok(watcher::Event::Delete(mk("a", t2))),
+        ];
+        feed(
+            stream::iter(gone),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+        assert_eq!(
+            cache.generation(),
+            listed + 2,
+            "deleting twice is one change"
+        );
     }
 }

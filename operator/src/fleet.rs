@@ -77,6 +77,9 @@ pub struct Member {
     pub tasks: Arc<Cache<TaskEntry>>,
     /// Reachability, written by the probe and the sync watcher.
     pub health: Arc<RwLock<Health>>,
+    /// Unique per connection (a reconnected member is another), so that what the
+    /// scheduler derived from an old connection's caches is never taken for the new one's.
+    pub id: u64,
     fingerprint: u64,
     workers: Vec<JoinHandle<()>>,
 }
@@ -89,7 +92,40 @@ impl Drop for Member {
     }
 }
 
+/// The next [`Member::id`].
+static NEXT_MEMBER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Member {
+    /// A member with empty caches and no watchers or probe, for benchmarks and tests that
+    /// fill its caches themselves ([`Cache::upsert`]); reachable, with `latency`.
+    pub fn detached(
+        pool: &str,
+        pool_spec: Arc<EdgePoolSpec>,
+        spec: MemberCluster,
+        client: kube::Client,
+        latency: Duration,
+    ) -> Member {
+        Member {
+            key: format!("{pool}/{}", spec.name),
+            pool: pool.to_string(),
+            spec,
+            pool_spec: RwLock::new(pool_spec),
+            client,
+            nodes: Arc::default(),
+            leases: Arc::default(),
+            tasks: Arc::default(),
+            health: Arc::new(RwLock::new(Health {
+                reachable: true,
+                last_seen: Some(Timestamp::now()),
+                latency: Some(latency),
+                ..Health::default()
+            })),
+            id: NEXT_MEMBER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            fingerprint: 0,
+            workers: Vec::new(),
+        }
+    }
+
     /// The ComputeTask API in the member's system namespace.
     pub fn tasks_api(&self) -> Api<ComputeTask> {
         Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE)
@@ -165,6 +201,13 @@ impl Fleet {
             .read()
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Adds a member built by [`Member::detached`] (benchmarks and tests).
+    pub fn insert_for_tests(&self, member: Arc<Member>) {
+        if let Ok(mut m) = self.members.write() {
+            m.insert(member.key.clone(), member);
+        }
     }
 
     /// The members of one pool.
@@ -291,6 +334,7 @@ impl Fleet {
             leases,
             tasks,
             health,
+            id: NEXT_MEMBER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             fingerprint,
             workers,
         }

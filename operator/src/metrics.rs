@@ -22,6 +22,11 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Time to place one job's waiting slots.
     pub placement_duration: Histogram,
+    /// Time to build a scheduling cycle's capacity snapshot.
+    pub snapshot_duration: Histogram,
+    /// Jobs not tried again in a cycle: unplaceable before, and neither they nor the
+    /// fleet's capacity changed since.
+    pub verdicts_reused: IntCounter,
     /// Tasks created.
     pub tasks_created: IntCounter,
     /// Current tasks by phase.
@@ -91,6 +96,17 @@ impl Metrics {
                 "Time to place one job",
             )
             .buckets(vec![0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0]),
+        )?;
+        let snapshot_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "edgeloom_operator_snapshot_duration_seconds",
+                "Time to build a scheduling cycle's capacity snapshot (only what changed is rebuilt)",
+            )
+            .buckets(vec![0.0001, 0.001, 0.01, 0.1, 1.0]),
+        )?;
+        let verdicts_reused = IntCounter::new(
+            "edgeloom_operator_unplaceable_verdicts_reused_total",
+            "Jobs not tried again in a cycle: unplaceable before, and neither they nor capacity changed",
         )?;
         let tasks_created = IntCounter::new(
             "edgeloom_operator_tasks_created_total",
@@ -190,6 +206,8 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(placement_duration.clone()))?;
+        registry.register(Box::new(snapshot_duration.clone()))?;
+        registry.register(Box::new(verdicts_reused.clone()))?;
         registry.register(Box::new(tasks_created.clone()))?;
         registry.register(Box::new(tasks.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -215,6 +233,8 @@ impl Metrics {
             reconcile_duration,
             queue_depth,
             placement_duration,
+            snapshot_duration,
+            verdicts_reused,
             tasks_created,
             tasks,
             retries,
