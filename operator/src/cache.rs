@@ -24,6 +24,10 @@ pub struct Cache<V> {
     /// repeats what is cached): the scheduler rebuilds what it derives from a cache only
     /// when this moved (docs/ARCHITECTURE.md, "Scheduling").
     generation: AtomicU64,
+    /// What of an entry some reader derives from (see [`Cache::with_shape`]).
+    shape: Option<fn(&V) -> u64>,
+    /// Bumped when an entry is added or removed, or its shape changed.
+    shape_generation: AtomicU64,
 }
 
 impl<V> Default for Cache<V> {
@@ -32,6 +36,8 @@ impl<V> Default for Cache<V> {
             map: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            shape: None,
+            shape_generation: AtomicU64::new(0),
         }
     }
 }
@@ -73,13 +79,41 @@ impl<V> Cache<V> {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// A cache whose [`Cache::shape_generation`] moves only when `shape` of an entry
+    /// changes (or entries come and go): e.g. a task's node, resources and whether it
+    /// runs, not its progress.
+    pub fn with_shape(shape: fn(&V) -> u64) -> Self {
+        Cache {
+            shape: Some(shape),
+            ..Cache::default()
+        }
+    }
+
     /// Changes so far (see the field).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Changes of shape so far (every change, without a shape function).
+    pub fn shape_generation(&self) -> u64 {
+        self.shape_generation.load(Ordering::Acquire)
+    }
+
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.shape_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `old` was replaced by `new` (equal ones are no change).
+    fn changed(&self, old: Option<&V>, new: &V) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let same_shape = match (self.shape, old) {
+            (Some(shape), Some(old)) => shape(old) == shape(new),
+            _ => false,
+        };
+        if !same_shape {
+            self.shape_generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -90,8 +124,8 @@ impl<V: PartialEq> Cache<V> {
         if let Ok(mut map) = self.map.write()
             && map.get(name).is_none_or(|old| **old != value)
         {
+            self.changed(map.get(name).map(|o| &**o), &value);
             map.insert(name.into(), Arc::new(value));
-            self.bump();
         }
     }
 
@@ -139,8 +173,8 @@ pub async fn feed<K, V: PartialEq, S>(
                     if let Ok(mut map) = cache.map.write()
                         && map.get(name.as_str()).is_none_or(|old| **old != v)
                     {
+                        cache.changed(map.get(name.as_str()).map(|o| &**o), &v);
                         map.insert(name.into_boxed_str(), Arc::new(v));
-                        cache.bump();
                     }
                 }
             }
@@ -245,6 +279,23 @@ pub struct TaskEntry {
 }
 
 impl TaskEntry {
+    /// What the scheduler derives from a task (node, resources, whether it holds them,
+    /// how it ended), for [`Cache::with_shape`]: progress reports do not change it.
+    pub fn usage_shape(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &self.node,
+            self.cpu_millis,
+            self.memory_mib,
+            self.gpus,
+            self.busy(),
+            self.status.as_ref().and_then(|s| s.phase),
+        )
+            .hash(&mut h);
+        h.finish()
+    }
+
     /// Whether the task is finished (and so holds no capacity).
     pub fn terminal(&self) -> bool {
         use edgeloom_crds::TaskPhase;

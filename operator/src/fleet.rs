@@ -113,7 +113,7 @@ impl Member {
             client,
             nodes: Arc::default(),
             leases: Arc::default(),
-            tasks: Arc::default(),
+            tasks: Arc::new(Cache::with_shape(TaskEntry::usage_shape)),
             health: Arc::new(RwLock::new(Health {
                 reachable: true,
                 last_seen: Some(Timestamp::now()),
@@ -302,7 +302,7 @@ impl Fleet {
             "leases",
         )));
 
-        let tasks: Arc<Cache<TaskEntry>> = Arc::default();
+        let tasks: Arc<Cache<TaskEntry>> = Arc::new(Cache::with_shape(TaskEntry::usage_shape));
         let task_api: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
         let stream = watcher(task_api, watcher::Config::default()).default_backoff();
         let trigger = self.job_trigger.clone();

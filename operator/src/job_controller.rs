@@ -479,7 +479,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                     .map(|v| (v.member.clone(), v.node.clone()))
                     .collect(),
                 replicas,
-                members: members.iter().map(|m| m.key.clone()).collect(),
+                members: members
+                    .iter()
+                    .map(|m| m.key.clone())
+                    .collect::<Vec<_>>()
+                    .into(),
                 gang: job.spec.placement.gang == Some(true) && views.is_empty(),
                 finished_seen: job.spec.budget.is_some().then(|| {
                     views

@@ -93,9 +93,9 @@ pub struct Node {
     /// GPU product.
     pub gpu_product: Option<Sym>,
     /// Sorted `key=value` symbols of the node's labels and its cluster's labels.
-    pub labels: Vec<Sym>,
+    pub labels: std::sync::Arc<[Sym]>,
     /// Sorted node-local datasets.
-    pub datasets: Vec<Sym>,
+    pub datasets: std::sync::Arc<[Sym]>,
     /// Region of its cluster.
     pub region: Option<Sym>,
     /// Zone of its cluster.
@@ -580,6 +580,9 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
         // Whether pass 1 met any node passing the hard filters: if not, pass 2 (which only
         // drops preferences) would find none either.
         let mut fits_any = false;
+        // Whether pass 1 met any node passing the job's hard filters, whatever this slot
+        // avoids: if not, no later slot of the job fits either (they share those filters).
+        let mut hard_fit_any = false;
         for pass in 0..3 {
             if (pass == 0 && snapshot.idle == 0) || (pass == 2 && !fits_any) {
                 continue;
@@ -589,7 +592,11 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
                 if pass == 0 && !snapshot.is_idle(id) {
                     continue;
                 }
-                if blocked(&snapshot.nodes, id).is_some() || check(snapshot, id, req).is_err() {
+                if check(snapshot, id, req).is_err() {
+                    continue;
+                }
+                hard_fit_any |= pass == 1;
+                if blocked(&snapshot.nodes, id).is_some() {
                     continue;
                 }
                 fits_any = true;
@@ -643,6 +650,13 @@ pub fn place(snapshot: &mut Snapshot, req: &Request) -> Outcome {
             }
             None => {
                 let unfit = explain(snapshot, req, |id| blocked(&snapshot.nodes, id));
+                if !hard_fit_any {
+                    // Nothing passes the job's filters: every slot left fails alike.
+                    for rest in slot_index..req.slots.len() {
+                        outcome.unplaced.push((rest, unfit.clone()));
+                    }
+                    break;
+                }
                 outcome.unplaced.push((slot_index, unfit));
             }
         }
@@ -869,6 +883,36 @@ mod tests {
             text,
             "0/3 nodes fit: 3 have no GPU, 1 are in unreachable or unselected clusters, 1 have a stale heartbeat"
         );
+    }
+
+    /// When no node passes a job's own filters, every slot fails alike, with the same
+    /// reason, and the fleet is not scanned again for each; a slot that only avoids
+    /// nodes (a shard's earlier failures) does not stop the others.
+    #[test]
+    fn when_nothing_passes_the_jobs_filters_every_slot_fails_alike() {
+        let mut snap = Snapshot::new(vec![node(0, 0.9), node(0, 0.5)], vec![true]);
+        let req = Request {
+            slots: slots(3),
+            gpus: 1,
+            ..Request::default()
+        };
+        let out = place(&mut snap, &req);
+        assert!(out.assigned.is_empty());
+        assert_eq!(
+            out.unplaced.iter().map(|u| u.0).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert!(out.unplaced.iter().all(|u| u.1 == out.unplaced[0].1));
+
+        let mut snap = Snapshot::new(vec![node(0, 0.9)], vec![true]);
+        let mut req = Request {
+            slots: slots(2),
+            ..Request::default()
+        };
+        req.slots[0].avoid = vec![0];
+        let out = place(&mut snap, &req);
+        assert_eq!(out.assigned, vec![(1, 0)], "the second slot still fits");
+        assert_eq!(out.unplaced.len(), 1);
     }
 
     /// The style of kube-scheduler's FitError: every node counted under every filter it

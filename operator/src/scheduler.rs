@@ -51,7 +51,7 @@ pub struct Work {
     /// (member, node) of each shard's other running replicas.
     pub replicas: BTreeMap<u32, Vec<(String, String)>>,
     /// Member keys the job may use.
-    pub members: Vec<String>,
+    pub members: Arc<[String]>,
     /// Place all or none (the job's first placement with `gang: true`).
     pub gang: bool,
     /// For a job with a budget: how many of its tasks had finished when this work was
@@ -162,9 +162,11 @@ impl Scheduler {
     pub fn submit(&self, work: Work) {
         let key = format!("{}/{}", work.namespace, work.name);
         let submitted = work_fingerprint(&work);
+        let mut same = false;
         if let Ok(mut v) = self.verdicts.lock() {
             let e = v.entry(key.clone()).or_default();
-            if e.submitted != submitted {
+            same = e.submitted == submitted;
+            if !same {
                 *e = Verdict {
                     submitted,
                     tried: None,
@@ -172,6 +174,11 @@ impl Scheduler {
             }
         }
         if let Ok(mut p) = self.pending.lock() {
+            // The same work again (a periodic reconcile) wakes no cycle: the periodic
+            // cycle tries it with whatever capacity changed. New or changed work does.
+            if same && p.contains_key(&key) {
+                return;
+            }
             p.insert(key, work);
         }
         self.notify.notify_one();
@@ -279,15 +286,20 @@ impl Scheduler {
                 key: w,
             })
             .collect();
+        let cold_members: HashSet<&str> = members
+            .iter()
+            .filter(|m| !m.synced() && !m.lost(now))
+            .map(|m| m.key.as_str())
+            .collect();
         for Waiting { key: work, .. } in queue::order(waiting) {
             let job_key = format!("{}/{}", work.namespace, work.name);
             // No verdict before the job's member caches are filled: an empty cache is not
             // an empty cluster.
             let cold = work.members.is_empty()
-                || members
+                || work
+                    .members
                     .iter()
-                    .filter(|m| work.members.contains(&m.key))
-                    .any(|m| !m.synced() && !m.lost(now));
+                    .any(|k| cold_members.contains(k.as_str()));
             if cold {
                 continue;
             }
@@ -316,11 +328,27 @@ impl Scheduler {
             let tried = submitted.map(|(s, _)| tried_fingerprint(s, &work));
             if let (Some((_, Some((fp, epoch, at)))), Some(now_fp)) = (submitted, tried)
                 && fp == now_fp
-                && epoch == world.capacity_epoch
                 && at.elapsed() < VERDICT_MAX_AGE
+                && let Some(grown) = world.grown_since(epoch)
             {
-                metrics.verdicts_reused.inc();
-                continue;
+                // Only a node that grew could make it fit now (kube-scheduler's queueing
+                // hints, in spirit): none of them passing the job's filters, the verdict
+                // stands.
+                let helped = !grown.is_empty() && {
+                    let (request, _) = world.request(&work);
+                    grown
+                        .iter()
+                        .any(|id| placement::check(&world.snapshot, *id, &request).is_ok())
+                };
+                if !helped {
+                    metrics.verdicts_reused.inc();
+                    if let Ok(mut v) = self.verdicts.lock()
+                        && let Some(e) = v.get_mut(&job_key)
+                    {
+                        e.tried = Some((fp, world.capacity_epoch, at));
+                    }
+                    continue;
+                }
             }
             let started = Instant::now();
             let (request, slots) = world.request(&work);
@@ -516,6 +544,8 @@ pub struct World {
     member_index: HashMap<String, u32>,
     /// Changes whenever capacity may have grown (see [`Verdict`]).
     pub capacity_epoch: u64,
+    /// The nodes that grew at each recent epoch (None: any may have).
+    grown: std::collections::VecDeque<(u64, Option<Vec<u32>>)>,
 }
 
 /// One member's candidate nodes before usage: what the scheduler derives from the
@@ -573,7 +603,12 @@ pub struct Derived {
     capacity: (Vec<u64>, Vec<Capacity>, Vec<bool>),
     /// Bumped whenever capacity may have grown since the last cycle (see [`Verdict`]).
     epoch: u64,
+    /// The nodes that grew at each of the last epochs (None: any may have).
+    grown: std::collections::VecDeque<(u64, Option<Vec<u32>>)>,
 }
+
+/// Epochs whose grown nodes are kept; a verdict older than that is tried again.
+const GROWN_KEPT: usize = 64;
 
 /// What decides whether a node can take a task, bar the job's own filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -705,8 +740,8 @@ impl MemberBase {
                 free_gpus: inv.gpus,
                 gpu_memory_mib: inv.gpu_memory_mib,
                 gpu_product: inv.gpu_product.as_deref().map(|p| interner.intern(p)),
-                labels,
-                datasets,
+                labels: labels.into(),
+                datasets: datasets.into(),
                 region,
                 zone,
                 account: inv.account.as_deref().map(|a| interner.intern(a)),
@@ -757,6 +792,17 @@ fn usage_of(m: &Member, base: &MemberBase) -> Vec<Usage> {
 }
 
 impl Scheduler {
+    /// The snapshot a cycle would place on now (for the scheduler benchmark).
+    pub fn snapshot_now(&self, members: &[Arc<Member>], now: Timestamp) -> World {
+        let in_flight = self.in_flight_snapshot(members);
+        self.world(members, now, &in_flight)
+    }
+
+    /// Base rebuilds so far (see [`MemberBase`]).
+    pub fn base_rebuilds(&self) -> u64 {
+        self.derived.lock().map(|d| d.rebuilds).unwrap_or(0)
+    }
+
     /// Builds the placement snapshot of `members` at `now`, rebuilding only what changed
     /// since the last cycle (see [`MemberBase`]); `in_flight` are tasks created but not yet
     /// in their member's cache.
@@ -811,7 +857,8 @@ impl Scheduler {
                     b
                 }
             };
-            let tasks_generation = m.tasks.generation();
+            // Usage depends on tasks' nodes, resources and phases, not on their progress.
+            let tasks_generation = m.tasks.shape_generation();
             let usage = match d.usage.get(&m.key) {
                 Some(u)
                     if u.tasks_generation == tasks_generation && u.base_version == base.version =>
@@ -862,7 +909,8 @@ impl Scheduler {
                     u.gpus += f.gpus;
                 }
             }
-            let timeout = m.timeout();
+            // Fresh: renewed at or after `now - timeout` (one subtraction per member).
+            let cutoff = now - m.timeout();
             m.leases.read(|leases| {
                 for ((n, name), u) in base.nodes.iter().zip(&base.names).zip(usage.iter()) {
                     let mut n = n.clone();
@@ -870,7 +918,7 @@ impl Scheduler {
                     n.ready = leases
                         .get(name)
                         .and_then(|renewed| **renewed)
-                        .is_some_and(|renewed| now <= renewed + timeout);
+                        .is_some_and(|renewed| renewed >= cutoff);
                     n.free_slots = n.free_slots.saturating_sub(u.tasks);
                     n.free_cpu_millis = n.free_cpu_millis.saturating_sub(u.cpu_millis);
                     n.free_memory_mib = n.free_memory_mib.saturating_sub(u.memory_mib);
@@ -890,21 +938,36 @@ impl Scheduler {
         let versions: Vec<u64> = bases.iter().map(|b| b.version).collect();
         let capacity: Vec<Capacity> = nodes.iter().map(Capacity::of).collect();
         let (old_versions, old_capacity, old_reachable) = &d.capacity;
-        let grew = *old_versions != versions
+        // Which nodes grew (None: any may have, e.g. nodes joined or a cluster is back).
+        let grown: Option<Vec<u32>> = if *old_versions != versions
             || old_reachable.len() != reachable.len()
             || reachable
                 .iter()
                 .zip(old_reachable)
                 .any(|(now, was)| *now && !*was)
-            || capacity
-                .iter()
-                .zip(old_capacity)
-                .any(|(now, was)| now.grew_from(was));
-        if grew {
+        {
+            None
+        } else {
+            Some(
+                capacity
+                    .iter()
+                    .zip(old_capacity)
+                    .enumerate()
+                    .filter(|(_, (now, was))| now.grew_from(was))
+                    .map(|(i, _)| i as u32)
+                    .collect(),
+            )
+        };
+        if grown.as_ref().is_none_or(|g| !g.is_empty()) {
             d.epoch += 1;
+            d.grown.push_back((d.epoch, grown));
+            while d.grown.len() > GROWN_KEPT {
+                d.grown.pop_front();
+            }
         }
         d.capacity = (versions.clone(), capacity, reachable.clone());
         let capacity_epoch = d.epoch;
+        let grown = d.grown.clone();
         // Speed is the agent's claim: it counts only as far as verified work shows.
         let medians: HashMap<&str, f64> = claims
             .into_iter()
@@ -960,6 +1023,7 @@ impl Scheduler {
             offsets,
             member_index,
             capacity_epoch,
+            grown,
         }
     }
 }
@@ -973,6 +1037,24 @@ impl World {
             base.key.clone(),
             base.names[(idx - self.offsets[ci]) as usize].to_string(),
         )
+    }
+
+    /// The nodes whose capacity grew after `epoch`, if known (None: any may have).
+    fn grown_since(&self, epoch: u64) -> Option<Vec<u32>> {
+        if epoch == self.capacity_epoch {
+            return Some(Vec::new());
+        }
+        // Every epoch after `epoch` must still be in the log.
+        if self.grown.front().is_none_or(|(e, _)| *e > epoch + 1) {
+            return None;
+        }
+        let mut nodes = Vec::new();
+        for (_, g) in self.grown.iter().filter(|(e, _)| *e > epoch) {
+            nodes.extend(g.as_ref()?);
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        Some(nodes)
     }
 
     /// The snapshot index of node `node` of member `member`.
@@ -1409,7 +1491,7 @@ mod tests {
             }],
             used: vec![],
             replicas: BTreeMap::new(),
-            members: vec![m.key.clone()],
+            members: vec![m.key.clone()].into(),
             gang: false,
             finished_seen: None,
         });
@@ -1426,12 +1508,18 @@ mod tests {
         s.cycle(&fleet, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 2, "not tried again");
         assert_eq!(s.unfit("ns", "gpu").as_deref(), Some(why.as_str()));
+        // A task ends on the GPU-less node: capacity grew, but only where the job cannot
+        // fit, so it is still not tried.
+        m.tasks
+            .upsert("t1", task("t1", "a-n0", Some(TaskPhase::Succeeded)));
+        s.cycle(&fleet, &metrics, "op").await;
+        assert_eq!(metrics.verdicts_reused.get(), 3, "a node that cannot help");
         // A GPU node joins: capacity grew, the job is tried (and placed; creating its
         // task fails here, there is no API server, and is retried).
         m.nodes.upsert("a-n1", node("a-n1", &[], 1, 1.0));
         m.leases.upsert("a-n1", Some(now));
         s.cycle(&fleet, &metrics, "op").await;
-        assert_eq!(metrics.verdicts_reused.get(), 2, "tried again");
+        assert_eq!(metrics.verdicts_reused.get(), 3, "tried again");
         assert_eq!(s.unfit("ns", "gpu"), None);
     }
 

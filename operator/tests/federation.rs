@@ -1608,3 +1608,72 @@ async fn shards_use_every_idle_node_and_never_exceed_what_an_agent_runs() {
         );
     }
 }
+
+/// Members are independent (issue #11): with edge-a's API server killed, a job placed in
+/// edge-b runs and its status reaches the hub, and the pool's event names edge-a as
+/// unreachable (not another cluster's state). The lag from the task's finish in edge-b to
+/// the job's status in the hub is printed; `target/release/latency member-lag` measures
+/// it repeatedly for BENCHMARKS.md. The test asserts only that it arrives.
+#[tokio::test]
+async fn a_healthy_members_status_reaches_the_hub_while_another_member_is_down() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 20, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("lag").await.expect("ns");
+    jobs::wait_pool_condition(&fed, "edge", "Ready", "True", &[], Duration::from_secs(60)).await;
+    fed.plane.kill_apiserver("edge-a").expect("kill");
+    wait::until(
+        "the pool's event naming edge-a unreachable",
+        Duration::from_secs(60),
+        || async {
+            let events = jobs::events_of(&fed, "default", "edge").await;
+            if events
+                .iter()
+                .any(|(r, m)| r == "ClusterUnreachable" && m.starts_with("edge-a: unreachable"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await;
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("b-only", 1, "  placement:\n    regions: [region-edge-b]\n"),
+    )
+    .await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "b-only",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let seen_in_hub = jiff::Timestamp::now();
+    jobs::assert_truthful(&fed, &done).await;
+    let uid = done.metadata.uid.clone().expect("uid");
+    let task = tasks_in(&fed, "edge-b", &uid)
+        .await
+        .into_iter()
+        .next()
+        .expect("the task in edge-b");
+    let finished = task
+        .status
+        .and_then(|s| s.finished_at)
+        .expect("finished in edge-b")
+        .0;
+    eprintln!(
+        "lag from the task's finish in edge-b to the job's status in the hub, edge-a down: {} ms (polled every 0.2 s)",
+        seen_in_hub.duration_since(finished).as_millis()
+    );
+    fed.plane
+        .restart_apiserver("edge-a")
+        .await
+        .expect("restart");
+}

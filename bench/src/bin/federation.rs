@@ -25,7 +25,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,19 @@ enum Cmd {
         /// Nodes (and Leases, and tasks) in total, split over 2 members.
         #[arg(long, default_value_t = 10_000)]
         objects: u32,
+    },
+    /// Operator CPU and dispatch latency under churn: heartbeat renewals at the API
+    /// servers' ceiling, task status updates, and queued jobs that cannot be placed.
+    Churn {
+        /// Agent nodes in total, split over 2 members.
+        #[arg(long, default_value_t = 10_000)]
+        nodes: u32,
+        /// Queued jobs that cannot be placed.
+        #[arg(long, default_value_t = 1000)]
+        queued: u32,
+        /// Seconds of each measured phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
 }
 
@@ -368,10 +381,285 @@ async fn rss(objects: u32) -> Result<()> {
     Ok(())
 }
 
+/// A metric's value from the operator's /metrics (the sum over its series).
+async fn metric(port: u16, name: &str) -> f64 {
+    edgeloom_e2e::scrape::get(port, "/metrics")
+        .await
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Renews the Leases of `nodes` round-robin, 32 requests in flight, until `stop` or
+/// `max` renewals; returns how many it renewed.
+async fn renew_leases(
+    members: Vec<(kube::Client, Vec<String>)>,
+    stop: Instant,
+    max: Option<usize>,
+) -> u64 {
+    let targets: Vec<(kube::Client, String)> = members
+        .iter()
+        .flat_map(|(c, names)| names.iter().map(move |n| (c.clone(), n.clone())))
+        .collect();
+    let mut i = 0usize;
+    let mut done = 0u64;
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    while Instant::now() < stop && max.is_none_or(|m| i < m) {
+        while inflight.len() < 32 && max.is_none_or(|m| i < m) {
+            let (client, name) = targets[i % targets.len()].clone();
+            i += 1;
+            inflight.push(async move {
+                let api: Api<Lease> = Api::namespaced(client, SYSTEM_NAMESPACE);
+                let patch =
+                    serde_json::json!({"spec": {"renewTime": MicroTime(jiff::Timestamp::now())}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .is_ok()
+            });
+        }
+        if let Some(ok) = inflight.next().await
+            && ok
+        {
+            done += 1;
+        }
+    }
+    while let Some(ok) = inflight.next().await {
+        done += u64::from(ok);
+    }
+    done
+}
+
+/// Reports progress on the running `tasks` at about `per_second`, until `stop`.
+async fn update_tasks(tasks: Vec<(kube::Client, String)>, per_second: u32, stop: Instant) -> u64 {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second.max(1) as f64));
+    let mut done = 0u64;
+    let mut i = 0usize;
+    while Instant::now() < stop {
+        tick.tick().await;
+        let (client, name) = tasks[i % tasks.len()].clone();
+        i += 1;
+        let api: Api<ComputeTask> = Api::namespaced(client, SYSTEM_NAMESPACE);
+        let patch = serde_json::json!({"status": {"phase": "Running", "progress": (i % 99) as u8}});
+        if api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .is_ok()
+        {
+            done += 1;
+        }
+    }
+    done
+}
+
+/// Applies 10-shard jobs one after another (each once the last is placed) until
+/// `stop`; returns each one's time from apply until all its ComputeTasks exist.
+async fn probe_dispatch(
+    hub: &kube::Client,
+    members: &[kube::Client],
+    stop: Instant,
+    tag: &str,
+) -> Result<Vec<f64>> {
+    let mut latencies = Vec::new();
+    let mut k = 0;
+    while Instant::now() < stop {
+        let name = format!("probe-{tag}-{k}");
+        k += 1;
+        let job = format!(
+            "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Benchmark\n  shards: 10\n  placement:\n    spread: Node\n"
+        );
+        let t = Instant::now();
+        manifests::apply_all(hub, &job, "bench", false).await?;
+        let uid = Api::<edgeloom_crds::ComputeJob>::namespaced(hub.clone(), "bench")
+            .get(&name)
+            .await?
+            .metadata
+            .uid
+            .unwrap_or_default();
+        loop {
+            let mut n = 0;
+            for c in members {
+                let api: Api<ComputeTask> = Api::namespaced(c.clone(), SYSTEM_NAMESPACE);
+                n += api
+                    .list_metadata(&ListParams::default().labels(&format!(
+                        "{}={uid}",
+                        edgeloom_crds::compute_task::JOB_UID_LABEL
+                    )))
+                    .await?
+                    .items
+                    .len();
+            }
+            if n >= 10 {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("probe {name}: only {n}/10 tasks after 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(latencies)
+}
+
+async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
+    let plane = ControlPlane::start(Config {
+        members: vec!["m1".into(), "m2".into()],
+        nodes_per_member: 0,
+        controller_manager: false,
+        ..Config::default()
+    })
+    .await?;
+    let hub = prepare(&plane).await?;
+    let t = Instant::now();
+    let mut lease_targets = Vec::new();
+    let mut running = Vec::new();
+    let mut member_clients = Vec::new();
+    for m in plane.members() {
+        let names = seed_nodes(m, nodes / 2, 8).await?;
+        let client = m.client().await?;
+        // Two in five nodes run a task (of a job the hub does not know), reported Running.
+        let busy: Vec<(kube::Client, String, String)> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 5 < 2)
+            .map(|(i, n)| (client.clone(), format!("{n}-t{i}"), n.clone()))
+            .collect();
+        create_tasks(busy.clone()).await?;
+        running.extend(busy.into_iter().map(|(c, name, _)| (c, name)));
+        member_clients.push(client.clone());
+        lease_targets.push((client, names));
+    }
+    eprintln!(
+        "seeded {nodes} nodes and leases, {} running tasks in {:.0}s",
+        running.len(),
+        t.elapsed().as_secs_f64()
+    );
+    apply_pool(&hub, &plane, 2).await?;
+    // Heartbeats must matter: a 40 s timeout, kept fresh by the renewals below.
+    let patch = serde_json::json!({"spec": {"heartbeatTimeoutSeconds": 40}});
+    Api::<EdgePool>::all(hub.clone())
+        .patch("bench", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let (op, port) = start_operator(&plane)?;
+    let all = nodes as usize;
+    let far = || Instant::now() + Duration::from_secs(3600);
+    // Fresh leases for all before the operator judges them.
+    renew_leases(lease_targets.clone(), far(), Some(all)).await;
+    wait_ready_nodes(&hub, nodes).await?;
+    ensure_namespace(&hub, "bench").await?;
+    // Jobs that cannot be placed: half want a GPU (no node has one), half a label no node
+    // has.
+    let t = Instant::now();
+    for j in 0..queued {
+        let extra = if j % 2 == 0 {
+            "  resources:\n    gpus: 1\n"
+        } else {
+            "  placement:\n    requiredLabels:\n      tier: gold\n"
+        };
+        let job = format!(
+            "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: queued-{j}\nspec:\n  workload:\n    kind: Benchmark\n  shards: 2\n{extra}"
+        );
+        manifests::apply_all(&hub, &job, "bench", false).await?;
+    }
+    while metric(port, "edgeloom_operator_queue_depth").await < queued as f64 {
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("the operator never queued {queued} jobs");
+        }
+        renew_leases(lease_targets.clone(), far(), Some(all)).await;
+    }
+    eprintln!("{queued} jobs queued in {:.0}s", t.elapsed().as_secs_f64());
+    let pid = op.pid();
+    let mut rows = Vec::new();
+    for phase in ["quiet", "renewals", "renewals + task updates + probe jobs"] {
+        if phase == "quiet" {
+            renew_leases(lease_targets.clone(), far(), Some(all)).await;
+        }
+        let cycles0 = metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await;
+        let snap0 = metric(port, "edgeloom_operator_snapshot_duration_seconds_sum").await;
+        let reused0 = metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total").await;
+        let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+        let t = Instant::now();
+        let stop = t + Duration::from_secs(seconds);
+        let (renewed, updated, probes) = match phase {
+            // No renewals: every Lease was renewed just before, within the 40 s timeout.
+            "quiet" => {
+                tokio::time::sleep_until(stop.into()).await;
+                (0, 0, vec![])
+            }
+            "renewals" => (
+                renew_leases(lease_targets.clone(), stop, None).await,
+                0,
+                vec![],
+            ),
+            _ => {
+                let (r, u, p) = tokio::join!(
+                    renew_leases(lease_targets.clone(), stop, None),
+                    update_tasks(running.clone(), 100, stop),
+                    probe_dispatch(&hub, &member_clients, stop, "c"),
+                );
+                (r, u, p?)
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+        let cycles =
+            metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await - cycles0;
+        let snap = metric(port, "edgeloom_operator_snapshot_duration_seconds_sum").await - snap0;
+        let reused =
+            metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total").await - reused0;
+        let mut p = probes.clone();
+        rows.push(format!(
+            "| {phase} | {secs:.0} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} | {:.0} | {} |",
+            renewed as f64 / secs,
+            updated as f64 / secs,
+            cpu / secs * 100.0,
+            cycles / secs,
+            if cycles > 0.0 {
+                snap / cycles * 1e3
+            } else {
+                0.0
+            },
+            reused / secs,
+            if p.is_empty() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.0} / {:.0} ({} jobs)",
+                    edgeloom_bench::percentile(&mut p, 50.0),
+                    edgeloom_bench::percentile(&mut p, 99.0),
+                    probes.len()
+                )
+            },
+        ));
+    }
+    println!(
+        "| phase ({nodes} nodes, {queued} queued unplaceable jobs) | seconds | Lease renewals/s | task status updates/s | operator CPU (% of a core) | scheduling cycles/s | snapshot ms per cycle | verdicts reused/s | 10-shard job applied -> all tasks created, p50 / p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!("{r}");
+    }
+    eprintln!(
+        "operator RSS at the end: {:.1} MiB",
+        proc_status(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Throughput { jobs, shards } => throughput(jobs, shards).await,
         Cmd::Rss { objects } => rss(objects).await,
+        Cmd::Churn {
+            nodes,
+            queued,
+            seconds,
+        } => churn(nodes, queued, seconds).await,
     }
 }
