@@ -12,13 +12,13 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// A name-keyed cache of projections of one kind.
 pub struct Cache<V> {
-    map: RwLock<HashMap<Box<str>, Arc<V>>>,
+    inner: RwLock<Inner<V>>,
     ready: AtomicBool,
     /// Bumped whenever an entry is added, changed or removed (not when a watch event
     /// repeats what is cached): the scheduler rebuilds what it derives from a cache only
@@ -28,45 +28,122 @@ pub struct Cache<V> {
     shape: Option<fn(&V) -> u64>,
     /// Bumped when an entry is added or removed, or its shape changed.
     shape_generation: AtomicU64,
+    /// A secondary key of each entry (e.g. a task's job UID), see [`Cache::by_key`].
+    index: Option<fn(&V) -> &str>,
+}
+
+struct Inner<V> {
+    map: HashMap<Box<str>, Arc<V>>,
+    /// Names by secondary key (only with an index).
+    by_key: HashMap<Box<str>, HashSet<Box<str>>>,
+}
+
+impl<V> Inner<V> {
+    fn insert(&mut self, index: Option<fn(&V) -> &str>, name: Box<str>, value: Arc<V>) {
+        if let Some(key) = index {
+            let stale = self
+                .map
+                .get(&name)
+                .map(|old| Box::<str>::from(key(old)))
+                .filter(|old_key| **old_key != *key(&value));
+            if let Some(old_key) = stale {
+                self.unindex(&old_key, &name);
+            }
+            self.by_key
+                .entry(key(&value).into())
+                .or_default()
+                .insert(name.clone());
+        }
+        self.map.insert(name, value);
+    }
+
+    fn remove(&mut self, index: Option<fn(&V) -> &str>, name: &str) -> Option<Arc<V>> {
+        let old = self.map.remove(name)?;
+        if let Some(key) = index {
+            self.unindex(key(&old), name);
+        }
+        Some(old)
+    }
+
+    fn unindex(&mut self, key: &str, name: &str) {
+        if let Some(names) = self.by_key.get_mut(key) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_key.remove(key);
+            }
+        }
+    }
+
+    fn replace(&mut self, index: Option<fn(&V) -> &str>, map: HashMap<Box<str>, Arc<V>>) {
+        self.by_key.clear();
+        if let Some(key) = index {
+            for (name, v) in &map {
+                self.by_key
+                    .entry(key(v).into())
+                    .or_default()
+                    .insert(name.clone());
+            }
+        }
+        self.map = map;
+        self.map.shrink_to_fit();
+    }
 }
 
 impl<V> Default for Cache<V> {
     fn default() -> Self {
         Cache {
-            map: RwLock::new(HashMap::new()),
+            inner: RwLock::new(Inner {
+                map: HashMap::new(),
+                by_key: HashMap::new(),
+            }),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             shape: None,
             shape_generation: AtomicU64::new(0),
+            index: None,
         }
     }
 }
 
 impl<V> Cache<V> {
-    /// The entry for `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<V>> {
-        self.map.read().ok().and_then(|m| m.get(name).cloned())
-    }
-
-    /// Every entry.
-    pub fn state(&self) -> Vec<Arc<V>> {
-        self.map
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Calls `f` with the whole map under one read lock (no copy of the entries).
-    pub fn read<R>(&self, f: impl FnOnce(&HashMap<Box<str>, Arc<V>>) -> R) -> R {
-        match self.map.read() {
-            Ok(m) => f(&m),
+    fn read_inner<R>(&self, f: impl FnOnce(&Inner<V>) -> R) -> R {
+        match self.inner.read() {
+            Ok(i) => f(&i),
             Err(poisoned) => f(&poisoned.into_inner()),
         }
     }
 
+    /// The entry for `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<V>> {
+        self.read_inner(|i| i.map.get(name).cloned())
+    }
+
+    /// Every entry.
+    pub fn state(&self) -> Vec<Arc<V>> {
+        self.read_inner(|i| i.map.values().cloned().collect())
+    }
+
+    /// The entries whose secondary key is `key` (see [`Cache::with_index`]); none in a
+    /// cache without an index.
+    pub fn by_key(&self, key: &str) -> Vec<Arc<V>> {
+        self.read_inner(|i| {
+            i.by_key
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|name| i.map.get(name).cloned())
+                .collect()
+        })
+    }
+
+    /// Calls `f` with the whole map under one read lock (no copy of the entries).
+    pub fn read<R>(&self, f: impl FnOnce(&HashMap<Box<str>, Arc<V>>) -> R) -> R {
+        self.read_inner(|i| f(&i.map))
+    }
+
     /// Entries.
     pub fn len(&self) -> usize {
-        self.map.read().map(|m| m.len()).unwrap_or(0)
+        self.read_inner(|i| i.map.len())
     }
 
     /// Whether there are none.
@@ -82,11 +159,17 @@ impl<V> Cache<V> {
     /// A cache whose [`Cache::shape_generation`] moves only when `shape` of an entry
     /// changes (or entries come and go): e.g. a task's node, resources and whether it
     /// runs, not its progress.
-    pub fn with_shape(shape: fn(&V) -> u64) -> Self {
-        Cache {
-            shape: Some(shape),
-            ..Cache::default()
-        }
+    pub fn with_shape(mut self, shape: fn(&V) -> u64) -> Self {
+        self.shape = Some(shape);
+        self
+    }
+
+    /// A cache that also finds entries by a secondary key ([`Cache::by_key`]), e.g. a
+    /// task's job UID: a job's reconcile then reads its own tasks, not every task of the
+    /// member (docs/ARCHITECTURE.md, "Scheduling").
+    pub fn with_index(mut self, index: fn(&V) -> &str) -> Self {
+        self.index = Some(index);
+        self
     }
 
     /// Changes so far (see the field).
@@ -118,15 +201,31 @@ impl<V> Cache<V> {
 }
 
 impl<V: PartialEq> Cache<V> {
-    /// Sets `name` to `value` (as a watch event does); for benchmarks and tests that fill
-    /// a cache without an API server.
+    /// Sets `name` to `value` unless it already is (as a watch event does).
     pub fn upsert(&self, name: &str, value: V) {
-        if let Ok(mut map) = self.map.write()
-            && map.get(name).is_none_or(|old| **old != value)
+        if let Ok(mut inner) = self.inner.write()
+            && inner.map.get(name).is_none_or(|old| **old != value)
         {
-            self.changed(map.get(name).map(|o| &**o), &value);
-            map.insert(name.into(), Arc::new(value));
+            self.changed(inner.map.get(name).map(|o| &**o), &value);
+            inner.insert(self.index, name.into(), Arc::new(value));
         }
+    }
+
+    /// Removes `name` (as a watch event does).
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut inner) = self.inner.write()
+            && inner.remove(self.index, name).is_some()
+        {
+            self.bump();
+        }
+    }
+
+    /// Replaces every entry (a relist) and marks the cache as listed.
+    fn replace_all(&self, map: HashMap<Box<str>, Arc<V>>) {
+        if let Ok(mut inner) = self.inner.write() {
+            inner.replace(self.index, map);
+        }
+        self.mark_ready();
     }
 
     /// Marks the cache as listed (for benchmarks and tests, with [`Cache::upsert`]).
@@ -160,32 +259,20 @@ pub async fn feed<K, V: PartialEq, S>(
                 }
             }
             Ok(watcher::Event::InitDone) => {
-                if let (Some(buf), Ok(mut map)) = (buffer.take(), cache.map.write()) {
-                    *map = buf;
-                    map.shrink_to_fit();
+                if let Some(buf) = buffer.take() {
+                    cache.replace_all(buf);
                 }
-                cache.ready.store(true, Ordering::Release);
-                cache.bump();
             }
             Ok(watcher::Event::Apply(obj)) => {
                 if let Some((name, v)) = project(&obj) {
                     touched(&v);
-                    if let Ok(mut map) = cache.map.write()
-                        && map.get(name.as_str()).is_none_or(|old| **old != v)
-                    {
-                        cache.changed(map.get(name.as_str()).map(|o| &**o), &v);
-                        map.insert(name.into_boxed_str(), Arc::new(v));
-                    }
+                    cache.upsert(&name, v);
                 }
             }
             Ok(watcher::Event::Delete(obj)) => {
                 if let Some((name, v)) = project(&obj) {
                     touched(&v);
-                    if let Ok(mut map) = cache.map.write()
-                        && map.remove(name.as_str()).is_some()
-                    {
-                        cache.bump();
-                    }
+                    cache.remove(&name);
                 }
             }
             Err(e) => tracing::debug!(%member, what, error = %e, "watch error"),
@@ -388,6 +475,32 @@ mod tests {
         assert!(cache.ready());
         assert_eq!(cache.len(), 1);
         assert!(cache.get("d").is_some());
+    }
+
+    /// The secondary index follows every change: a new entry, one moved to another key,
+    /// one removed, and a relist that replaces everything.
+    #[test]
+    fn the_index_follows_inserts_moves_removals_and_relists() {
+        let cache: Cache<(String, u32)> = Cache::default().with_index(|v| v.0.as_str());
+        let keys = |k: &str| {
+            let mut v: Vec<u32> = cache.by_key(k).iter().map(|e| e.1).collect();
+            v.sort_unstable();
+            v
+        };
+        cache.upsert("a", ("job-1".into(), 1));
+        cache.upsert("b", ("job-1".into(), 2));
+        cache.upsert("c", ("job-2".into(), 3));
+        assert_eq!((keys("job-1"), keys("job-2")), (vec![1, 2], vec![3]));
+        cache.upsert("b", ("job-2".into(), 2));
+        assert_eq!((keys("job-1"), keys("job-2")), (vec![1], vec![2, 3]));
+        cache.remove("a");
+        assert!(keys("job-1").is_empty());
+        cache.replace_all(HashMap::from([(
+            "z".into(),
+            Arc::new(("job-3".to_string(), 9)),
+        )]));
+        assert_eq!((keys("job-2"), keys("job-3")), (vec![], vec![9]));
+        assert!(cache.by_key("nothing").is_empty());
     }
 
     /// The generation moves only when what is cached changes, so the scheduler rebuilds

@@ -92,6 +92,14 @@ impl Drop for Member {
     }
 }
 
+/// A member's task cache: its usage shape drives the scheduler's usage rebuild, and it is
+/// indexed by job UID.
+fn tasks_cache() -> Cache<TaskEntry> {
+    Cache::default()
+        .with_shape(TaskEntry::usage_shape)
+        .with_index(|t| &t.job_uid)
+}
+
 /// The next [`Member::id`].
 static NEXT_MEMBER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -113,7 +121,7 @@ impl Member {
             client,
             nodes: Arc::default(),
             leases: Arc::default(),
-            tasks: Arc::new(Cache::with_shape(TaskEntry::usage_shape)),
+            tasks: Arc::new(tasks_cache()),
             health: Arc::new(RwLock::new(Health {
                 reachable: true,
                 last_seen: Some(Timestamp::now()),
@@ -302,7 +310,7 @@ impl Fleet {
             "leases",
         )));
 
-        let tasks: Arc<Cache<TaskEntry>> = Arc::new(Cache::with_shape(TaskEntry::usage_shape));
+        let tasks: Arc<Cache<TaskEntry>> = Arc::new(tasks_cache());
         let task_api: Api<ComputeTask> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
         let stream = watcher(task_api, watcher::Config::default()).default_backoff();
         let trigger = self.job_trigger.clone();

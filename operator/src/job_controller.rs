@@ -205,7 +205,7 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
     let mut views = Vec::new();
     for m in ctx.fleet.members() {
         let lost_cluster = m.lost(now);
-        for t in m.tasks.state().iter().filter(|t| *t.job_uid == *uid) {
+        for t in m.tasks.by_key(uid) {
             let terminal = t.terminal();
             let mut status = t.status.as_deref().cloned().unwrap_or_default();
             // A reveal sealed for the operator: opened here (a box that does not open
@@ -268,9 +268,10 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // Sealed reveals need the operator's key: load it before deciding on them.
     if ctx.books.reveal_secret().is_none()
         && members.iter().any(|m| {
-            m.tasks.state().iter().any(|t| {
-                *t.job_uid == *uid && t.status.as_ref().is_some_and(|s| s.sealed_reveal.is_some())
-            })
+            m.tasks
+                .by_key(&uid)
+                .iter()
+                .any(|t| t.status.as_ref().is_some_and(|s| s.sealed_reveal.is_some()))
         })
         && ctx.books.signing_key(false).await.is_err()
     {
@@ -861,9 +862,8 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     for m in ctx.fleet.members() {
         let cached: Vec<String> = m
             .tasks
-            .state()
+            .by_key(&uid)
             .iter()
-            .filter(|t| *t.job_uid == *uid)
             .map(|t| t.name.to_string())
             .collect();
         let api = m.tasks_api();

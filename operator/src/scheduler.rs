@@ -309,9 +309,9 @@ impl Scheduler {
                     .filter(|m| work.members.contains(&m.key))
                     .map(|m| {
                         m.tasks
-                            .state()
+                            .by_key(&work.uid)
                             .iter()
-                            .filter(|t| *t.job_uid == *work.uid && t.terminal())
+                            .filter(|t| t.terminal())
                             .count()
                     })
                     .sum();

@@ -179,15 +179,19 @@ async fn apply_pool(hub: &kube::Client, plane: &ControlPlane, slots: u32) -> Res
     Ok(())
 }
 
-fn start_operator(plane: &ControlPlane) -> Result<(Process, u16)> {
+/// Starts the release operator; `interval_ms` is its longest pause between scheduling
+/// cycles (None: its default, 1 s).
+fn start_operator(plane: &ControlPlane, interval_ms: Option<u64>) -> Result<(Process, u16)> {
     let port = free_port()?;
-    let args = vec![
+    let mut args = vec![
         format!("--kubeconfig={}", plane.hub().kubeconfig.display()),
         format!("--namespace={SYSTEM_NAMESPACE}"),
         "--identity=bench".into(),
         format!("--metrics-addr=127.0.0.1:{port}"),
-        "--scheduler-interval-ms=200".into(),
     ];
+    if let Some(ms) = interval_ms {
+        args.push(format!("--scheduler-interval-ms={ms}"));
+    }
     let p = Process::spawn(
         "operator",
         &operator_bin()?,
@@ -262,7 +266,7 @@ async fn throughput(jobs: u32, shards: u32) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     apply_pool(&hub, &plane, 10).await?;
-    let (_op, _) = start_operator(&plane)?;
+    let (_op, _) = start_operator(&plane, Some(200))?;
     wait_ready_nodes(&hub, 300).await?;
     ensure_namespace(&hub, "bench").await?;
     let t = Instant::now();
@@ -343,7 +347,7 @@ async fn rss(objects: u32) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     apply_pool(&hub, &plane, 2).await?;
-    let (op, port) = start_operator(&plane)?;
+    let (op, port) = start_operator(&plane, Some(200))?;
     let started = Instant::now();
     wait_ready_nodes(&hub, objects).await?;
     let synced = started.elapsed().as_secs_f64();
@@ -545,7 +549,7 @@ async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
     Api::<EdgePool>::all(hub.clone())
         .patch("bench", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    let (op, port) = start_operator(&plane)?;
+    let (op, port) = start_operator(&plane, None)?;
     let all = nodes as usize;
     let far = || Instant::now() + Duration::from_secs(3600);
     // Fresh leases for all before the operator judges them.
