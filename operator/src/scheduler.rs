@@ -544,8 +544,8 @@ pub struct World {
     member_index: HashMap<String, u32>,
     /// Changes whenever capacity may have grown (see [`Verdict`]).
     pub capacity_epoch: u64,
-    /// The nodes that grew at each recent epoch (None: any may have).
-    grown: std::collections::VecDeque<(u64, Option<Vec<u32>>)>,
+    /// The nodes that grew at each recent epoch.
+    grown: GrownLog,
 }
 
 /// One member's candidate nodes before usage: what the scheduler derives from the
@@ -598,14 +598,17 @@ pub struct Derived {
     order: Option<(Vec<u64>, Vec<u32>)>,
     /// Base rebuilds so far (for the benchmark and metrics).
     pub rebuilds: u64,
-    /// Each node's free capacity and readiness, and each cluster's reachability, at the
-    /// start of the last cycle, with the base versions they are of.
-    capacity: (Vec<u64>, Vec<Capacity>, Vec<bool>),
+    /// Per member: its base version, each node's free capacity and readiness, and
+    /// whether its cluster was reachable, at the start of the last cycle.
+    capacity: HashMap<String, (u64, Vec<Capacity>, bool)>,
     /// Bumped whenever capacity may have grown since the last cycle (see [`Verdict`]).
     epoch: u64,
-    /// The nodes that grew at each of the last epochs (None: any may have).
-    grown: std::collections::VecDeque<(u64, Option<Vec<u32>>)>,
+    /// The nodes (member key, node name) that grew at each of the last epochs.
+    grown: GrownLog,
 }
+
+/// Per epoch, the nodes (member key, node name) whose capacity grew.
+type GrownLog = std::collections::VecDeque<(u64, Arc<Vec<(Arc<str>, Box<str>)>>)>;
 
 /// Epochs whose grown nodes are kept; a verdict older than that is tried again.
 const GROWN_KEPT: usize = 64;
@@ -934,39 +937,40 @@ impl Scheduler {
                 .or_default()
                 .extend(base.claims.iter().map(|c| c.0));
         }
-        // Capacity may have grown: other nodes, a node freed or ready again, a cluster back.
-        let versions: Vec<u64> = bases.iter().map(|b| b.version).collect();
-        let capacity: Vec<Capacity> = nodes.iter().map(Capacity::of).collect();
-        let (old_versions, old_capacity, old_reachable) = &d.capacity;
-        // Which nodes grew (None: any may have, e.g. nodes joined or a cluster is back).
-        let grown: Option<Vec<u32>> = if *old_versions != versions
-            || old_reachable.len() != reachable.len()
-            || reachable
+        // Capacity may have grown: a node freed or ready again; every node of a member
+        // whose base was rebuilt (nodes joined or changed) or whose cluster is back.
+        let mut grown: Vec<(Arc<str>, Box<str>)> = Vec::new();
+        let mut capacity = HashMap::with_capacity(bases.len());
+        for (ci, (base, up)) in bases.iter().zip(&reachable).enumerate() {
+            let start = offsets[ci] as usize;
+            let now_cap: Vec<Capacity> = nodes[start..start + base.nodes.len()]
                 .iter()
-                .zip(old_reachable)
-                .any(|(now, was)| *now && !*was)
-        {
-            None
-        } else {
-            Some(
-                capacity
-                    .iter()
-                    .zip(old_capacity)
-                    .enumerate()
-                    .filter(|(_, (now, was))| now.grew_from(was))
-                    .map(|(i, _)| i as u32)
-                    .collect(),
-            )
-        };
-        if grown.as_ref().is_none_or(|g| !g.is_empty()) {
+                .map(Capacity::of)
+                .collect();
+            let key: Arc<str> = base.key.as_str().into();
+            match d.capacity.get(&base.key) {
+                Some((version, old, was_up)) if *version == base.version && (*was_up || !*up) => {
+                    for (i, (now, was)) in now_cap.iter().zip(old).enumerate() {
+                        if now.grew_from(was) {
+                            grown.push((key.clone(), base.names[i].clone()));
+                        }
+                    }
+                }
+                _ => grown.extend(base.names.iter().map(|n| (key.clone(), n.clone()))),
+            }
+            capacity.insert(base.key.clone(), (base.version, now_cap, *up));
+        }
+        d.capacity = capacity;
+        if !grown.is_empty() {
             d.epoch += 1;
-            d.grown.push_back((d.epoch, grown));
+            let epoch = d.epoch;
+            d.grown.push_back((epoch, Arc::new(grown)));
             while d.grown.len() > GROWN_KEPT {
                 d.grown.pop_front();
             }
         }
-        d.capacity = (versions.clone(), capacity, reachable.clone());
         let capacity_epoch = d.epoch;
+        let versions: Vec<u64> = bases.iter().map(|b| b.version).collect();
         let grown = d.grown.clone();
         // Speed is the agent's claim: it counts only as far as verified work shows.
         let medians: HashMap<&str, f64> = claims
@@ -1039,19 +1043,22 @@ impl World {
         )
     }
 
-    /// The nodes whose capacity grew after `epoch`, if known (None: any may have).
+    /// The snapshot indices of the nodes whose capacity grew after `epoch`, if every
+    /// epoch since is still logged (None: any may have).
     fn grown_since(&self, epoch: u64) -> Option<Vec<u32>> {
         if epoch == self.capacity_epoch {
             return Some(Vec::new());
         }
-        // Every epoch after `epoch` must still be in the log.
         if self.grown.front().is_none_or(|(e, _)| *e > epoch + 1) {
             return None;
         }
-        let mut nodes = Vec::new();
-        for (_, g) in self.grown.iter().filter(|(e, _)| *e > epoch) {
-            nodes.extend(g.as_ref()?);
-        }
+        let mut nodes: Vec<u32> = self
+            .grown
+            .iter()
+            .filter(|(e, _)| *e > epoch)
+            .flat_map(|(_, g)| g.iter())
+            .filter_map(|(member, node)| self.lookup(member, node))
+            .collect();
         nodes.sort_unstable();
         nodes.dedup();
         Some(nodes)
@@ -1462,13 +1469,15 @@ mod tests {
     /// once a node that fits joins, it is.
     #[tokio::test]
     async fn an_unplaceable_verdict_is_kept_until_capacity_grows() {
-        let spec = pool_spec(&["a"]);
+        let spec = pool_spec(&["a", "b"]);
         let m = member("a", &spec);
+        let other = member("b", &spec);
         let now = Timestamp::now();
         m.nodes.upsert("a-n0", node("a-n0", &[], 0, 1.0));
         m.leases.upsert("a-n0", Some(now));
         let fleet = Fleet::new(futures::channel::mpsc::unbounded().0);
         fleet.insert_for_tests(m.clone());
+        fleet.insert_for_tests(other.clone());
         let metrics = Metrics::new().expect("metrics");
         let s = Scheduler::default();
         let job: ComputeJobSpec = serde_json::from_value(serde_json::json!({
@@ -1514,12 +1523,17 @@ mod tests {
             .upsert("t1", task("t1", "a-n0", Some(TaskPhase::Succeeded)));
         s.cycle(&fleet, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 3, "a node that cannot help");
+        // A GPU node joins another cluster, one the job may not use: still not tried.
+        other.nodes.upsert("b-n0", node("b-n0", &[], 1, 1.0));
+        other.leases.upsert("b-n0", Some(now));
+        s.cycle(&fleet, &metrics, "op").await;
+        assert_eq!(metrics.verdicts_reused.get(), 4, "a node elsewhere");
         // A GPU node joins: capacity grew, the job is tried (and placed; creating its
         // task fails here, there is no API server, and is retried).
         m.nodes.upsert("a-n1", node("a-n1", &[], 1, 1.0));
         m.leases.upsert("a-n1", Some(now));
         s.cycle(&fleet, &metrics, "op").await;
-        assert_eq!(metrics.verdicts_reused.get(), 3, "tried again");
+        assert_eq!(metrics.verdicts_reused.get(), 4, "tried again");
         assert_eq!(s.unfit("ns", "gpu"), None);
     }
 

@@ -305,9 +305,21 @@ async fn main() {
         }
         let mut row = vec![n.to_string()];
         let mut second = 10;
-        for what in ["first", "reused", "cpu freed", "gpu freed"] {
+        for what in ["first", "reused", "cpu freed", "gpu freed", "node joined"] {
             second += 1;
             churn(&f, &mut rng, second);
+            if what == "node joined" {
+                // A GPU-less node joins cluster c0: its whole member is re-derived.
+                let m = &f.members[0];
+                let name = "joined-0";
+                let mut entry = m.nodes.get("node-0").map(|e| (*e).clone()).expect("node-0");
+                entry.name = name.into();
+                entry.inventory.gpus = 0;
+                entry.inventory.gpu_product = None;
+                m.nodes.upsert(name, entry);
+                m.leases
+                    .upsert(name, Some(f.now + SignedDuration::from_secs(second)));
+            }
             // A task finishes on a GPU-less node (capacity grew where no queued job fits),
             // or on a GPU node (one queued job fits there now).
             let want_gpu = match what {
@@ -350,9 +362,9 @@ async fn main() {
     }
     println!();
     println!(
-        "| nodes | cycle 1: 1,000 unplaceable jobs tried, ms | cycle 2: churn, no capacity freed | cycle 3: a task ends on a GPU-less node | cycle 4: a task ends on a GPU node |"
+        "| nodes | cycle 1: 1,000 unplaceable jobs tried, ms | cycle 2: churn, no capacity freed | cycle 3: a task ends on a GPU-less node | cycle 4: a task ends on a GPU node | cycle 5: a GPU-less node joins |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for r in cycle_rows {
         println!("{r}");
     }
