@@ -139,10 +139,17 @@ impl Member {
         Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE)
     }
 
-    /// The Node, Lease and ComputeTask caches have all completed their first list; until
-    /// then nothing is decided from them (a cold cache looks like lost nodes).
+    /// The Node, Lease and ComputeTask caches have all completed their first list and the
+    /// probe has answered once; until then nothing is decided from them (a cold cache
+    /// looks like lost nodes, and a member not yet probed like an unreachable one, so a
+    /// job placed then would avoid it).
     pub fn synced(&self) -> bool {
-        self.nodes.ready() && self.leases.ready() && self.tasks.ready()
+        let probed = self
+            .health
+            .read()
+            .map(|h| h.last_seen.is_some() || h.unreachable_since.is_some())
+            .unwrap_or(false);
+        self.nodes.ready() && self.leases.ready() && self.tasks.ready() && probed
     }
 
     /// A snapshot of its health.

@@ -83,6 +83,10 @@ pub struct Scheduler {
     unfit: Mutex<HashMap<String, String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
     derived: Mutex<Derived>,
+    /// (member, node) taken by a placement whose task could not be created: the capacity
+    /// it held in that cycle counts as grown in the next (verdicts made after it in that
+    /// cycle may be wrong).
+    released: Mutex<Vec<(String, String)>>,
     /// Per job: a fingerprint of its submitted work, and the verdict of the last cycle
     /// that could place none of it.
     verdicts: Mutex<HashMap<String, Verdict>>,
@@ -173,15 +177,18 @@ impl Scheduler {
                 };
             }
         }
+        let mut wake = true;
         if let Ok(mut p) = self.pending.lock() {
             // The same work again (a periodic reconcile) wakes no cycle: the periodic
             // cycle tries it with whatever capacity changed. New or changed work does.
-            if same && p.contains_key(&key) {
-                return;
-            }
+            // It still replaces what is pending (a cycle trims what it placed; a task
+            // that then vanished must be needed again).
+            wake = !(same && p.contains_key(&key));
             p.insert(key, work);
         }
-        self.notify.notify_one();
+        if wake {
+            self.notify.notify_one();
+        }
     }
 
     /// Withdraws a job's request.
@@ -231,6 +238,13 @@ impl Scheduler {
             .pending
             .lock()
             .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        // The fingerprint of each job's work as copied here: a submission during this
+        // cycle must not inherit the verdict of the work it replaced.
+        let submitted_now: HashMap<String, u64> = self
+            .verdicts
+            .lock()
+            .map(|v| v.iter().map(|(k, e)| (k.clone(), e.submitted)).collect())
             .unwrap_or_default();
         metrics.queue_depth.set(work.len() as i64);
         if work.is_empty() {
@@ -320,11 +334,11 @@ impl Scheduler {
                 }
             }
             // Unplaceable last time, and neither the job nor the capacity changed since.
-            let submitted = self
-                .verdicts
-                .lock()
-                .ok()
-                .and_then(|v| v.get(&job_key).map(|v| (v.submitted, v.tried)));
+            let submitted = self.verdicts.lock().ok().and_then(|v| {
+                v.get(&job_key)
+                    .filter(|e| submitted_now.get(&job_key) == Some(&e.submitted))
+                    .map(|e| (e.submitted, e.tried))
+            });
             let tried = submitted.map(|(s, _)| tried_fingerprint(s, &work));
             if let (Some((_, Some((fp, epoch, at)))), Some(now_fp)) = (submitted, tried)
                 && fp == now_fp
@@ -344,6 +358,7 @@ impl Scheduler {
                     metrics.verdicts_reused.inc();
                     if let Ok(mut v) = self.verdicts.lock()
                         && let Some(e) = v.get_mut(&job_key)
+                        && submitted_now.get(&job_key) == Some(&e.submitted)
                     {
                         e.tried = Some((fp, world.capacity_epoch, at));
                     }
@@ -358,6 +373,7 @@ impl Scheduler {
                 .observe(started.elapsed().as_secs_f64());
             if let (Ok(mut v), Some(fp)) = (self.verdicts.lock(), tried)
                 && let Some(e) = v.get_mut(&job_key)
+                && submitted_now.get(&job_key) == Some(&e.submitted)
             {
                 e.tried = outcome
                     .assigned
@@ -375,6 +391,7 @@ impl Scheduler {
             if outcome.assigned.is_empty() {
                 continue;
             }
+            let released = &self.released;
             let creates = outcome.assigned.iter().map(|(slot, node)| {
                 let need = &slots[*slot];
                 let (member_key, node_name) = world.node_name(*node);
@@ -392,10 +409,12 @@ impl Scheduler {
                         Ok(Err(kube::Error::Api(s))) if s.code == 409 => Some((false, member_key, node_name, name)),
                         Ok(Err(e)) => {
                             tracing::warn!(task = %name, member = %member_key, error = %e, "creating task failed; will retry");
+                            released.lock().ok()?.push((member_key, node_name));
                             None
                         }
                         Err(_) => {
                             tracing::warn!(task = %name, member = %member_key, "creating task timed out; will retry");
+                            released.lock().ok()?.push((member_key, node_name));
                             None
                         }
                     }
@@ -961,6 +980,9 @@ impl Scheduler {
             capacity.insert(base.key.clone(), (base.version, now_cap, *up));
         }
         d.capacity = capacity;
+        if let Ok(mut r) = self.released.lock() {
+            grown.extend(r.drain(..).map(|(m, n)| (Arc::from(m.as_str()), n.into())));
+        }
         if !grown.is_empty() {
             d.epoch += 1;
             let epoch = d.epoch;
