@@ -479,7 +479,7 @@ async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once()
         Duration::from_secs(90),
     )
     .await;
-    jobs::assert_truthful(&fed, &done).await;
+    jobs::assert_truthful_after_restart(&fed, &done).await;
     let paid = wait_receipts(&fed, &uid, 3).await;
     let slots: Vec<(u64, u64)> = paid.iter().map(|p| (p.0, p.1)).collect();
     assert_eq!(
@@ -816,7 +816,7 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
         Duration::from_secs(90),
     )
     .await;
-    jobs::assert_truthful(&fed, &done).await;
+    jobs::assert_truthful_after_restart(&fed, &done).await;
     let mut names: Vec<(u32, u32)> = all_tasks(&fed, &uid)
         .await
         .iter()
