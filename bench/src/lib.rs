@@ -34,3 +34,44 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// The sum over its series of metric `name` on the /metrics of a process listening on
+/// 127.0.0.1:`port` (0 when it cannot be read).
+pub async fn metric(port: u16, name: &str) -> f64 {
+    edgeloom_e2e::scrape::get(port, "/metrics")
+        .await
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A binary next to the running one (the release build of the workspace).
+pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let p = std::env::current_exe()?.with_file_name(name);
+    if !p.is_file() {
+        anyhow::bail!(
+            "{} not found: cargo build --release --workspace --bins",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A hub and two member clusters `m1`, `m2` without nodes or controller managers, linked
+/// (CRDs, the system namespace, member kubeconfig Secrets in the hub); returns the hub's
+/// client.
+pub async fn two_members() -> anyhow::Result<(edgeloom_e2e::ControlPlane, kube::Client)> {
+    let plane = edgeloom_e2e::ControlPlane::start(edgeloom_e2e::Config {
+        members: vec!["m1".into(), "m2".into()],
+        nodes_per_member: 0,
+        controller_manager: false,
+        ..edgeloom_e2e::Config::default()
+    })
+    .await?;
+    let hub = edgeloom_e2e::federation::link_members(&plane).await?;
+    Ok((plane, hub))
+}

@@ -37,17 +37,6 @@ enum Cmd {
     Nvml,
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
-    let p = std::env::current_exe()?.with_file_name(name);
-    if !p.is_file() {
-        bail!(
-            "{} not found: cargo build --release --workspace --bins",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 fn python() -> Result<PathBuf> {
     let libtorch = PathBuf::from(
         std::env::var_os("LIBTORCH").context("set LIBTORCH (scripts/install-torch.sh)")?,
@@ -64,7 +53,7 @@ fn python() -> Result<PathBuf> {
 }
 
 fn runner(spec: serde_json::Value) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let mut child = Command::new(sibling("edgeloom-runner")?)
+    let mut child = Command::new(edgeloom_bench::sibling("edgeloom-runner")?)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -205,8 +194,8 @@ async fn idle() -> Result<()> {
         inflate_usage: false,
     };
     let agent = fed.agent(
-        &sibling("edgeloom-agent")?,
-        &sibling("edgeloom-runner")?,
+        &edgeloom_bench::sibling("edgeloom-agent")?,
+        &edgeloom_bench::sibling("edgeloom-runner")?,
         &spec,
     )?;
     let pid = agent.process.pid();

@@ -320,14 +320,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 async fn rss(objects: u32) -> Result<()> {
-    let plane = ControlPlane::start(Config {
-        members: vec!["m1".into(), "m2".into()],
-        nodes_per_member: 0,
-        controller_manager: false,
-        ..Config::default()
-    })
-    .await?;
-    let hub = prepare(&plane).await?;
+    let (plane, hub) = edgeloom_bench::two_members().await?;
     let per_member = objects / 2;
     let t = Instant::now();
     let mut targets = Vec::new();
@@ -383,19 +376,6 @@ async fn rss(objects: u32) -> Result<()> {
     );
     eprintln!("operator saw: {tasks_gauge}");
     Ok(())
-}
-
-/// A metric's value from the operator's /metrics (the sum over its series).
-async fn metric(port: u16, name: &str) -> f64 {
-    edgeloom_e2e::scrape::get(port, "/metrics")
-        .await
-        .map(|(_, body)| {
-            body.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0)
 }
 
 /// Renews the Leases of `nodes` round-robin, 32 requests in flight, until `stop` or
@@ -511,14 +491,7 @@ async fn probe_dispatch(
 }
 
 async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
-    let plane = ControlPlane::start(Config {
-        members: vec!["m1".into(), "m2".into()],
-        nodes_per_member: 0,
-        controller_manager: false,
-        ..Config::default()
-    })
-    .await?;
-    let hub = prepare(&plane).await?;
+    let (plane, hub) = edgeloom_bench::two_members().await?;
     let t = Instant::now();
     let mut lease_targets = Vec::new();
     let mut running = Vec::new();
@@ -570,7 +543,7 @@ async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
         );
         manifests::apply_all(&hub, &job, "bench", false).await?;
     }
-    while metric(port, "edgeloom_operator_queue_depth").await < queued as f64 {
+    while edgeloom_bench::metric(port, "edgeloom_operator_queue_depth").await < queued as f64 {
         if t.elapsed() > Duration::from_secs(300) {
             bail!("the operator never queued {queued} jobs");
         }
@@ -583,9 +556,13 @@ async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
         if phase == "quiet" {
             renew_leases(lease_targets.clone(), far(), Some(all)).await;
         }
-        let cycles0 = metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await;
-        let snap0 = metric(port, "edgeloom_operator_snapshot_duration_seconds_sum").await;
-        let reused0 = metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total").await;
+        let cycles0 =
+            edgeloom_bench::metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await;
+        let snap0 =
+            edgeloom_bench::metric(port, "edgeloom_operator_snapshot_duration_seconds_sum").await;
+        let reused0 =
+            edgeloom_bench::metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total")
+                .await;
         let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
         let t = Instant::now();
         let stop = t + Duration::from_secs(seconds);
@@ -612,10 +589,15 @@ async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
         let secs = t.elapsed().as_secs_f64();
         let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
         let cycles =
-            metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await - cycles0;
-        let snap = metric(port, "edgeloom_operator_snapshot_duration_seconds_sum").await - snap0;
+            edgeloom_bench::metric(port, "edgeloom_operator_snapshot_duration_seconds_count").await
+                - cycles0;
+        let snap = edgeloom_bench::metric(port, "edgeloom_operator_snapshot_duration_seconds_sum")
+            .await
+            - snap0;
         let reused =
-            metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total").await - reused0;
+            edgeloom_bench::metric(port, "edgeloom_operator_unplaceable_verdicts_reused_total")
+                .await
+                - reused0;
         let mut p = probes.clone();
         rows.push(format!(
             "| {phase} | {secs:.0} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} | {:.0} | {} |",

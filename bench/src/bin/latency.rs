@@ -25,7 +25,6 @@ use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,17 +51,6 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         jobs: usize,
     },
-}
-
-fn bin(name: &str) -> Result<PathBuf> {
-    let b = std::env::current_exe()?.with_file_name(name);
-    if !b.is_file() {
-        bail!(
-            "{} not found: cargo build --release --workspace --bins",
-            b.display()
-        );
-    }
-    Ok(b)
 }
 
 /// When each task (by member/name) was first seen in `phases`, from a watch per member.
@@ -124,18 +112,6 @@ async fn wait_job(fed: &Federation, ns: &str, name: &str, phase: JobPhase) -> Re
     }
 }
 
-async fn metric(port: u16, name: &str) -> f64 {
-    edgeloom_e2e::scrape::get(port, "/metrics")
-        .await
-        .map(|(_, body)| {
-            body.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0)
-}
-
 fn row(what: &str, samples: &mut [f64]) -> String {
     format!(
         "| {what} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
@@ -151,12 +127,12 @@ async fn dispatch(jobs: usize, queued: u32) -> Result<()> {
     let fed = Federation::start_bare(&["edge-a", "edge-b"], 5).await?;
     fed.apply_pool("edge", 20, 1).await?;
     let _agents = fed.start_agents(
-        &bin("edgeloom-agent")?,
-        &bin("edgeloom-runner")?,
+        &edgeloom_bench::sibling("edgeloom-agent")?,
+        &edgeloom_bench::sibling("edgeloom-runner")?,
         "acct",
         &Default::default(),
     )?;
-    let op = fed.operator(&bin("edgeloom-operator")?, "op-1")?;
+    let op = fed.operator(&edgeloom_bench::sibling("edgeloom-operator")?, "op-1")?;
     let ns = fed.namespace("dispatch").await?;
     let seen = watch_tasks(
         &fed,
@@ -194,7 +170,9 @@ async fn dispatch(jobs: usize, queued: u32) -> Result<()> {
                 );
                 manifests::apply_all(&fed.hub, &job, &ns, false).await?;
             }
-            while metric(op.port, "edgeloom_operator_queue_depth").await < queued as f64 {
+            while edgeloom_bench::metric(op.port, "edgeloom_operator_queue_depth").await
+                < queued as f64
+            {
                 if t.elapsed() > Duration::from_secs(300) {
                     bail!("{queued} jobs not queued after 300s");
                 }
@@ -245,7 +223,7 @@ async fn dispatch(jobs: usize, queued: u32) -> Result<()> {
 async fn member_lag(jobs: usize) -> Result<()> {
     let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(1)).await?;
     fed.apply_pool("edge", 20, 1).await?;
-    let _op = fed.operator(&bin("edgeloom-operator")?, "op-1")?;
+    let _op = fed.operator(&edgeloom_bench::sibling("edgeloom-operator")?, "op-1")?;
     let ns = fed.namespace("lag").await?;
     let done = watch_tasks(&fed, &[TaskPhase::Succeeded])?;
     let mut rows = Vec::new();
