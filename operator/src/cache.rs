@@ -442,6 +442,22 @@ mod tests {
     use super::*;
     use futures::stream;
 
+    /// Feeds `events` of Leases into `cache`, as a member's watcher would.
+    async fn feed_leases(
+        cache: &Arc<Cache<Option<Timestamp>>>,
+        events: Vec<Result<watcher::Event<Lease>, watcher::Error>>,
+    ) {
+        feed(
+            stream::iter(events),
+            cache.clone(),
+            lease,
+            |_| {},
+            "m".into(),
+            "leases",
+        )
+        .await;
+    }
+
     #[tokio::test]
     async fn relists_replace_and_events_update() {
         let cache: Arc<Cache<Option<Timestamp>>> = Arc::default();
@@ -463,15 +479,7 @@ mod tests {
             Ok(watcher::Event::InitApply(mk("d"))),
             Ok(watcher::Event::InitDone),
         ];
-        feed(
-            stream::iter(events),
-            cache.clone(),
-            lease,
-            |_| {},
-            "m".into(),
-            "leases",
-        )
-        .await;
+        feed_leases(&cache, events).await;
         assert!(cache.ready());
         assert_eq!(cache.len(), 1);
         assert!(cache.get("d").is_some());
@@ -521,51 +529,19 @@ mod tests {
             Ok(watcher::Event::InitApply(mk("a", t1))),
             Ok(watcher::Event::InitDone),
         ];
-        feed(
-            stream::iter(events),
-            cache.clone(),
-            lease,
-            |_| {},
-            "m".into(),
-            "leases",
-        )
-        .await;
+        feed_leases(&cache, events).await;
         let listed = cache.generation();
         let same = vec![Ok(watcher::Event::Apply(mk("a", t1)))];
-        feed(
-            stream::iter(same),
-            cache.clone(),
-            lease,
-            |_| {},
-            "m".into(),
-            "leases",
-        )
-        .await;
+        feed_leases(&cache, same).await;
         assert_eq!(cache.generation(), listed, "a repeat is no change");
         let renewed = vec![Ok(watcher::Event::Apply(mk("a", t2)))];
-        feed(
-            stream::iter(renewed),
-            cache.clone(),
-            lease,
-            |_| {},
-            "m".into(),
-            "leases",
-        )
-        .await;
+        feed_leases(&cache, renewed).await;
         assert_eq!(cache.generation(), listed + 1);
         let gone = vec![
             Ok(watcher::Event::Delete(mk("a", t2))),
             Ok(watcher::Event::Delete(mk("a", t2))),
         ];
-        feed(
-            stream::iter(gone),
-            cache.clone(),
-            lease,
-            |_| {},
-            "m".into(),
-            "leases",
-        )
-        .await;
+        feed_leases(&cache, gone).await;
         assert_eq!(
             cache.generation(),
             listed + 2,

@@ -931,8 +931,7 @@ impl Scheduler {
                     u.gpus += f.gpus;
                 }
             }
-            // Fresh: renewed at or after `now - timeout` (one subtraction per member).
-            let cutoff = now - m.timeout();
+            let cutoff = m.heartbeat_cutoff(now);
             m.leases.read(|leases| {
                 for ((n, name), u) in base.nodes.iter().zip(&base.names).zip(usage.iter()) {
                     let mut n = n.clone();

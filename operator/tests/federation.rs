@@ -57,16 +57,6 @@ async fn tasks_in(fed: &Federation, member: &str, uid: &str) -> Vec<ComputeTask>
         .collect()
 }
 
-async fn events_of(fed: &Federation, ns: &str, name: &str) -> Vec<(String, String)> {
-    let api: Api<Event> = Api::namespaced(fed.hub.clone(), ns);
-    let list = api.list(&ListParams::default()).await.expect("events");
-    list.items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_job_spread_over_two_member_clusters_completes() {
     let _serial = SERIAL.lock().await;
@@ -105,7 +95,7 @@ async fn a_job_spread_over_two_member_clusters_completes() {
     let total =
         tasks_in(&fed, "edge-a", &uid).await.len() + tasks_in(&fed, "edge-b", &uid).await.len();
     assert_eq!(total, 4, "one task per shard");
-    let events = events_of(&fed, &ns, "spread").await;
+    let events = jobs::events_of(&fed, &ns, "spread").await;
     assert!(
         events.iter().filter(|(r, _)| r == "Placed").count() >= 1,
         "{events:?}"
@@ -263,7 +253,7 @@ async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
             .is_empty(),
         "a failed gang creates no task"
     );
-    let events = events_of(&fed, &ns, "gang").await;
+    let events = jobs::events_of(&fed, &ns, "gang").await;
     assert!(
         events.iter().any(|(r, _)| r == "Unschedulable"),
         "{events:?}"
@@ -310,7 +300,7 @@ async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
         [(2, Some(TaskPhase::Succeeded))],
         "the lost attempt was cancelled; one completion"
     );
-    let events = events_of(&fed, &ns, "hb").await;
+    let events = jobs::events_of(&fed, &ns, "hb").await;
     assert!(
         events.iter().any(|(r, m)| r == "Replaced"
             && m.contains("attempt 2")
@@ -893,7 +883,7 @@ async fn deleting_a_job_cleans_every_member_even_one_that_was_unreachable() {
         tasks_in(&fed, "edge-b", &uid).await.is_empty(),
         "edge-b cleaned after it came back"
     );
-    let events = events_of(&fed, &ns, "del").await;
+    let events = jobs::events_of(&fed, &ns, "del").await;
     assert!(
         events.iter().any(|(r, _)| r == "CleanupPending"),
         "{events:?}"
@@ -1177,7 +1167,7 @@ async fn replicas_stay_in_one_determinism_class_so_no_honest_node_is_outvoted() 
     let used: std::collections::BTreeSet<&str> =
         shards.iter().map(|s| s.cluster.as_str()).collect();
     assert_eq!(used.len(), 2, "both classes did work: {shards:?}");
-    let outvoted = events_of(&fed, &ns, "classes")
+    let outvoted = jobs::events_of(&fed, &ns, "classes")
         .await
         .into_iter()
         .filter(|(reason, _)| reason == "ResultOutvoted")
