@@ -10,6 +10,11 @@ cache="${EDGELOOM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeloom}"
 venv="$cache/torch-$TORCH_VERSION"
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "install-torch: python3 is required" >&2; exit 1; }
+# One install at a time: a second run (the demo and the tests started together) waits for
+# the first instead of removing the venv under it.
+mkdir -p "$cache"
+exec 9>"$cache/.torch-$TORCH_VERSION.lock"
+flock -n 9 || { echo "install-torch: another install is running; waiting for it..." >&2; flock 9; }
 
 if [ ! -f "$venv/.installed" ]; then
   echo "install-torch: installing torch==$TORCH_VERSION from PyPI into $venv (about 2.7 GB, once per machine)..." >&2

@@ -209,6 +209,7 @@ pub fn simulate(
                         BTreeSet::new()
                     },
                     budget: None,
+                    progress_timeout: jiff::SignedDuration::from_secs(600),
                 },
                 &tasks,
                 now,

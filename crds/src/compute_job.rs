@@ -50,6 +50,18 @@ pub struct ComputeJobSpec {
     #[serde(default = "default_max_retries")]
     #[schemars(range(max = 100))]
     pub max_retries: u32,
+    /// How many times one shard replica may be placed again after its node was lost, its
+    /// task vanished or was cancelled (failures count against `maxRetries` instead). A
+    /// slot is never placed more than 1 + maxRetries + maxReplacements times; past that
+    /// the job fails with reason AttemptsExhausted.
+    #[serde(default = "default_max_replacements")]
+    #[schemars(range(max = 100))]
+    pub max_replacements: u32,
+    /// Seconds a task may go without progress before it is failed on its node and
+    /// re-placed; default the pool's `progressTimeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub progress_timeout_seconds: Option<u32>,
     /// Seconds from the job's start after which unfinished shards fail the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31_536_000))]
@@ -67,6 +79,9 @@ fn default_shards() -> u32 {
 }
 fn default_max_retries() -> u32 {
     3
+}
+fn default_max_replacements() -> u32 {
+    10
 }
 
 /// How shards are spread over the pool.
@@ -201,6 +216,34 @@ pub struct ComputeJobStatus {
     /// When the job reached Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// Attempts the scheduler issued that `shards` may not show yet, by "shard/replica".
+    /// The scheduler writes an attempt here (conditional on the job's resourceVersion)
+    /// before it creates the task, so no attempt number is ever issued twice, across
+    /// partitions, operator restarts and leader handovers; entries `shards` has caught up
+    /// with are removed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub issued: BTreeMap<String, IssuedAttempt>,
+}
+
+/// One attempt the scheduler issued: the fencing token and where its task goes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedAttempt {
+    /// The attempt number.
+    pub attempt: u32,
+    /// EdgePool of the member cluster.
+    pub pool: String,
+    /// Member cluster.
+    pub cluster: String,
+    /// Node.
+    pub node: String,
+    /// When it was issued, by the operator's clock.
+    pub at: Time,
+}
+
+/// The key of a slot in [`ComputeJobStatus::issued`].
+pub fn slot_key(shard: u32, replica: u32) -> String {
+    format!("{shard}/{replica}")
 }
 
 /// Phase of one shard attempt (mirrors the ComputeTask).
@@ -254,6 +297,10 @@ pub struct ShardStatus {
     /// clock. Paid usage is at most (reportedAt - dispatchedAt) x the resources requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_at: Option<Time>,
+    /// When the operator last saw this attempt advance (claimed, its progress rose or its
+    /// phase changed), by its own clock: the start of its progress timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progressed_at: Option<Time>,
     /// sha256 of the canonical result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_digest: Option<String>,

@@ -70,6 +70,13 @@ pub struct ComputeTaskSpec {
     /// Limits the agent enforces.
     #[serde(default)]
     pub limits: TaskLimits,
+    /// Where the agent may download the model from: the pool's policy, copied by the
+    /// operator (the job's owner cannot widen it).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::edge_pool::ModelDownloads::is_default"
+    )]
+    pub model_downloads: crate::edge_pool::ModelDownloads,
     /// Set on tasks of verified jobs: the agent first reports only a commitment to its
     /// result bound to this nonce (phase Committed), and reveals the result when the
     /// operator asks (see `commitment`).
@@ -113,9 +120,12 @@ pub struct TaskLimits {
     pub gpus: u32,
 }
 
-/// Observed state of a task, written by the node's agent.
+/// Observed state of a task, written by the node's agent (and by the operator when it
+/// fails a task that stopped making progress). A finished phase is final: no writer can
+/// turn a failed or cancelled task into a succeeded one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.phase) || !(oldSelf.phase in ['Succeeded', 'Failed', 'Cancelled']) || (has(self.phase) && self.phase == oldSelf.phase)").message("a finished task's phase is final").field_path(".phase"))]
 pub struct ComputeTaskStatus {
     /// Pending, Running, Committed, Succeeded, Failed or Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -38,6 +38,12 @@ pub struct EdgePoolSpec {
     #[serde(default = "default_heartbeat_timeout")]
     #[schemars(range(min = 5, max = 3600))]
     pub heartbeat_timeout_seconds: u32,
+    /// A task whose progress has not risen for this long (not claimed, or claimed and
+    /// silent: a hung runner or a stalling node) is failed on its node and re-placed, as a
+    /// failure of that node. A job may set its own (`progressTimeoutSeconds`).
+    #[serde(default = "default_progress_timeout")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub progress_timeout_seconds: u32,
     /// Tasks one node runs at once.
     #[serde(default = "default_max_tasks_per_node")]
     #[schemars(range(min = 1, max = 64))]
@@ -47,10 +53,43 @@ pub struct EdgePoolSpec {
     /// How results are verified.
     #[serde(default)]
     pub verification: VerificationPolicy,
+    /// Where agents may download jobs' models from (URL models).
+    #[serde(default, skip_serializing_if = "ModelDownloads::is_default")]
+    pub model_downloads: ModelDownloads,
+}
+
+/// Where agents may download a job's model from: a job owner must not be able to make a
+/// contributor's machine fetch from its local network (docs/ARCHITECTURE.md, "Who may
+/// write what"). By default only HTTPS to public addresses; redirects only to the same
+/// host; a model's sha256 is always required.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDownloads {
+    /// Allow plain http:// model URLs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
+    /// Networks (CIDR) agents may download from even though they are private, loopback
+    /// or link-local (e.g. a model server inside the edge cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("each entry must be a CIDR such as 10.0.0.0/8"))]
+    pub allowed_networks: Vec<String>,
+}
+
+impl ModelDownloads {
+    /// Nothing beyond the defaults is allowed.
+    pub fn is_default(&self) -> bool {
+        self == &ModelDownloads::default()
+    }
 }
 
 fn default_heartbeat_timeout() -> u32 {
     40
+}
+/// Ten minutes without progress: a runner reports progress at least every epoch or
+/// batch of rows, far more often than that.
+pub fn default_progress_timeout() -> u32 {
+    600
 }
 fn default_max_tasks_per_node() -> u32 {
     1
@@ -189,7 +228,7 @@ fn default_escrow_seconds() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgePoolStatus {
-    /// Standard conditions: Ready, ClustersReachable.
+    /// Conditions: Ready, ClustersReachable, ClustersSynced, LedgerVerified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation this status describes.
@@ -220,6 +259,10 @@ pub struct ClusterStatus {
     /// Why it is unreachable, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why it answers but cannot be watched (e.g. the CRDs or the operator's RBAC are
+    /// missing there), if so: no work is placed there meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_problem: Option<String>,
     /// Nodes that count.
     #[serde(default)]
     pub nodes: u32,

@@ -42,6 +42,7 @@ pub struct Workload {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.builtin) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1").message("exactly one of builtin, configMap or url must be set"))]
+#[x_kube(validation = Rule::new("!has(self.url) || has(self.sha256)").message("a model fetched from a URL needs its sha256: agents run only bytes they can check").field_path(".sha256"))]
 pub struct ModelSource {
     /// A model built into edgeloom-runner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,7 +55,7 @@ pub struct ModelSource {
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an absolute http:// or https:// URL"))]
     #[schemars(length(max = 2048))]
     pub url: Option<String>,
-    /// Optional sha256 (hex) the downloaded model must match.
+    /// sha256 (hex) the model must match; required with `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,

@@ -59,6 +59,10 @@ impl SimNode {
 struct Control {
     dead: HashSet<String>,
     failing: HashSet<String>,
+    /// Nodes that claim their tasks and then never progress nor finish (a hung runner).
+    hung: HashSet<String>,
+    /// Seconds each node's clock runs ahead (its Lease renew times).
+    skew: BTreeMap<String, i64>,
     /// Nodes that report wrong results once they have reported this many good ones.
     cheat_after: BTreeMap<String, u32>,
     /// Results reported per node.
@@ -153,6 +157,29 @@ impl SimAgents {
         }
     }
 
+    /// Makes a node claim its tasks and then never progress or finish them, while its
+    /// heartbeat goes on.
+    pub fn hang(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.hung.insert(node.to_string());
+        }
+    }
+
+    /// Undoes [`SimAgents::hang`]: the node finishes its tasks again.
+    pub fn resume(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.hung.remove(node);
+        }
+    }
+
+    /// Makes a node's clock run `seconds` ahead: the renew times it writes are that far in
+    /// the future.
+    pub fn skew_clock(&self, node: &str, seconds: i64) {
+        if let Ok(mut c) = self.control.lock() {
+            c.skew.insert(node.to_string(), seconds);
+        }
+    }
+
     /// Makes a node fail every task it runs.
     pub fn fail(&self, node: &str) {
         if let Ok(mut c) = self.control.lock() {
@@ -174,12 +201,19 @@ async fn run(
     // The digest each task committed to, revealed when asked.
     let mut committed: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let (dead, failing) = match control.lock() {
-            Ok(c) => (c.dead.clone(), c.failing.clone()),
+        let (dead, failing, hung, skew) = match control.lock() {
+            Ok(c) => (
+                c.dead.clone(),
+                c.failing.clone(),
+                c.hung.clone(),
+                c.skew.clone(),
+            ),
             Err(_) => return,
         };
         let now = Timestamp::now();
         for n in nodes.iter().filter(|n| !dead.contains(&n.name)) {
+            let clock =
+                now + jiff::SignedDuration::from_secs(skew.get(&n.name).copied().unwrap_or(0));
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(n.name.clone()),
@@ -191,7 +225,7 @@ async fn run(
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(n.name.clone()),
-                    renew_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(clock)),
                     lease_duration_seconds: Some(10),
                     ..Default::default()
                 }),
@@ -230,6 +264,7 @@ async fn run(
                             ..Default::default()
                         })
                     }
+                    Some(TaskPhase::Running) if hung.contains(&node) => None,
                     Some(TaskPhase::Running) => {
                         let since = *started
                             .entry(name.clone())

@@ -616,6 +616,31 @@ async fn the_chart_installs_on_a_hub_and_an_edge_cluster_and_enforces_node_ident
         .patch("from-hub", &PatchParams::default(), &reveal_patch())
         .await
         .expect("the hub identity asks a task for its reveal");
+    // It fails a task that made no progress; nobody turns a finished task back.
+    let failed = serde_json::json!({
+        "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask",
+        "status": {"phase": "Failed", "message": "no progress for 600s"},
+    });
+    Api::<ComputeTask>::namespaced(hub_identity.clone(), NS)
+        .patch_status(
+            "from-hub",
+            &PatchParams::apply("edgeloom-operator").force(),
+            &Patch::Apply(&failed),
+        )
+        .await
+        .expect("the hub identity fails a stalled task");
+    let (code, msg) = denied(
+        Api::<ComputeTask>::namespaced(edge_client.clone(), NS)
+            .patch_status(
+                "from-hub",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await,
+        "turning a failed task into a succeeded one",
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert!(msg.contains("a finished task's phase is final"), "{msg}");
     let (code, _) = denied(
         Api::<Node>::all(hub_identity.clone())
             .patch("edge-a-node-0", &PatchParams::default(), &label_patch("x"))

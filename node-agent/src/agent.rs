@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::execution::{self, Execution, Limits, Outcome};
 use crate::metrics::Metrics;
 use crate::model_source;
+use crate::outbox;
 use crate::probe::{self, Gpus};
 use crate::sealed::{self, Sealed};
 use edgeloom_crds::TaskPhase;
@@ -110,6 +111,9 @@ pub struct Agent {
     /// Tasks this agent has revealed: the task watch may still show them Committed for a
     /// moment, and their sealed result is gone by then (not lost).
     revealed: Mutex<std::collections::HashSet<String>>,
+    /// Tasks whose phase the operator finished while they ran (e.g. failed for making no
+    /// progress): their runner is stopped and nothing is reported over that verdict.
+    stopped: Mutex<std::collections::HashSet<String>>,
     stopping: AtomicBool,
     wake: Notify,
 }
@@ -127,6 +131,7 @@ impl Agent {
             checkpoints: tokio::sync::Mutex::new(None),
             reveal_key: tokio::sync::Mutex::new(None),
             revealed: Mutex::new(std::collections::HashSet::new()),
+            stopped: Mutex::new(std::collections::HashSet::new()),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -315,6 +320,7 @@ impl Agent {
             if t.spec.node_name == self.config.node
                 && status.phase == Some(TaskPhase::Running)
                 && !self.is_running(&t.name_any())
+                && !outbox::holds(&self.outbox_dir(), &t.name_any())
             {
                 let mut s = status;
                 s.phase = Some(TaskPhase::Failed);
@@ -380,6 +386,9 @@ impl Agent {
                 if let Ok(mut r) = agent.running.lock() {
                     r.remove(&name);
                 }
+                if let Ok(mut s) = agent.stopped.lock() {
+                    s.remove(&name);
+                }
                 agent.metrics.running.set(agent.running_count() as i64);
                 agent.wake.notify_one();
             });
@@ -409,8 +418,7 @@ impl Agent {
                 None => {
                     return self
                         .finish(
-                            &name,
-                            spec.nonce.as_deref(),
+                            &task,
                             status,
                             Execution {
                                 outcome: Outcome::Failed(format!(
@@ -430,6 +438,7 @@ impl Agent {
             Some(source) => match model_source::fetch(
                 &self.client,
                 source,
+                &spec.model_downloads,
                 &self.config.work_dir.join("models"),
             )
             .await
@@ -438,8 +447,7 @@ impl Agent {
                 Err(e) => {
                     return self
                         .finish(
-                            &name,
-                            spec.nonce.as_deref(),
+                            &task,
                             status,
                             Execution {
                                 outcome: Outcome::Failed(e.to_string()),
@@ -529,7 +537,10 @@ impl Agent {
             cancel,
         )
         .await;
+        // Wait for the progress reporter to be gone, so that no progress patch of its can
+        // land after the final status.
         reporter.abort();
+        let _ = reporter.await;
         if run.gpu {
             let after: u64 = self.gpus.read().iter().filter_map(|g| g.energy_mj).sum();
             run.usage.energy_millijoules = Some(after.saturating_sub(energy_before));
@@ -537,20 +548,17 @@ impl Agent {
         if let Some((p, _)) = latest.lock().ok().and_then(|l| l.clone()) {
             status.progress = p;
         }
-        self.finish(&name, spec.nonce.as_deref(), status, run).await;
+        self.finish(&task, status, run).await;
     }
 
     fn sealed_dir(&self) -> std::path::PathBuf {
         self.config.work_dir.join("sealed")
     }
 
-    async fn finish(
-        &self,
-        name: &str,
-        nonce: Option<&str>,
-        mut status: ComputeTaskStatus,
-        run: Execution,
-    ) {
+    async fn finish(&self, task: &ComputeTask, mut status: ComputeTaskStatus, run: Execution) {
+        let name = task.name_any();
+        let name = name.as_str();
+        let nonce = task.spec.nonce.as_deref();
         status.finished_at = Some(Time(Timestamp::now()));
         status.usage = Some(run.usage.clone());
         if self.config.inflate_usage
@@ -632,14 +640,72 @@ impl Agent {
         self.metrics
             .task_seconds
             .observe(run.usage.wall_millis as f64 / 1000.0);
-        match self.set_status(name, &status).await {
+        if self.stopped.lock().is_ok_and(|mut s| s.remove(name)) {
+            tracing::warn!(task = %name, "the operator finished this task while it ran; its verdict stands");
+            return;
+        }
+        tracing::info!(task = %name, outcome, message = ?status.message, "task finished");
+        // Kept on disk before it is sent: a result is never lost to an API server that
+        // does not answer, nor to an agent restart.
+        let pending = outbox::Pending {
+            task: name.to_string(),
+            uid: task.metadata.uid.clone().unwrap_or_default(),
+            status,
+        };
+        if let Err(e) = outbox::save(&self.outbox_dir(), &pending) {
+            tracing::warn!(task = %name, error = %e, "keeping the result on disk failed");
+        }
+        self.report(&pending, true).await;
+    }
+
+    fn outbox_dir(&self) -> std::path::PathBuf {
+        self.config.work_dir.join("outbox")
+    }
+
+    /// Sends a final status kept in the outbox; forgets it once the API server took it,
+    /// refused it for good (a task someone else finished: its phase is final) or the task
+    /// is gone. Returns whether it is settled.
+    async fn report(&self, p: &outbox::Pending, first: bool) -> bool {
+        let settled = match self.set_status(&p.task, &p.status).await {
             Ok(()) => {
-                tracing::info!(task = %name, outcome, message = ?status.message, "task finished")
+                if !first {
+                    tracing::info!(task = %p.task, "reported a result kept while the API server did not answer");
+                }
+                true
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                tracing::info!(task = %name, outcome, "task finished after its ComputeTask was deleted")
+                tracing::info!(task = %p.task, "task finished after its ComputeTask was deleted");
+                true
             }
-            Err(e) => tracing::warn!(task = %name, error = %e, "reporting the result failed"),
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+                tracing::warn!(task = %p.task, error = %s.message, "the result was refused");
+                true
+            }
+            Err(e) => {
+                if first {
+                    tracing::warn!(task = %p.task, error = %e, "reporting the result failed; it is kept to report when the API server answers");
+                }
+                false
+            }
+        };
+        if settled {
+            outbox::remove(&self.outbox_dir(), &p.task);
+        }
+        settled
+    }
+
+    /// Sends the results kept in the outbox (after an outage, or from before a restart).
+    async fn flush_outbox(&self, store: &Store<ComputeTask>) {
+        for p in outbox::all(&self.outbox_dir()) {
+            // Another object of the same name is not the task this result is for.
+            let other = store.state().into_iter().any(|t| {
+                t.name_any() == p.task && t.metadata.uid.as_deref().is_some_and(|u| u != p.uid)
+            });
+            if other {
+                outbox::remove(&self.outbox_dir(), &p.task);
+                continue;
+            }
+            self.report(&p, false).await;
         }
     }
 
@@ -875,6 +941,26 @@ impl Agent {
                             r.remove(&t.name_any());
                         }
                     }
+                    Ok(watcher::Event::Apply(t)) => {
+                        // Finished by someone else (the operator fails a task that made no
+                        // progress): stop its runner, and report nothing over it.
+                        let status = t.status.as_ref();
+                        let finished = matches!(
+                            status.and_then(|s| s.phase),
+                            Some(TaskPhase::Failed | TaskPhase::Cancelled | TaskPhase::Succeeded)
+                        );
+                        let name = t.name_any();
+                        if finished
+                            && me.is_running(&name)
+                            && me.stopped.lock().is_ok_and(|mut s| s.insert(name.clone()))
+                        {
+                            let why = status
+                                .and_then(|s| s.message.clone())
+                                .unwrap_or_else(|| "finished by the operator".into());
+                            me.cancel(&name, &format!("stopped by the operator: {why}"));
+                        }
+                        me.wake.notify_one();
+                    }
                     Ok(_) => me.wake.notify_one(),
                     Err(e) => tracing::debug!(error = %e, "task watch error"),
                 }
@@ -882,11 +968,14 @@ impl Agent {
             drop(watch_store);
         });
         let _ = store.wait_until_ready().await;
+        // Results finished before a restart are reported, not failed as orphans.
+        self.flush_outbox(&store).await;
         self.fail_orphans(&store).await;
         let me = self.clone();
         let loop_store = store.clone();
         let claiming = tokio::spawn(async move {
             loop {
+                me.flush_outbox(&loop_store).await;
                 me.reveal(&loop_store).await;
                 me.claim(&loop_store).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), me.wake.notified()).await;

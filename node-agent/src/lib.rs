@@ -8,5 +8,6 @@ pub mod execution;
 pub mod http;
 pub mod metrics;
 pub mod model_source;
+pub mod outbox;
 pub mod probe;
 pub mod sealed;

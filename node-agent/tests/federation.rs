@@ -217,6 +217,9 @@ async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_servi
 }
 
 /// Serves `body` at `/digits.pt` on 127.0.0.1 until the test ends; returns the port.
+/// `/elsewhere.pt` redirects to another host name (`localhost`), `/same.pt` to
+/// `/digits.pt` on the same host, and `/broken.pt` answers 500 with a body that must never
+/// reach a job's status.
 async fn serve_model(body: Vec<u8>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -229,24 +232,72 @@ async fn serve_model(body: Vec<u8>) -> u16 {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
-                let found = String::from_utf8_lossy(&buf[..n]).starts_with("GET /digits.pt ");
-                let head = if found {
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_string()
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = request.split(' ').nth(1).unwrap_or_default().to_string();
+                let (head, payload): (String, Vec<u8>) = match path.as_str() {
+                    "/digits.pt" => (
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        ),
+                        body,
+                    ),
+                    "/same.pt" => (
+                        "HTTP/1.1 302 Found\r\nLocation: /digits.pt\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                        vec![],
+                    ),
+                    "/elsewhere.pt" => (
+                        format!("HTTP/1.1 302 Found\r\nLocation: http://localhost:{port}/digits.pt\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                        vec![],
+                    ),
+                    "/broken.pt" => {
+                        let secret = b"internal-secret-token".to_vec();
+                        (
+                            format!(
+                                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                secret.len()
+                            ),
+                            secret,
+                        )
+                    }
+                    _ => (
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .into(),
+                        vec![],
+                    ),
                 };
                 let _ = sock.write_all(head.as_bytes()).await;
-                if found {
-                    let _ = sock.write_all(&body).await;
-                }
+                let _ = sock.write_all(&payload).await;
             });
         }
     });
     port
+}
+
+/// Sets the pool's model download policy.
+async fn model_downloads(fed: &Federation, policy: serde_json::Value) {
+    Api::<edgeloom_crds::EdgePool>::all(fed.hub.clone())
+        .patch(
+            "edge",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"modelDownloads": policy}})),
+        )
+        .await
+        .expect("pool patched");
+}
+
+/// The Failed condition's message of job `ns/name` once it failed.
+async fn failure_of(fed: &Federation, ns: &str, name: &str) -> String {
+    let failed = jobs::wait_phase(fed, ns, name, JobPhase::Failed, Duration::from_secs(120)).await;
+    jobs::assert_truthful(fed, &failed).await;
+    failed
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed")
+        .message
 }
 
 #[tokio::test]
@@ -270,8 +321,47 @@ async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents()
             "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: {name}\nspec:\n  workload:\n    kind: Inference\n    model:\n{model}    dataset:\n      builtin: Digits\n  shards: 2\n  maxRetries: 0\n  resources:\n    memory: 2Gi\n"
         )
     };
-    let url = format!("      url: http://127.0.0.1:{port}/digits.pt\n      sha256: \"{sha}\"\n");
-    manifests::apply_all(&fed.hub, &job("by-url", &url), &ns, false)
+    let url = |path: &str| {
+        format!("      url: http://127.0.0.1:{port}/{path}\n      sha256: \"{sha}\"\n")
+    };
+    // The pool's default: https to public addresses only.
+    manifests::apply_all(&fed.hub, &job("plain-http", &url("digits.pt")), &ns, false)
+        .await
+        .expect("job");
+    let msg = failure_of(&fed, &ns, "plain-http").await;
+    assert!(
+        msg.contains("plain http is not allowed by the pool"),
+        "{msg}"
+    );
+    // http allowed, but the host is this machine's loopback: a job owner may not make a
+    // contributor's machine fetch from its own network.
+    model_downloads(&fed, serde_json::json!({"allowHttp": true})).await;
+    manifests::apply_all(&fed.hub, &job("loopback", &url("digits.pt")), &ns, false)
+        .await
+        .expect("job");
+    let msg = failure_of(&fed, &ns, "loopback").await;
+    assert!(
+        msg.contains("resolves to a private, loopback or link-local address"),
+        "{msg}"
+    );
+    // The pool lists the network: allowed; a redirect leaves for another host: refused; a
+    // server error is reported by its status, never by what the server said.
+    model_downloads(
+        &fed,
+        serde_json::json!({"allowHttp": true, "allowedNetworks": ["127.0.0.0/8", "::1/128"]}),
+    )
+    .await;
+    for (name, path) in [("elsewhere", "elsewhere.pt"), ("broken", "broken.pt")] {
+        manifests::apply_all(&fed.hub, &job(name, &url(path)), &ns, false)
+            .await
+            .expect("job");
+    }
+    let msg = failure_of(&fed, &ns, "elsewhere").await;
+    assert!(msg.contains("redirected to another host"), "{msg}");
+    let msg = failure_of(&fed, &ns, "broken").await;
+    assert!(msg.contains("HTTP 500"), "{msg}");
+    assert!(!msg.contains("internal-secret-token"), "{msg}");
+    manifests::apply_all(&fed.hub, &job("by-url", &url("same.pt")), &ns, false)
         .await
         .expect("job");
     let wrong = format!(
@@ -1306,4 +1396,80 @@ fn the_charts_agent_configuration_is_one_the_agent_accepts() {
         Some("/data/clinic.csv".into())
     );
     assert_eq!(config.runner, Path::new("/usr/local/bin/edgeloom-runner"));
+}
+
+#[tokio::test]
+async fn a_result_finished_while_its_api_server_was_down_is_reported_after_an_agent_restart_and_paid_once()
+ {
+    let _serial = SERIAL.lock().await;
+    // A heartbeat timeout longer than the outage: the attempt stays current throughout.
+    let (mut fed, mut agents) = federation(120).await;
+    let _op = fed
+        .operator(&bin("edgeloom-operator"), "op-1")
+        .expect("operator");
+    let ns = fed.namespace("outage").await.expect("ns");
+    manifests::apply_all(&fed.hub, LONG_JOB, &ns, false)
+        .await
+        .expect("job");
+    let first = jobs::first_running_shard(&fed, &ns, "long", Duration::from_secs(120)).await;
+    // The member's API server goes away while the task runs.
+    fed.plane.kill_apiserver(&first.cluster).expect("kill");
+    let i = agents
+        .iter()
+        .position(|a| a.node == first.node)
+        .expect("the agent running it");
+    wait::until_true(
+        "the agent finished the task and kept its result",
+        Duration::from_secs(120),
+        || {
+            let tail = agents[i].process.log_tail(50);
+            std::future::ready(tail.contains("it is kept to report when the API server answers"))
+        },
+    )
+    .await;
+    // The agent dies too, with the result only on its disk; then both come back.
+    agents[i].process.kill();
+    fed.plane
+        .restart_apiserver(&first.cluster)
+        .await
+        .expect("restart");
+    let spec = AgentSpec {
+        member: first.cluster.clone(),
+        node: first.node.clone(),
+        account: format!("acct-{}", first.node),
+        datasets: BTreeMap::new(),
+        cheat: false,
+        copy_peers: false,
+        inflate_usage: false,
+    };
+    agents[i] = fed
+        .agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
+        .expect("agent restarted");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "long",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!(
+        (shard.attempt, shard.node.as_str()),
+        (1, first.node.as_str()),
+        "the result of the attempt that ran through the outage counts"
+    );
+    assert!(
+        agents[i]
+            .process
+            .log_tail(200)
+            .contains("reported a result kept while the API server did not answer"),
+        "{}",
+        agents[i].process.log_tail(40)
+    );
+    let uid = done.metadata.uid.clone().expect("uid");
+    let paid = receipts(&fed, &uid, 1).await;
+    assert_eq!(paid.len(), 1, "paid exactly once: {paid:?}");
+    assert_eq!((paid[0].2, paid[0].3.as_str()), (1, first.node.as_str()));
 }

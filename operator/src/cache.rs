@@ -203,12 +203,20 @@ impl<V> Cache<V> {
 impl<V: PartialEq> Cache<V> {
     /// Sets `name` to `value` unless it already is (as a watch event does).
     pub fn upsert(&self, name: &str, value: V) {
+        self.upsert_then(name, value, |_| {});
+    }
+
+    /// [`Cache::upsert`], then calls `after` with the value, once the cache holds it (so
+    /// that whoever `after` wakes reads the new value).
+    fn upsert_then(&self, name: &str, value: V, after: impl FnOnce(&V)) {
+        let value = Arc::new(value);
         if let Ok(mut inner) = self.inner.write()
-            && inner.map.get(name).is_none_or(|old| **old != value)
+            && inner.map.get(name).is_none_or(|old| **old != *value)
         {
             self.changed(inner.map.get(name).map(|o| &**o), &value);
-            inner.insert(self.index, name.into(), Arc::new(value));
+            inner.insert(self.index, name.into(), value.clone());
         }
+        after(&value);
     }
 
     /// Removes `name` (as a watch event does).
@@ -236,12 +244,15 @@ impl<V: PartialEq> Cache<V> {
 }
 
 /// Applies a watcher's events to `cache` through `project` (name and value, or `None` to
-/// skip an object), calling `touched` with each applied or deleted object's value.
+/// skip an object), calling `touched` with each applied or deleted object's value, and
+/// `watching` with each event's outcome: `None` when it arrived, the error when the watch
+/// failed (a missing CRD, missing RBAC: a member that answers but cannot be watched).
 pub async fn feed<K, V: PartialEq, S>(
     stream: S,
     cache: Arc<Cache<V>>,
     project: impl Fn(&K) -> Option<(String, V)>,
     touched: impl Fn(&V),
+    watching: impl Fn(Option<String>),
     member: String,
     what: &'static str,
 ) where
@@ -250,29 +261,39 @@ pub async fn feed<K, V: PartialEq, S>(
     futures::pin_mut!(stream);
     let mut buffer: Option<HashMap<Box<str>, Arc<V>>> = None;
     while let Some(event) = stream.next().await {
+        // `Init` comes before the list that may fail; anything else proves a list or watch.
+        match &event {
+            Err(e) => watching(Some(e.to_string())),
+            Ok(watcher::Event::Init) => {}
+            Ok(_) => watching(None),
+        }
         match event {
             Ok(watcher::Event::Init) => buffer = Some(HashMap::new()),
             Ok(watcher::Event::InitApply(obj)) => {
                 if let (Some(buf), Some((name, v))) = (buffer.as_mut(), project(&obj)) {
-                    touched(&v);
                     buf.insert(name.into_boxed_str(), Arc::new(v));
                 }
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some(buf) = buffer.take() {
+                    let listed: Vec<Arc<V>> = buf.values().cloned().collect();
                     cache.replace_all(buf);
+                    for v in &listed {
+                        touched(v);
+                    }
                 }
             }
+            // The cache changes before `touched` wakes anyone, so a reconcile it triggers
+            // never reads the state from before the event.
             Ok(watcher::Event::Apply(obj)) => {
                 if let Some((name, v)) = project(&obj) {
-                    touched(&v);
-                    cache.upsert(&name, v);
+                    cache.upsert_then(&name, v, &touched);
                 }
             }
             Ok(watcher::Event::Delete(obj)) => {
                 if let Some((name, v)) = project(&obj) {
-                    touched(&v);
                     cache.remove(&name);
+                    touched(&v);
                 }
             }
             Err(e) => tracing::debug!(%member, what, error = %e, "watch error"),
@@ -321,13 +342,58 @@ pub fn node(meta: &PartialObjectMeta<Node>) -> Option<(String, NodeEntry)> {
     ))
 }
 
-/// Projects a heartbeat Lease to its last renewal.
-pub fn lease(l: &Lease) -> Option<(String, Option<Timestamp>)> {
-    let spec = l.spec.as_ref();
-    let renewed = spec
-        .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
-        .map(|t| t.0);
-    Some((l.metadata.name.clone()?, renewed))
+/// A node's heartbeat as the operator judges it (docs/ARCHITECTURE.md, "Failure model").
+/// The Lease's renew time is the agent's claim, by the agent's clock; what counts is when
+/// the operator saw it move, by its own clock. A node whose clock runs ahead cannot stay
+/// ready by writing a time in the future once, and a node that stops renewing is lost one
+/// timeout after the operator last saw a renewal, whatever time it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Heartbeat {
+    /// The renew (or acquire) time the agent wrote.
+    pub claimed: Option<Timestamp>,
+    /// When the operator saw that value appear. On first sight of a Lease (a restart or a
+    /// relist of one it did not know) it is the claim, but never later than now.
+    pub seen: Option<Timestamp>,
+}
+
+impl Heartbeat {
+    /// A renewal claimed and seen at `t` (tests and benchmarks).
+    pub fn at(t: Timestamp) -> Heartbeat {
+        Heartbeat {
+            claimed: Some(t),
+            seen: Some(t),
+        }
+    }
+
+    /// The heartbeat after a Lease claiming `claimed` is seen at `now`, given what was
+    /// cached for it before.
+    pub fn observe(
+        previous: Option<&Heartbeat>,
+        claimed: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Heartbeat {
+        let seen = match previous {
+            Some(p) if p.claimed == claimed => p.seen,
+            Some(_) => claimed.map(|_| now),
+            None => claimed.map(|c| c.min(now)),
+        };
+        Heartbeat { claimed, seen }
+    }
+}
+
+/// Projects heartbeat Leases for `cache` (which it reads, to keep when each renewal was
+/// first seen).
+pub fn lease(cache: Arc<Cache<Heartbeat>>) -> impl Fn(&Lease) -> Option<(String, Heartbeat)> {
+    move |l: &Lease| {
+        let spec = l.spec.as_ref();
+        let claimed = spec
+            .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+            .map(|t| t.0);
+        let name = l.metadata.name.clone()?;
+        let previous = cache.get(&name);
+        let beat = Heartbeat::observe(previous.as_deref(), claimed, Timestamp::now());
+        Some((name, beat))
+    }
 }
 
 /// What the operator knows of a ComputeTask.
@@ -341,6 +407,8 @@ pub struct TaskEntry {
     pub job_name: Box<str>,
     /// Job UID.
     pub job_uid: Box<str>,
+    /// The EdgePool it was placed through.
+    pub pool: Box<str>,
     /// Shard index.
     pub shard: u32,
     /// Replica index.
@@ -411,6 +479,7 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
             job_namespace: spec.job.namespace.clone().into_boxed_str(),
             job_name: spec.job.name.clone().into_boxed_str(),
             job_uid: spec.job.uid.clone().into_boxed_str(),
+            pool: spec.pool.clone().into_boxed_str(),
             shard: spec.shard,
             replica: spec.replica,
             attempt: spec.attempt,
@@ -444,13 +513,14 @@ mod tests {
 
     /// Feeds `events` of Leases into `cache`, as a member's watcher would.
     async fn feed_leases(
-        cache: &Arc<Cache<Option<Timestamp>>>,
+        cache: &Arc<Cache<Heartbeat>>,
         events: Vec<Result<watcher::Event<Lease>, watcher::Error>>,
     ) {
         feed(
             stream::iter(events),
             cache.clone(),
-            lease,
+            lease(cache.clone()),
+            |_| {},
             |_| {},
             "m".into(),
             "leases",
@@ -460,7 +530,7 @@ mod tests {
 
     #[tokio::test]
     async fn relists_replace_and_events_update() {
-        let cache: Arc<Cache<Option<Timestamp>>> = Arc::default();
+        let cache: Arc<Cache<Heartbeat>> = Arc::default();
         let mk = |name: &str| {
             serde_json::from_value::<Lease>(
                 serde_json::json!({"metadata": {"name": name}, "spec": {}}),
@@ -515,7 +585,7 @@ mod tests {
     /// nothing for a watch event that repeats it (a resync, or an unprojected field).
     #[tokio::test]
     async fn the_generation_moves_only_when_an_entry_changes() {
-        let cache: Arc<Cache<Option<Timestamp>>> = Arc::default();
+        let cache: Arc<Cache<Heartbeat>> = Arc::default();
         let mk = |name: &str, t: Option<&str>| {
             serde_json::from_value::<Lease>(serde_json::json!({
                 "metadata": {"name": name}, "spec": {"renewTime": t}
@@ -547,5 +617,32 @@ mod tests {
             listed + 2,
             "deleting twice is one change"
         );
+    }
+
+    /// A heartbeat counts from when the operator saw it, not from the time the agent
+    /// wrote: a clock running ahead buys nothing once renewals stop, a repeat of the same
+    /// renewal (a relist) is not a new one, and a Lease first seen stale stays stale.
+    #[test]
+    fn heartbeats_are_judged_by_when_the_operator_saw_them() {
+        let t = |s: i64| -> Timestamp {
+            "2026-01-01T00:00:00Z".parse::<Timestamp>().expect("time")
+                + jiff::SignedDuration::from_secs(s)
+        };
+        // An agent whose clock is an hour ahead: seen now, not an hour from now.
+        let first = Heartbeat::observe(None, Some(t(3600)), t(0));
+        assert_eq!(first.seen, Some(t(0)));
+        // It writes the same value again at t=30 (it stopped renewing): still t=0.
+        let again = Heartbeat::observe(Some(&first), Some(t(3600)), t(30));
+        assert_eq!(again.seen, Some(t(0)));
+        // A real renewal (a new value, in the future or not) is seen when it arrives.
+        let renewed = Heartbeat::observe(Some(&again), Some(t(3610)), t(40));
+        assert_eq!(renewed.seen, Some(t(40)));
+        let behind = Heartbeat::observe(Some(&renewed), Some(t(-100)), t(50));
+        assert_eq!(behind.seen, Some(t(50)));
+        // First seen with an old renewal (a dead node, at an operator restart): stale.
+        let stale = Heartbeat::observe(None, Some(t(-600)), t(0));
+        assert_eq!(stale.seen, Some(t(-600)));
+        // No renewal at all: never ready.
+        assert_eq!(Heartbeat::observe(None, None, t(0)).seen, None);
     }
 }

@@ -55,7 +55,14 @@ pub struct Health {
     pub latency: Option<Duration>,
     /// The last probe's error.
     pub error: Option<String>,
+    /// Per cache ("nodes", "leases", "tasks"): since when its watch fails, and how.
+    pub watch_errors: BTreeMap<&'static str, (Timestamp, String)>,
 }
+
+/// How long a member may answer its probe without its caches listing (or with a watch
+/// failing) before it counts as not syncing: its jobs are placed elsewhere, and its pool
+/// says why (docs/ARCHITECTURE.md, "Failure model").
+pub const SYNC_GRACE: SignedDuration = SignedDuration::from_secs(15);
 
 /// One member cluster of one pool.
 pub struct Member {
@@ -71,8 +78,8 @@ pub struct Member {
     pub client: kube::Client,
     /// Agent nodes: labels and inventory.
     pub nodes: Arc<Cache<NodeEntry>>,
-    /// Heartbeat Leases in the system namespace: last renewal per node.
-    pub leases: Arc<Cache<Option<Timestamp>>>,
+    /// Heartbeat Leases in the system namespace: last renewal per node, as seen.
+    pub leases: Arc<Cache<cache::Heartbeat>>,
     /// ComputeTasks in the system namespace.
     pub tasks: Arc<Cache<TaskEntry>>,
     /// Reachability, written by the probe and the sync watcher.
@@ -80,6 +87,8 @@ pub struct Member {
     /// Unique per connection (a reconnected member is another), so that what the
     /// scheduler derived from an old connection's caches is never taken for the new one's.
     pub id: u64,
+    /// When this connection was made.
+    pub connected_at: Timestamp,
     fingerprint: u64,
     workers: Vec<JoinHandle<()>>,
 }
@@ -129,6 +138,7 @@ impl Member {
                 ..Health::default()
             })),
             id: NEXT_MEMBER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            connected_at: Timestamp::now(),
             fingerprint: 0,
             workers: Vec::new(),
         }
@@ -170,11 +180,53 @@ impl Member {
         SignedDuration::from_secs(self.pool_spec().heartbeat_timeout_seconds as i64)
     }
 
-    /// Unreachable for longer than the pool's heartbeat timeout: its tasks count as lost.
+    /// Unreachable, or answering but not watchable, for longer than the pool's heartbeat
+    /// timeout: its tasks count as lost.
     pub fn lost(&self, now: Timestamp) -> bool {
-        self.health()
-            .unreachable_since
-            .is_some_and(|since| now > since + self.timeout())
+        let h = self.health();
+        let cutoff = now - self.timeout();
+        h.unreachable_since.is_some_and(|since| since < cutoff)
+            || self
+                .not_syncing_since(&h)
+                .is_some_and(|since| since < cutoff)
+    }
+
+    /// Why the member answers but cannot be used (its caches never listed, or a watch keeps
+    /// failing) for longer than [`SYNC_GRACE`]: nothing is placed there and no job waits
+    /// for it.
+    pub fn sync_problem(&self, now: Timestamp) -> Option<String> {
+        let h = self.health();
+        let since = self.not_syncing_since(&h)?;
+        if now <= since + SYNC_GRACE {
+            return None;
+        }
+        let failing: Vec<String> = h
+            .watch_errors
+            .iter()
+            .map(|(what, (_, error))| format!("watching {what}: {error}"))
+            .collect();
+        Some(if failing.is_empty() {
+            format!(
+                "answers but its caches did not list within {}s",
+                SYNC_GRACE.as_secs()
+            )
+        } else {
+            failing.join("; ")
+        })
+    }
+
+    /// Since when the member, while it answers, cannot be watched: the first watch error
+    /// still standing, or its connection if its caches never listed.
+    fn not_syncing_since(&self, h: &Health) -> Option<Timestamp> {
+        if !h.reachable {
+            return None;
+        }
+        let listed = self.nodes.ready() && self.leases.ready() && self.tasks.ready();
+        h.watch_errors
+            .values()
+            .map(|(since, _)| *since)
+            .min()
+            .or_else(|| (!listed).then_some(self.connected_at))
     }
 
     /// The node's heartbeat is fresh (its Lease was renewed within the timeout).
@@ -182,8 +234,8 @@ impl Member {
         let cutoff = self.heartbeat_cutoff(now);
         self.leases
             .get(node)
-            .and_then(|renewed| *renewed)
-            .is_some_and(|renewed| renewed >= cutoff)
+            .and_then(|beat| beat.seen)
+            .is_some_and(|seen| seen >= cutoff)
     }
 
     /// A heartbeat renewed at or after this is fresh at `now` (one subtraction, for
@@ -308,18 +360,20 @@ impl Fleet {
             nodes.clone(),
             cache::node,
             |_| {},
+            watching(&health, &key, "nodes"),
             key.clone(),
             "nodes",
         )));
 
-        let leases: Arc<Cache<Option<Timestamp>>> = Arc::default();
+        let leases: Arc<Cache<cache::Heartbeat>> = Arc::default();
         let lease_api: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
         let stream = watcher(lease_api, watcher::Config::default()).default_backoff();
         workers.push(tokio::spawn(cache::feed(
             stream,
             leases.clone(),
-            cache::lease,
+            cache::lease(leases.clone()),
             |_| {},
+            watching(&health, &key, "leases"),
             key.clone(),
             "leases",
         )));
@@ -336,6 +390,7 @@ impl Fleet {
             tasks.clone(),
             cache::task,
             touched,
+            watching(&health, &key, "tasks"),
             key.clone(),
             "tasks",
         )));
@@ -357,8 +412,40 @@ impl Fleet {
             tasks,
             health,
             id: NEXT_MEMBER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            connected_at: Timestamp::now(),
             fingerprint,
             workers,
+        }
+    }
+}
+
+/// Records a cache's watch outcomes in the member's health (`what` failing since its
+/// first error, until an event arrives again).
+fn watching(
+    health: &Arc<RwLock<Health>>,
+    member: &str,
+    what: &'static str,
+) -> impl Fn(Option<String>) + use<> {
+    let health = health.clone();
+    let member = member.to_string();
+    move |error: Option<String>| {
+        let Ok(mut h) = health.write() else {
+            return;
+        };
+        match error {
+            None => {
+                if h.watch_errors.remove(what).is_some() {
+                    tracing::info!(%member, what, "member cluster watch recovered");
+                }
+            }
+            Some(e) => {
+                if !h.watch_errors.contains_key(what) {
+                    tracing::warn!(%member, what, error = %e, "member cluster watch failing");
+                }
+                let since = h.watch_errors.get(what).map(|(s, _)| *s);
+                h.watch_errors
+                    .insert(what, (since.unwrap_or_else(Timestamp::now), e));
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::rewards::settle;
 use crate::rewards::store::Totals;
 use crate::scheduler::{Work, selector_matches};
 use edgeloom_crds::commitment::REVEAL_ANNOTATION;
-use edgeloom_crds::compute_job::{ComputeJobStatus, ShardStatus};
+use edgeloom_crds::compute_job::{ComputeJobStatus, IssuedAttempt, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
 use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
@@ -200,8 +200,66 @@ async fn mirror_model(
     Ok(Some(mirrored))
 }
 
+/// How long an issued attempt may stay unseen in a reachable, synced member before it
+/// counts as vanished (its creation failed or timed out, or the task was deleted).
+const ISSUED_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+/// The job's tasks in every member's cache, and the attempts the scheduler issued that no
+/// cache shows yet (docs/ARCHITECTURE.md, "Fencing"): such an attempt is current, on its
+/// node, until its task appears, or its node or member is lost, or it stays unseen past
+/// [`ISSUED_GRACE`] in a member that answers.
+fn task_views(
+    uid: &str,
+    issued: &BTreeMap<String, IssuedAttempt>,
+    ctx: &Context,
+    now: Timestamp,
+) -> Vec<TaskView> {
+    let mut views = visible_task_views(uid, ctx, now);
+    for (key, at) in issued {
+        let Some((shard, replica)) = key
+            .split_once('/')
+            .and_then(|(s, r)| Some((s.parse::<u32>().ok()?, r.parse::<u32>().ok()?)))
+        else {
+            continue;
+        };
+        if views
+            .iter()
+            .any(|v| v.shard == shard && v.replica == replica && v.attempt >= at.attempt)
+        {
+            continue;
+        }
+        let member_key = format!("{}/{}", at.pool, at.cluster);
+        let member = ctx
+            .fleet
+            .members()
+            .into_iter()
+            .find(|m| m.key == member_key);
+        let node_lost = match &member {
+            None => true,
+            Some(m) => {
+                m.lost(now)
+                    || (m.synced() && !m.node_ready(&at.node, now))
+                    || (m.synced() && m.health().reachable && now > at.at.0 + ISSUED_GRACE)
+            }
+        };
+        views.push(TaskView {
+            member: member_key,
+            cluster: at.cluster.clone(),
+            name: lifecycle::task_name(uid, shard, replica, at.attempt),
+            shard,
+            replica,
+            attempt: at.attempt,
+            node: at.node.clone(),
+            node_lost,
+            dispatched: Some(at.at.0),
+            ..TaskView::default()
+        });
+    }
+    views
+}
+
 /// The job's tasks in every member's cache.
-fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
+fn visible_task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
     let mut views = Vec::new();
     for m in ctx.fleet.members() {
         let lost_cluster = m.lost(now);
@@ -250,6 +308,112 @@ fn task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView> {
     views
 }
 
+/// What a decision on a job is made from, beside its tasks, trust and payments.
+struct JobInputs {
+    created: Timestamp,
+    start_time: Option<Timestamp>,
+    max_replicas: u32,
+    unschedulable: Option<String>,
+    progress_timeout: jiff::SignedDuration,
+    max_amount: Option<Amount>,
+}
+
+impl JobInputs {
+    fn of(
+        job: &ComputeJob,
+        old: &ComputeJobStatus,
+        views: &[TaskView],
+        members: &[Arc<Member>],
+        ctx: &Context,
+        now: Timestamp,
+    ) -> Result<JobInputs, Error> {
+        let ns = job.namespace().unwrap_or_default();
+        let name = job.name_any();
+        let max_amount = job
+            .spec
+            .budget
+            .as_ref()
+            .map(|b| {
+                b.max_amount.0.parse::<Amount>().map_err(|e| {
+                    Error::Rewards(settle::Error::Reward(
+                        format!("{ns}/{name} budget"),
+                        e.to_string(),
+                    ))
+                })
+            })
+            .transpose()?;
+        let created = job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or(now);
+        let start_time = old
+            .start_time
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| (!views.is_empty()).then_some(now));
+        let max_replicas = members
+            .iter()
+            .map(|m| m.pool_spec().verification.max_replicas)
+            .max()
+            .unwrap_or(3);
+        let progress_timeout = jiff::SignedDuration::from_secs(
+            job.spec
+                .progress_timeout_seconds
+                .or_else(|| {
+                    members
+                        .iter()
+                        .map(|m| m.pool_spec().progress_timeout_seconds)
+                        .max()
+                })
+                .unwrap_or_else(edgeloom_crds::edge_pool::default_progress_timeout)
+                as i64,
+        );
+        Ok(JobInputs {
+            created,
+            start_time,
+            max_replicas,
+            unschedulable: ctx.scheduler.unfit(&ns, &name),
+            progress_timeout,
+            max_amount,
+        })
+    }
+
+    /// What the job may still spend, after `paid`.
+    fn budget(&self, paid: &Totals) -> Option<BudgetView> {
+        self.max_amount.map(|max| BudgetView {
+            max,
+            spent: paid.total,
+            per_task: (paid.receipts > 0)
+                .then(|| Amount::from_atto(paid.total.atto() / paid.receipts as u128)),
+        })
+    }
+
+    fn view<'a>(
+        &self,
+        job: &'a ComputeJob,
+        old: &'a ComputeJobStatus,
+        trusted: std::collections::BTreeSet<(String, String)>,
+        spot_checked: std::collections::BTreeSet<u32>,
+        budget: Option<BudgetView>,
+    ) -> JobView<'a> {
+        JobView {
+            spec: &job.spec,
+            created: self.created,
+            start_time: self.start_time,
+            phase: old.phase,
+            recorded: &old.shards,
+            unschedulable: self.unschedulable.clone(),
+            max_replicas: self.max_replicas,
+            trusted,
+            spot_checked,
+            budget,
+            progress_timeout: self.progress_timeout,
+        }
+    }
+}
+
 async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let ns = job.namespace().unwrap_or_default();
@@ -260,7 +424,9 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // Never decide on a cold cache: right after an operator restart a member whose tasks
     // or heartbeats are not listed yet would look empty or dead, and a job that ran
     // somewhere whose pools are not connected yet would look as if it never had.
-    if members.iter().any(|m| !m.synced() && !m.lost(now))
+    if members
+        .iter()
+        .any(|m| !m.synced() && !m.lost(now) && m.sync_problem(now).is_none())
         || (members.is_empty() && old.shards.iter().any(|s| !s.node.is_empty()))
     {
         return Ok(Action::requeue(Duration::from_millis(500)));
@@ -277,7 +443,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    let views = task_views(&uid, ctx, now);
+    let views = task_views(&uid, &old.issued, ctx, now);
     // The ledger is not needed to run the job: when it cannot be read or written, work
     // goes on, receipts wait (they are idempotent, so they are written once it is back),
     // and a budgeted job places nothing (its spending cannot be checked).
@@ -294,58 +460,13 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             ledger_problem.get_or_insert(e.to_string());
             Default::default()
         });
-    let max_amount = job
-        .spec
-        .budget
-        .as_ref()
-        .map(|b| {
-            b.max_amount.0.parse::<Amount>().map_err(|e| {
-                Error::Rewards(settle::Error::Reward(
-                    format!("{ns}/{name} budget"),
-                    e.to_string(),
-                ))
-            })
-        })
-        .transpose()?;
-    let budget_view = |paid: &Totals| {
-        max_amount.map(|max| BudgetView {
-            max,
-            spent: paid.total,
-            per_task: (paid.receipts > 0)
-                .then(|| Amount::from_atto(paid.total.atto() / paid.receipts as u128)),
-        })
-    };
-    let created = job
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
-    let start_time = old
-        .start_time
-        .as_ref()
-        .map(|t| t.0)
-        .or_else(|| (!views.is_empty()).then_some(now));
-    let max_replicas = members
-        .iter()
-        .map(|m| m.pool_spec().verification.max_replicas)
-        .max()
-        .unwrap_or(3);
-    let unschedulable = ctx.scheduler.unfit(&ns, &name);
+    let inputs = JobInputs::of(&job, &old, &views, &members, ctx, now)?;
+    let max_amount = inputs.max_amount;
+    let budget_view = |paid: &Totals| inputs.budget(paid);
+    let start_time = inputs.start_time;
     let decide = |budget: Option<BudgetView>| {
         lifecycle::decide(
-            &JobView {
-                spec: &job.spec,
-                created,
-                start_time,
-                phase: old.phase,
-                recorded: &old.shards,
-                unschedulable: unschedulable.clone(),
-                max_replicas,
-                trusted: trusted.clone(),
-                spot_checked: spot_checked.clone(),
-                budget,
-            },
+            &inputs.view(&job, &old, trusted.clone(), spot_checked.clone(), budget),
             &views,
             now,
         )
@@ -423,11 +544,38 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             }
         })
     });
-    futures::future::join(
+    // A task silent past its progress timeout is failed where it is, by the operator:
+    // its agent stops the runner, the failure counts against maxRetries and against the
+    // node (docs/ARCHITECTURE.md, "Failure model").
+    let stalls = decision.stalled.iter().filter_map(|st| {
+        let m = reachable(&st.member)?;
+        Some(async move {
+            let api = m.tasks_api();
+            let patch = serde_json::json!({
+                "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask",
+                "status": {"phase": TaskPhase::Failed, "message": st.message, "finishedAt": Time(now)},
+            });
+            let (params, patch) = (
+                PatchParams::apply(FIELD_MANAGER).force(),
+                Patch::Apply(&patch),
+            );
+            let call = api.patch_status(&st.name, &params, &patch);
+            match tokio::time::timeout(MEMBER_CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => {
+                    tracing::warn!(task = %st.name, member = %st.member, "failed a task that made no progress")
+                }
+                Ok(Err(e)) => tracing::debug!(task = %st.name, error = %e, "failing a stalled task failed; will retry"),
+                Err(_) => tracing::debug!(task = %st.name, "failing a stalled task timed out; will retry"),
+            }
+        })
+    });
+    futures::future::join3(
         futures::future::join_all(reveals),
         futures::future::join_all(cancels),
+        futures::future::join_all(stalls),
     )
     .await;
+    ctx.metrics.stalled.inc_by(decision.stalled.len() as u64);
 
     let mut model_problem: Option<String> = None;
     if decision.needs.is_empty() {
@@ -472,7 +620,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 name: name.clone(),
                 uid: uid.clone(),
                 priority: job.spec.priority,
-                created: created.as_second(),
+                created: inputs.created.as_second(),
                 spec: Arc::new(spec),
                 needs: decision.needs.clone(),
                 used: current
@@ -692,13 +840,17 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             .completion_time
             .clone()
             .or_else(|| finished.then_some(Time(now))),
+        // The scheduler's (written before it creates a task); never applied from here.
+        issued: old.issued.clone(),
     };
     if Some(&status) != job.status.as_ref() {
         let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let mut applied = status.clone();
+        applied.issued.clear();
         let patch = serde_json::json!({
             "apiVersion": "edgeloom.io/v1alpha1",
             "kind": "ComputeJob",
-            "status": status,
+            "status": applied,
         });
         api.patch_status(
             &name,
@@ -850,22 +1002,76 @@ fn replaced_because(s: &ShardStatus) -> String {
     }
 }
 
-/// Deletes the job's tasks everywhere; unreachable members that still hold some keep the
-/// finalizer (the error requeues) until they answer or their pool is removed.
+/// Pays what the job's tasks earned and nobody paid yet (a job deleted right after its
+/// results arrived, or while its ledger was unavailable): nothing is silently unpaid.
+async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let uid = job.uid().unwrap_or_default();
+    let old = job.status.clone().unwrap_or_default();
+    let views = task_views(&uid, &old.issued, ctx, now);
+    if !views
+        .iter()
+        .any(|v| matches!(v.phase, Some(TaskPhase::Succeeded)))
+    {
+        return Ok(());
+    }
+    let members = members_for(job, ctx);
+    let paid = settle::job_totals(&uid, &members, ctx).await?;
+    let (trusted, spot_checked) = settle::trust_view(job, &views, ctx).await?;
+    let inputs = JobInputs::of(job, &old, &views, &members, ctx, now)?;
+    let decision = lifecycle::decide(
+        &inputs.view(job, &old, trusted, spot_checked, inputs.budget(&paid)),
+        &views,
+        now,
+    );
+    let problems = settle::settle(job, &decision, ctx, now, inputs.max_amount, &paid).await?;
+    if !problems.is_empty() {
+        tracing::warn!(job = %job.name_any(), problems = %problems.join("; "), "receipts refused while the job was deleted");
+    }
+    Ok(())
+}
+
+/// Deletes the job's tasks everywhere, once what they earned is paid; members that may
+/// still hold some and cannot be asked keep the finalizer (the error requeues) until they
+/// answer or their pool is removed: a member never listed (an operator restarted while
+/// it was unreachable) is not taken for an empty one.
 async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
     ctx.scheduler.withdraw(&ns, &name);
+    if let Err(e) = settle_before_cleanup(&job, ctx).await {
+        crate::events::publish(
+            &ctx.recorder,
+            &job.object_ref(&()),
+            EventType::Warning,
+            "SettlementPending",
+            "Cleanup",
+            &format!("the job's results are paid before its tasks go: {e}"),
+        )
+        .await;
+        return Err(e);
+    }
     let now = Timestamp::now();
+    let issued = job.status.clone().unwrap_or_default().issued;
     let mut pending = Vec::new();
     for m in ctx.fleet.members() {
-        let cached: Vec<String> = m
+        let mut names: Vec<String> = m
             .tasks
             .by_key(&uid)
             .iter()
             .map(|t| t.name.to_string())
             .collect();
+        // Attempts issued here whose creation the cache may not show yet.
+        for (key, at) in &issued {
+            if format!("{}/{}", at.pool, at.cluster) == m.key
+                && let Some((shard, replica)) = key
+                    .split_once('/')
+                    .and_then(|(s, r)| Some((s.parse().ok()?, r.parse().ok()?)))
+            {
+                names.push(lifecycle::task_name(&uid, shard, replica, at.attempt));
+            }
+        }
         let api = m.tasks_api();
         let listed = if m.health().reachable {
             api.list(&ListParams::default().labels(&format!("{JOB_UID_LABEL}={uid}")))
@@ -880,8 +1086,13 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         } else {
             None
         };
-        let mut names = listed.clone().unwrap_or_default();
-        names.extend(cached);
+        if listed.is_none() && !m.tasks.ready() {
+            pending.push(format!(
+                "{} (never listed since the operator started)",
+                m.key
+            ));
+        }
+        names.extend(listed.clone().unwrap_or_default());
         names.sort();
         names.dedup();
         for task in names {

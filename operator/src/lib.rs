@@ -19,4 +19,5 @@ pub mod queue;
 pub mod rewards;
 pub mod run;
 pub mod scheduler;
+pub mod sweeper;
 pub mod verification;

@@ -129,6 +129,18 @@ pub struct Cancel {
     pub reason: &'static str,
 }
 
+/// A task that made no progress within its timeout: the operator fails it on its node
+/// (and its next attempt goes elsewhere, as after any failure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    /// Member key.
+    pub member: String,
+    /// Task name.
+    pub name: String,
+    /// Why, for the task's status.
+    pub message: String,
+}
+
 /// An accepted result: the work to pay for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
@@ -211,6 +223,8 @@ pub struct Decision {
     pub needs: Vec<Need>,
     /// Tasks to cancel.
     pub cancel: Vec<Cancel>,
+    /// Tasks to fail for lack of progress.
+    pub stalled: Vec<Stall>,
     /// Per-slot status, in (shard, replica) order.
     pub shards: Vec<ShardStatus>,
     /// "done/total" shards.
@@ -258,6 +272,8 @@ pub struct JobView<'a> {
     pub spot_checked: BTreeSet<u32>,
     /// The job's budget, if it has one.
     pub budget: Option<BudgetView>,
+    /// How long a task may go without progress (the job's, else its pools').
+    pub progress_timeout: SignedDuration,
 }
 
 fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
@@ -335,6 +351,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
     let finished = matches!(job.phase, Some(JobPhase::Succeeded | JobPhase::Failed));
     let mut needs = Vec::new();
     let mut cancel = Vec::new();
+    let mut stalled = Vec::new();
     let mut shards = Vec::new();
     let mut failed_reason: Option<(&'static str, String)> = None;
     let mut done_shards = vec![true; spec.shards as usize];
@@ -417,6 +434,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 finished_at: None,
                 dispatched_at: None,
                 reported_at: None,
+                progressed_at: None,
                 result_digest: None,
                 message: None,
             };
@@ -456,7 +474,46 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     status.result_digest = t.digest.clone();
                     status.message = t.message.clone();
                     *placement.entry(t.cluster.clone()).or_default() += 1;
+                    // Progress liveness, by the operator's own clock: the attempt advanced
+                    // when it was first seen, claimed, its progress rose or its phase
+                    // changed. Lowering progress is no advance, so a stalling node cannot
+                    // keep a slot forever by moving its progress up and down.
+                    let before = recorded_status
+                        .get(&(shard, replica))
+                        .filter(|p| p.attempt == t.attempt);
+                    let advanced = before
+                        .is_none_or(|p| status.progress > p.progress || status.phase != p.phase);
+                    let progressed = if advanced {
+                        now
+                    } else {
+                        before
+                            .and_then(|p| p.progressed_at.as_ref().or(p.dispatched_at.as_ref()))
+                            .map(|t| t.0)
+                            .unwrap_or(now)
+                    };
+                    status.progressed_at = to_time(Some(progressed));
+                    let silent = matches!(
+                        t.phase,
+                        None | Some(TaskPhase::Pending | TaskPhase::Running)
+                    ) && !t.node_lost
+                        && now > progressed + job.progress_timeout;
                     match t.phase {
+                        _ if silent => {
+                            // Failed on its node by the operator; the next decision sees
+                            // the failure and retries elsewhere, within maxRetries.
+                            done_shards[shard as usize] = false;
+                            let message = format!(
+                                "no progress for {}s on node {} (progressTimeoutSeconds): failed there by the operator",
+                                job.progress_timeout.as_secs(),
+                                t.node
+                            );
+                            status.message = Some(message.clone());
+                            stalled.push(Stall {
+                                member: t.member.clone(),
+                                name: t.name.clone(),
+                                message,
+                            });
+                        }
                         Some(TaskPhase::Succeeded) if !t.opens() => {
                             status.message = Some(
                                 "reveal rejected: the result does not open the commitment made before any replica's result was shown".into(),
@@ -741,6 +798,30 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         }
     }
 
+    // A slot is placed at most 1 + maxRetries + maxReplacements times: attempt numbers
+    // count every placement (they are never reused), so a slot that keeps losing its
+    // node cannot be re-placed forever.
+    let max_attempts = 1 + spec.max_retries + spec.max_replacements;
+    if let Some(n) = needs.iter().find(|n| n.attempt > max_attempts) {
+        let last = shards
+            .iter()
+            .find(|s| s.index == n.shard && s.replica == n.replica)
+            .and_then(|s| s.message.clone())
+            .unwrap_or_else(|| "no message".into());
+        failed_reason.get_or_insert((
+            "AttemptsExhausted",
+            format!(
+                "shard {} replica {} was placed {} time(s) without a result (at most 1 + maxRetries {} + maxReplacements {}); last: {last}",
+                n.shard,
+                n.replica,
+                n.attempt - 1,
+                spec.max_retries,
+                spec.max_replacements
+            ),
+        ));
+        needs.retain(|n| n.attempt <= max_attempts);
+    }
+
     // Budget: stop placing once the projected spend would pass it.
     let mut budget_stopped = None;
     let running = shards
@@ -846,6 +927,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         }
         needs.clear();
         reveal.clear();
+        stalled.clear();
         (replaced_lost, retried) = (0, 0);
         // Slots the end of the job cut off say so (their last attempt and node, or that
         // they were never placed) instead of looking like work still waiting or running.
@@ -910,6 +992,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
         message,
         needs,
         cancel,
+        stalled,
         shards,
         progress: format!("{done}/{}", spec.shards),
         placement: (!placement.is_empty()).then(|| {
@@ -1013,7 +1096,91 @@ mod tests {
             trusted: BTreeSet::new(),
             spot_checked: BTreeSet::new(),
             budget: None,
+            progress_timeout: SignedDuration::from_secs(600),
         }
+    }
+
+    #[test]
+    fn a_task_without_progress_is_failed_on_its_node_then_retried_elsewhere() {
+        let s = spec(1); // maxRetries 1
+        let running = task(0, 1, "n0", Some(TaskPhase::Running));
+        // First seen: the timeout starts now.
+        let d = decide(&view(&s), std::slice::from_ref(&running), t0());
+        assert!(d.stalled.is_empty());
+        assert_eq!(d.shards[0].progressed_at.as_ref().map(|t| t.0), Some(t0()));
+        let recorded = d.shards.clone();
+        let mut v = view(&s);
+        v.recorded = &recorded;
+        // Progress that rises within the timeout keeps it alive, and restarts the clock.
+        let mut moving = running.clone();
+        moving.progress = 40;
+        let at = t0() + SignedDuration::from_secs(500);
+        let d = decide(&v, std::slice::from_ref(&moving), at);
+        assert!(d.stalled.is_empty());
+        assert_eq!(d.shards[0].progressed_at.as_ref().map(|t| t.0), Some(at));
+        let recorded = d.shards.clone();
+        v.recorded = &recorded;
+        // Progress moved down is no progress: silent for the timeout, it is failed there.
+        let mut lowered = moving.clone();
+        lowered.progress = 10;
+        let later = at + SignedDuration::from_secs(601);
+        let d = decide(&v, std::slice::from_ref(&lowered), later);
+        assert_eq!(
+            d.stalled,
+            [Stall {
+                member: "edge/edge-a".into(),
+                name: running.name.clone(),
+                message: "no progress for 600s on node n0 (progressTimeoutSeconds): failed there by the operator".into()
+            }]
+        );
+        assert!(d.needs.is_empty(), "placed again once it shows Failed");
+        assert_eq!(d.phase, JobPhase::Running);
+        // Once failed, it counts as a failure of that node: retried elsewhere.
+        let mut failed = running.clone();
+        failed.phase = Some(TaskPhase::Failed);
+        let d = decide(&v, std::slice::from_ref(&failed), later);
+        assert_eq!(d.needs.len(), 1);
+        assert_eq!(d.needs[0].attempt, 2);
+        assert_eq!(d.needs[0].avoid, [("edge/edge-a".into(), "n0".into())]);
+        // A task never claimed is judged the same way; a committed one is not (its
+        // reveal deadline applies).
+        for (phase, stalls) in [(None, 1), (Some(TaskPhase::Committed), 0)] {
+            let t = task(0, 1, "n0", phase);
+            let seen = decide(&view(&s), std::slice::from_ref(&t), t0()).shards;
+            let mut v = view(&s);
+            v.recorded = &seen;
+            let d = decide(
+                &v,
+                std::slice::from_ref(&t),
+                t0() + SignedDuration::from_secs(601),
+            );
+            assert_eq!(d.stalled.len(), stalls, "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn a_slot_that_keeps_losing_its_node_fails_the_job_when_its_attempts_run_out() {
+        let mut s = spec(1); // maxRetries 1
+        s.max_replacements = 2;
+        // Attempts 1..=4 may be placed (1 + 1 + 2); attempt 4 lost needs a fifth.
+        let mut lost = task(0, 3, "n0", Some(TaskPhase::Running));
+        lost.node_lost = true;
+        let d = decide(&view(&s), std::slice::from_ref(&lost), t0());
+        assert_eq!(d.needs.iter().map(|n| n.attempt).collect::<Vec<_>>(), [4]);
+        assert_eq!(d.phase, JobPhase::Running);
+        let mut lost = task(0, 4, "n1", Some(TaskPhase::Running));
+        lost.node_lost = true;
+        let d = decide(&view(&s), std::slice::from_ref(&lost), t0());
+        assert!(d.needs.is_empty());
+        assert_eq!(d.phase, JobPhase::Failed);
+        assert_eq!(d.reason, "AttemptsExhausted");
+        assert!(
+            d.message.starts_with(
+                "shard 0 replica 0 was placed 4 time(s) without a result (at most 1 + maxRetries 1 + maxReplacements 2); last: node n1 lost"
+            ),
+            "{}",
+            d.message
+        );
     }
 
     #[test]
@@ -1133,6 +1300,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             dispatched_at: None,
+            progressed_at: None,
             reported_at: None,
             result_digest: None,
             message: None,

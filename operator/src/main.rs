@@ -50,6 +50,9 @@ struct Flags {
         default_value = "/var/lib/edgeloom/ledger"
     )]
     ledger_dir: PathBuf,
+    /// Seconds between sweeps for tasks whose job no longer exists in the hub.
+    #[arg(long, env = "EDGELOOM_ORPHAN_SWEEP_SECONDS", default_value_t = 30)]
+    orphan_sweep_seconds: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -82,6 +85,7 @@ async fn main() -> Result<()> {
         scheduler_interval: Duration::from_millis(flags.scheduler_interval_ms.max(10)),
         ledger_store_secret: flags.ledger_store_secret,
         ledger_dir: flags.ledger_dir,
+        orphan_sweep: Duration::from_secs(flags.orphan_sweep_seconds.max(1)),
     })
     .await
 }

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub ledger_receipts: IntGaugeVec,
     /// Nodes of the pool that get no work (caught quarantineAfter times).
     pub quarantined_nodes: IntGaugeVec,
+    /// Tasks the operator failed because they made no progress within their timeout.
+    pub stalled: IntCounter,
+    /// Tasks removed from member clusters because their job no longer exists in the hub.
+    pub orphans_removed: IntCounter,
 }
 
 /// Errors registering metrics (a programming error: duplicate names).
@@ -188,6 +192,16 @@ impl Metrics {
             &["pool"],
         )?;
         registry.register(Box::new(quarantined_nodes.clone()))?;
+        let stalled = IntCounter::new(
+            "edgeloom_operator_tasks_stalled_total",
+            "Tasks failed by the operator because they made no progress within their timeout",
+        )?;
+        registry.register(Box::new(stalled.clone()))?;
+        let orphans_removed = IntCounter::new(
+            "edgeloom_operator_orphaned_tasks_removed_total",
+            "Tasks removed from member clusters because their job no longer exists in the hub",
+        )?;
+        registry.register(Box::new(orphans_removed.clone()))?;
         registry.register(Box::new(receipts.clone()))?;
         registry.register(Box::new(rewards.clone()))?;
         registry.register(Box::new(verification.clone()))?;
@@ -249,6 +263,8 @@ impl Metrics {
             ledger_intact,
             ledger_receipts,
             quarantined_nodes,
+            stalled,
+            orphans_removed,
         })
     }
 

@@ -33,6 +33,9 @@ pub enum Error {
     /// Writing to the hub failed.
     #[error("hub API: {0}")]
     Hub(#[source] kube::Error),
+    /// Tasks of a deleted pool remain in member clusters that cannot be reached yet.
+    #[error("tasks of the deleted pool remain in: {0}")]
+    CleanupPending(String),
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
@@ -42,6 +45,7 @@ impl Error {
     fn category(&self) -> &'static str {
         match self {
             Error::Hub(_) => "hub_api",
+            Error::CleanupPending(_) => "cleanup_pending",
             Error::Finalizer(_) => "finalizer",
         }
     }
@@ -97,10 +101,7 @@ async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Err
     let result = finalizer(&api, POOL_FINALIZER, pool, |event| async {
         match event {
             Finalizer::Apply(pool) => apply(pool, &ctx).await,
-            Finalizer::Cleanup(pool) => {
-                ctx.fleet.remove_pool(&pool.name_any());
-                Ok(Action::await_change())
-            }
+            Finalizer::Cleanup(pool) => cleanup(pool, &ctx).await,
         }
     })
     .await
@@ -114,6 +115,77 @@ async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Err
         .with_label_values(&["edgepool"])
         .observe(start.elapsed().as_secs_f64());
     result
+}
+
+/// A deleted pool's tasks are cancelled in its member clusters: nothing placed through it
+/// would be paid from its ledger any more, so contributors stop working for it (its jobs
+/// place their slots through their other pools, or wait). A member that cannot be reached
+/// holds the finalizer until it answers, or until it has been unreachable for the pool's
+/// heartbeat timeout: then its tasks are left (an event says so), as the pool's deletion
+/// must not wait forever on a cluster that may never return.
+async fn cleanup(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
+    let name = pool.name_any();
+    let now = Timestamp::now();
+    let mut pending = Vec::new();
+    let mut abandoned = Vec::new();
+    let mut cancelled = 0;
+    for m in ctx.fleet.pool_members(&name) {
+        if !m.tasks.ready() || !m.health().reachable {
+            if m.lost(now) {
+                abandoned.push(m.spec.name.clone());
+            } else {
+                pending.push(m.spec.name.clone());
+            }
+            continue;
+        }
+        let api = m.tasks_api();
+        for t in m
+            .tasks
+            .state()
+            .iter()
+            .filter(|t| *t.pool == *name && !t.terminal())
+        {
+            match api
+                .delete(&t.name, &kube::api::DeleteParams::default())
+                .await
+            {
+                Ok(_) => cancelled += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(_) => pending.push(format!("{}/{}", m.spec.name, t.name)),
+            }
+        }
+    }
+    let reference = pool.object_ref(&());
+    if !pending.is_empty() {
+        let why = pending.join(", ");
+        crate::events::publish(
+            &ctx.recorder,
+            &reference,
+            EventType::Warning,
+            "CleanupPending",
+            "Cleanup",
+            &format!("waiting to cancel the deleted pool's tasks in: {why}"),
+        )
+        .await;
+        return Err(Error::CleanupPending(why));
+    }
+    if !abandoned.is_empty() {
+        crate::events::publish(
+            &ctx.recorder,
+            &reference,
+            EventType::Warning,
+            "TasksLeftBehind",
+            "Cleanup",
+            &format!(
+                "unreachable past the heartbeat timeout, their tasks of this pool are left: {}",
+                abandoned.join(", ")
+            ),
+        )
+        .await;
+    }
+    tracing::info!(pool = %name, cancelled, "pool deleted: its tasks were cancelled");
+    ctx.fleet.remove_pool(&name);
+    Ok(Action::await_change())
 }
 
 /// The kubeconfig text of a remote member, or why it cannot be had.
@@ -266,6 +338,7 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
     let mut clusters = Vec::new();
     let mut capacity = Capacity::default();
     let mut problems = Vec::new();
+    let mut not_syncing = Vec::new();
     for spec in &pool.spec.clusters {
         let text = match &spec.kubeconfig_secret {
             Some(s) if !spec.local => match kubeconfig(ctx, &s.name, &s.key).await {
@@ -306,10 +379,15 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             }
         };
         let health = member.health();
+        let sync_problem = member.sync_problem(now);
+        if let Some(p) = &sync_problem {
+            not_syncing.push(format!("{}: {p}", spec.name));
+        }
         let mut status = ClusterStatus {
             name: spec.name.clone(),
             reachable: health.reachable,
             message: health.error.clone(),
+            sync_problem,
             last_seen: health.last_seen.map(Time),
             ..Default::default()
         };
@@ -368,6 +446,26 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             format!("{reachable}/{} member clusters reachable", clusters.len())
         } else {
             problems.join("; ")
+        },
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut conds,
+        "ClustersSynced",
+        not_syncing.is_empty(),
+        if not_syncing.is_empty() {
+            "Watching"
+        } else {
+            "NotSyncing"
+        },
+        &if not_syncing.is_empty() {
+            "every reachable member cluster is watched".to_string()
+        } else {
+            format!(
+                "answering but not watchable, so no work goes there: {}",
+                not_syncing.join("; ")
+            )
         },
         generation,
         now,
@@ -528,6 +626,32 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             .iter()
             .map(|c| (c, old.clusters.iter().find(|o| o.name == c.name)))
         {
+            if was.and_then(|w| w.sync_problem.as_ref()) != new.sync_problem.as_ref() {
+                let (type_, reason, note) = match &new.sync_problem {
+                    Some(p) => (
+                        EventType::Warning,
+                        "ClusterNotSyncing",
+                        format!(
+                            "{}: answers but cannot be watched, no work goes there: {p}",
+                            new.name
+                        ),
+                    ),
+                    None => (
+                        EventType::Normal,
+                        "ClusterSynced",
+                        format!("{}: watched again", new.name),
+                    ),
+                };
+                crate::events::publish(
+                    &ctx.recorder,
+                    &pool.object_ref(&()),
+                    type_,
+                    reason,
+                    "Sync",
+                    &note,
+                )
+                .await;
+            }
             let flipped = was.is_some_and(|w| w.reachable != new.reachable)
                 || (was.is_none() && !new.reachable);
             if flipped {

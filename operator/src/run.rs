@@ -41,6 +41,9 @@ pub struct Settings {
     pub ledger_store_secret: String,
     /// Where the ledgers live when that Secret does not exist.
     pub ledger_dir: PathBuf,
+    /// How often tasks whose job is gone are looked for (docs/ARCHITECTURE.md, "Failure
+    /// model").
+    pub orphan_sweep: Duration,
 }
 
 /// The ledgers' object store: the one the Secret names, else the local directory.
@@ -143,10 +146,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     });
     tokio::spawn(scheduler.run(
         fleet,
+        client.clone(),
         metrics.clone(),
         settings.identity.clone(),
         settings.scheduler_interval,
     ));
+    tokio::spawn(crate::sweeper::run(ctx.clone(), settings.orphan_sweep));
     let gauges = ctx.clone();
     tokio::spawn(async move {
         loop {

@@ -11,6 +11,7 @@ use crate::placement::{self, Interner, Request, ScoreInputs, Slot, Snapshot, Spr
 use crate::quantity;
 use crate::queue::{self, Waiting};
 use crate::rewards::trust;
+use edgeloom_crds::ComputeJob;
 use edgeloom_crds::TaskPhase;
 use edgeloom_crds::commitment;
 use edgeloom_crds::compute_job::{ComputeJobSpec, Spread as SpecSpread};
@@ -20,7 +21,8 @@ use edgeloom_crds::compute_task::{
 use edgeloom_crds::edge_pool::EdgePoolSpec;
 use edgeloom_crds::inventory::{ARCH_LABEL, OWNER_LABEL};
 use jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -219,21 +221,30 @@ impl Scheduler {
     }
 
     /// Runs scheduling cycles forever: on every submit, and at least every `interval`.
+    /// Attempts are fenced through the jobs in `hub`.
     pub async fn run(
         self: Arc<Self>,
         fleet: Arc<Fleet>,
+        hub: kube::Client,
         metrics: Metrics,
         identity: String,
         interval: Duration,
     ) {
         loop {
             let _ = tokio::time::timeout(interval, self.notify.notified()).await;
-            self.cycle(&fleet, &metrics, &identity).await;
+            self.cycle(&fleet, Some(&hub), &metrics, &identity).await;
         }
     }
 
-    /// One cycle.
-    pub async fn cycle(&self, fleet: &Fleet, metrics: &Metrics, identity: &str) {
+    /// One cycle. Without a `hub` (benchmarks and unit tests, which have no API server)
+    /// attempts are not fenced.
+    pub async fn cycle(
+        &self,
+        fleet: &Fleet,
+        hub: Option<&kube::Client>,
+        metrics: &Metrics,
+        identity: &str,
+    ) {
         let work: Vec<Work> = self
             .pending
             .lock()
@@ -302,7 +313,7 @@ impl Scheduler {
             .collect();
         let cold_members: HashSet<&str> = members
             .iter()
-            .filter(|m| !m.synced() && !m.lost(now))
+            .filter(|m| !m.synced() && !m.lost(now) && m.sync_problem(now).is_none())
             .map(|m| m.key.as_str())
             .collect();
         for Waiting { key: work, .. } in queue::order(waiting) {
@@ -391,13 +402,31 @@ impl Scheduler {
             if outcome.assigned.is_empty() {
                 continue;
             }
+            // Fencing: each attempt is recorded in the hub before its task is created.
+            let issue: Vec<(&Need, (String, String))> = outcome
+                .assigned
+                .iter()
+                .map(|(slot, node)| (&slots[*slot], world.node_name(*node)))
+                .collect();
+            let allowed = match hub {
+                Some(hub) => fence(hub, &work, &issue).await,
+                None => vec![true; issue.len()],
+            };
             let released = &self.released;
-            let creates = outcome.assigned.iter().map(|(slot, node)| {
+            let creates = outcome.assigned.iter().zip(&allowed).map(|((slot, node), allowed)| {
                 let need = &slots[*slot];
                 let (member_key, node_name) = world.node_name(*node);
                 let member = members.iter().find(|m| m.key == member_key).cloned();
-                let task = build_task(&work, need, &member_key, &node_name, identity);
+                let downloads = member
+                    .as_ref()
+                    .map(|m| m.pool_spec().model_downloads.clone())
+                    .unwrap_or_default();
+                let task = build_task(&work, need, &member_key, &node_name, identity, downloads);
                 async move {
+                    if !allowed {
+                        released.lock().ok()?.push((member_key, node_name));
+                        return None;
+                    }
                     let member = member?;
                     let name = task.metadata.name.clone().unwrap_or_default();
                     // Bounded, so that one slow member never stalls the cycle for all jobs.
@@ -405,7 +434,10 @@ impl Scheduler {
                     let params = PostParams::default();
                     let call = api.create(&params, &task);
                     match tokio::time::timeout(Duration::from_secs(5), call).await {
-                        Ok(Ok(_)) => Some((true, member_key, node_name, name)),
+                        Ok(Ok(_)) => {
+                            crate::context::failpoint("after-task-create");
+                            Some((true, member_key, node_name, name))
+                        }
                         Ok(Err(kube::Error::Api(s))) if s.code == 409 => Some((false, member_key, node_name, name)),
                         Ok(Err(e)) => {
                             tracing::warn!(task = %name, member = %member_key, error = %e, "creating task failed; will retry");
@@ -500,7 +532,125 @@ impl Scheduler {
     }
 }
 
-fn build_task(work: &Work, need: &Need, member: &str, node: &str, identity: &str) -> ComputeTask {
+/// Field manager of the scheduler's writes to a job's status (`status.issued`).
+pub const SCHEDULER_FIELD_MANAGER: &str = "edgeloom-scheduler";
+
+/// Records the attempts of `issue` (need, (member key, node)) in the job's
+/// `status.issued`, conditional on the job's resourceVersion, before their tasks are
+/// created (docs/ARCHITECTURE.md, "Fencing"). Returns which of them may be created: none
+/// when the job is gone, being deleted or changed meanwhile (the next cycle decides
+/// again), and not a need whose attempt is not above every attempt the job has issued or
+/// recorded for its slot (stale work of an earlier decision).
+async fn fence(hub: &kube::Client, work: &Work, issue: &[(&Need, (String, String))]) -> Vec<bool> {
+    // The job controller writes the job's status too: a conflict is read again, a few
+    // times, rather than leaving the placement to the next cycle.
+    for _ in 0..3 {
+        match fence_once(hub, work, issue).await {
+            Fenced::Done(allowed) => return allowed,
+            Fenced::Conflict => continue,
+        }
+    }
+    tracing::debug!(job = %work.name, "the job kept changing while its attempts were fenced; next cycle");
+    vec![false; issue.len()]
+}
+
+enum Fenced {
+    Done(Vec<bool>),
+    Conflict,
+}
+
+async fn fence_once(
+    hub: &kube::Client,
+    work: &Work,
+    issue: &[(&Need, (String, String))],
+) -> Fenced {
+    use edgeloom_crds::compute_job::slot_key;
+    let none = Fenced::Done(vec![false; issue.len()]);
+    let api: Api<ComputeJob> = Api::namespaced(hub.clone(), &work.namespace);
+    let job = match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&work.name)).await {
+        Ok(Ok(Some(j))) => j,
+        Ok(Ok(None)) => return none,
+        Ok(Err(e)) => {
+            tracing::warn!(job = %work.name, error = %e, "reading the job to fence its attempts failed; will retry");
+            return none;
+        }
+        Err(_) => return none,
+    };
+    if job.metadata.uid.as_deref() != Some(work.uid.as_str())
+        || job.metadata.deletion_timestamp.is_some()
+    {
+        return none;
+    }
+    let status = job.status.clone().unwrap_or_default();
+    let mut highest: BTreeMap<String, u32> = BTreeMap::new();
+    for s in status.shards.iter().filter(|s| !s.node.is_empty()) {
+        let e = highest.entry(slot_key(s.index, s.replica)).or_default();
+        *e = (*e).max(s.attempt);
+    }
+    let recorded = highest.clone();
+    for (key, i) in &status.issued {
+        let e = highest.entry(key.clone()).or_default();
+        *e = (*e).max(i.attempt);
+    }
+    let now = Time(Timestamp::now());
+    let mut entries = serde_json::Map::new();
+    let allowed: Vec<bool> = issue
+        .iter()
+        .map(|(need, (member, node))| {
+            let key = slot_key(need.shard, need.replica);
+            let ok = need.attempt > highest.get(&key).copied().unwrap_or(0)
+                && !entries.contains_key(&key);
+            if ok {
+                let (pool, cluster) = member.split_once('/').unwrap_or((member, member));
+                entries.insert(
+                    key,
+                    serde_json::json!({
+                        "attempt": need.attempt, "pool": pool, "cluster": cluster,
+                        "node": node, "at": now,
+                    }),
+                );
+            }
+            ok
+        })
+        .collect();
+    if entries.is_empty() {
+        return none;
+    }
+    // Entries the job's shards have caught up with are no longer needed.
+    for (key, i) in &status.issued {
+        if !entries.contains_key(key) && recorded.get(key).is_some_and(|r| *r >= i.attempt) {
+            entries.insert(key.clone(), serde_json::Value::Null);
+        }
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": job.metadata.resource_version},
+        "status": {"issued": entries},
+    });
+    let params = PatchParams {
+        field_manager: Some(SCHEDULER_FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let patch = Patch::Merge(&patch);
+    let call = api.patch_status(&work.name, &params, &patch);
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(Ok(_)) => Fenced::Done(allowed),
+        Ok(Err(kube::Error::Api(s))) if s.code == 409 => Fenced::Conflict,
+        Ok(Err(e)) => {
+            tracing::warn!(job = %work.name, error = %e, "recording issued attempts failed; will retry");
+            none
+        }
+        Err(_) => none,
+    }
+}
+
+fn build_task(
+    work: &Work,
+    need: &Need,
+    member: &str,
+    node: &str,
+    identity: &str,
+    model_downloads: edgeloom_crds::edge_pool::ModelDownloads,
+) -> ComputeTask {
     let name = task_name(&work.uid, need.shard, need.replica, need.attempt);
     let (pool, cluster) = member.split_once('/').unwrap_or((member, member));
     let spec = &work.spec;
@@ -540,6 +690,7 @@ fn build_task(work: &Work, need: &Need, member: &str, node: &str, identity: &str
                 cpu: spec.resources.cpu.clone(),
                 gpus: spec.resources.gpus,
             },
+            model_downloads,
             // Replicated results are committed before they are revealed.
             nonce: spec
                 .verification
@@ -920,7 +1071,8 @@ impl Scheduler {
             member_index.insert(m.key.clone(), ci as u32);
             offsets.push(nodes.len() as u32);
             let health = m.health();
-            reachable.push(health.reachable);
+            // A member that answers but cannot be watched gets no work.
+            reachable.push(health.reachable && m.sync_problem(now).is_none());
             let lat = quantized_latency(health.latency.map(|l| l.as_secs_f64()).unwrap_or(1.0));
             for f in in_flight.iter().filter(|f| f.member == m.key) {
                 if let Some(&i) = base.by_name.get(f.node.as_str()) {
@@ -938,8 +1090,8 @@ impl Scheduler {
                     n.cluster = ci as u32;
                     n.ready = leases
                         .get(name)
-                        .and_then(|renewed| **renewed)
-                        .is_some_and(|renewed| renewed >= cutoff);
+                        .and_then(|beat| beat.seen)
+                        .is_some_and(|seen| seen >= cutoff);
                     n.free_slots = n.free_slots.saturating_sub(u.tasks);
                     n.free_cpu_millis = n.free_cpu_millis.saturating_sub(u.cpu_millis);
                     n.free_memory_mib = n.free_memory_mib.saturating_sub(u.memory_mib);
@@ -1354,6 +1506,7 @@ mod tests {
             job_namespace: "ns".into(),
             job_name: "j".into(),
             job_uid: "uid".into(),
+            pool: "edge".into(),
             shard: 0,
             replica: 0,
             attempt: 1,
@@ -1428,7 +1581,7 @@ mod tests {
             match rand(8) {
                 0 | 1 => m.leases.upsert(
                     &name,
-                    Some(now - SignedDuration::from_secs(rand(60) as i64)),
+                    crate::cache::Heartbeat::at(now - SignedDuration::from_secs(rand(60) as i64)),
                 ),
                 2 => m.nodes.upsert(
                     &name,
@@ -1495,7 +1648,7 @@ mod tests {
         let other = member("b", &spec);
         let now = Timestamp::now();
         m.nodes.upsert("a-n0", node("a-n0", &[], 0, 1.0));
-        m.leases.upsert("a-n0", Some(now));
+        m.leases.upsert("a-n0", crate::cache::Heartbeat::at(now));
         let fleet = Fleet::new(futures::channel::mpsc::unbounded().0);
         fleet.insert_for_tests(m.clone());
         fleet.insert_for_tests(other.clone());
@@ -1525,35 +1678,39 @@ mod tests {
             gang: false,
             finished_seen: None,
         });
-        s.cycle(&fleet, &metrics, "op").await;
+        s.cycle(&fleet, None, &metrics, "op").await;
         let why = s.unfit("ns", "gpu").expect("unplaceable");
         assert!(why.contains("1 have no GPU"), "{why}");
         assert_eq!(metrics.verdicts_reused.get(), 0);
         // Heartbeats and a busier node change nothing that could make it fit.
-        m.leases
-            .upsert("a-n0", Some(now + SignedDuration::from_secs(1)));
+        m.leases.upsert(
+            "a-n0",
+            crate::cache::Heartbeat::at(now + SignedDuration::from_secs(1)),
+        );
         m.tasks
             .upsert("t1", task("t1", "a-n0", Some(TaskPhase::Running)));
-        s.cycle(&fleet, &metrics, "op").await;
-        s.cycle(&fleet, &metrics, "op").await;
+        s.cycle(&fleet, None, &metrics, "op").await;
+        s.cycle(&fleet, None, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 2, "not tried again");
         assert_eq!(s.unfit("ns", "gpu").as_deref(), Some(why.as_str()));
         // A task ends on the GPU-less node: capacity grew, but only where the job cannot
         // fit, so it is still not tried.
         m.tasks
             .upsert("t1", task("t1", "a-n0", Some(TaskPhase::Succeeded)));
-        s.cycle(&fleet, &metrics, "op").await;
+        s.cycle(&fleet, None, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 3, "a node that cannot help");
         // A GPU node joins another cluster, one the job may not use: still not tried.
         other.nodes.upsert("b-n0", node("b-n0", &[], 1, 1.0));
-        other.leases.upsert("b-n0", Some(now));
-        s.cycle(&fleet, &metrics, "op").await;
+        other
+            .leases
+            .upsert("b-n0", crate::cache::Heartbeat::at(now));
+        s.cycle(&fleet, None, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 4, "a node elsewhere");
         // A GPU node joins: capacity grew, the job is tried (and placed; creating its
         // task fails here, there is no API server, and is retried).
         m.nodes.upsert("a-n1", node("a-n1", &[], 1, 1.0));
-        m.leases.upsert("a-n1", Some(now));
-        s.cycle(&fleet, &metrics, "op").await;
+        m.leases.upsert("a-n1", crate::cache::Heartbeat::at(now));
+        s.cycle(&fleet, None, &metrics, "op").await;
         assert_eq!(metrics.verdicts_reused.get(), 4, "tried again");
         assert_eq!(s.unfit("ns", "gpu"), None);
     }

@@ -510,7 +510,7 @@ async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once()
         done.status
     );
     assert_eq!(
-        done.status.expect("status").progress.as_deref(),
+        done.status.as_ref().expect("status").progress.as_deref(),
         Some("3/3")
     );
     let pool = wait::until_some("pool rewards in status", Duration::from_secs(30), || {
@@ -528,11 +528,25 @@ async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once()
     .await;
     assert_eq!(pool.total.as_ref().map(|d| d.0.as_str()), Some("0.0006"));
     assert_eq!(pool.ledger_head.as_ref().map(String::len), Some(64));
+    // The pool's totals per account are exactly the receipts' (where the shards ran is
+    // the scheduler's business: a shard may run on a node another one finished on).
+    let mut by_account: std::collections::BTreeMap<String, u64> = Default::default();
+    for p in &paid {
+        let amount: f64 = p.5.parse().expect("amount");
+        *by_account.entry(p.4.clone()).or_default() += (amount * 1e4).round() as u64;
+    }
+    let pool_accounts: std::collections::BTreeMap<String, u64> = pool
+        .by_account
+        .iter()
+        .map(|(a, d)| {
+            let amount: f64 = d.0.parse().expect("amount");
+            (a.clone(), (amount * 1e4).round() as u64)
+        })
+        .collect();
     assert_eq!(
-        pool.by_account.len(),
-        3,
-        "three nodes' accounts: {:?}",
-        pool.by_account
+        pool_accounts, by_account,
+        "the pool's per-account totals match its receipts: {paid:?} {:?}",
+        done.status
     );
 }
 
@@ -821,13 +835,13 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
 }
 
 #[tokio::test]
-async fn deleting_a_job_cleans_every_member_even_one_that_was_unreachable() {
+async fn deleting_a_job_cleans_every_member_even_one_unreachable_since_an_operator_restart() {
     let _serial = SERIAL.lock().await;
     let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(300))
         .await
         .expect("federation");
     fed.apply_pool("edge", 30, 1).await.expect("pool");
-    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let mut op = fed.operator(operator_bin(), "op-1").expect("operator");
     let ns = fed.namespace("delete").await.expect("ns");
     apply(
         &fed,
@@ -839,11 +853,15 @@ async fn deleting_a_job_cleans_every_member_even_one_that_was_unreachable() {
     let uid = running.metadata.uid.clone().expect("uid");
     assert_eq!(tasks_in(&fed, "edge-b", &uid).await.len(), 2);
     fed.plane.kill_apiserver("edge-b").expect("kill");
+    // The operator restarts while edge-b is away: it never lists edge-b's tasks, and must
+    // not take that for "none there".
+    op.kill();
+    let _op = fed.operator(operator_bin(), "op-2").expect("operator");
     let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
     jobs.delete("del", &DeleteParams::default())
         .await
         .expect("delete");
-    wait::until("edge-a cleaned", Duration::from_secs(30), || {
+    wait::until("edge-a cleaned", Duration::from_secs(60), || {
         let (fed, uid) = (&fed, uid.clone());
         async move {
             let n = tasks_in(fed, "edge-a", &uid).await.len();
@@ -1668,4 +1686,473 @@ async fn a_healthy_members_status_reaches_the_hub_while_another_member_is_down()
         .restart_apiserver("edge-a")
         .await
         .expect("restart");
+}
+
+#[tokio::test]
+async fn a_task_without_progress_is_failed_on_its_node_and_completes_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let agents = &fed.agents["edge-a"];
+    // Both nodes heartbeat, claim their tasks, and never progress: a hung runner, or a
+    // node keeping a slot without working.
+    for n in ["edge-a-node-0", "edge-a-node-1"] {
+        agents.hang(n);
+    }
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("stall").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml(
+            "stall",
+            1,
+            "  maxRetries: 1\n  progressTimeoutSeconds: 10\n",
+        ),
+    )
+    .await;
+    let first = jobs::first_running_shard(&fed, &ns, "stall", Duration::from_secs(60)).await;
+    let other = if first.node == "edge-a-node-0" {
+        "edge-a-node-1"
+    } else {
+        "edge-a-node-0"
+    };
+    agents.resume(other);
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "stall",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!((shard.attempt, shard.node.as_str()), (2, other));
+    let uid = done.metadata.uid.clone().expect("uid");
+    let tasks = all_tasks(&fed, &uid).await;
+    let stalled = tasks
+        .iter()
+        .find(|t| t.spec.attempt == 1)
+        .expect("the stalled attempt is kept, failed");
+    let status = stalled.status.clone().expect("status");
+    assert_eq!(status.phase, Some(TaskPhase::Failed), "{status:?}");
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("no progress for 10s on node")),
+        "{status:?}"
+    );
+    let events = jobs::events_of(&fed, &ns, "stall").await;
+    assert!(
+        events.iter().any(|(r, m)| r == "Replaced"
+            && m.contains("attempt 2")
+            && m.contains("failed: no progress for 10s")),
+        "{events:?}"
+    );
+    // Only the attempt that finished is paid, on the node that finished it.
+    let paid = wait_receipts(&fed, &uid, 1).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert_eq!((paid[0].2, paid[0].3.as_str()), (2, other));
+    let (_, text) = scrape::get(_op.port, "/metrics").await.expect("metrics");
+    assert!(
+        text.contains("edgeloom_operator_tasks_stalled_total 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_whose_clock_runs_ahead_is_lost_once_it_stops_renewing() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(20))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    let agents = &fed.agents["edge-a"];
+    // Both nodes' clocks run an hour ahead: their Leases claim renewals in the future.
+    for n in ["edge-a-node-0", "edge-a-node-1"] {
+        agents.skew_clock(n, 3600);
+    }
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("skew").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("skew", 1, "")).await;
+    let first = jobs::first_running_shard(&fed, &ns, "skew", Duration::from_secs(60)).await;
+    // The node stops renewing (and working). Judged by the time it wrote, it would stay
+    // ready for an hour; judged by when the operator saw it renew, it is lost after 10 s.
+    agents.kill(&first.node);
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "skew",
+        JobPhase::Succeeded,
+        Duration::from_secs(90),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!(shard.attempt, 2, "re-placed after the node was lost");
+    assert_ne!(shard.node, first.node);
+    let lease: Lease = Api::namespaced(
+        fed.plane
+            .cluster("edge-a")
+            .expect("edge-a")
+            .client()
+            .await
+            .expect("client"),
+        SYSTEM_NAMESPACE,
+    )
+    .get(&first.node)
+    .await
+    .expect("lease");
+    let claimed = lease.spec.and_then(|s| s.renew_time).expect("renew time").0;
+    assert!(
+        claimed > jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3000),
+        "the lost node's Lease still claims a renewal in the future: {claimed} (now {})",
+        jiff::Timestamp::now()
+    );
+}
+
+#[tokio::test]
+async fn a_slot_that_keeps_losing_its_node_fails_the_job_when_its_attempts_run_out() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(30))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 5, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("attempts").await.expect("ns");
+    // One placement and one re-placement at most.
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("lossy", 1, "  maxRetries: 0\n  maxReplacements: 1\n"),
+    )
+    .await;
+    let agents = &fed.agents["edge-a"];
+    let first = jobs::first_running_shard(&fed, &ns, "lossy", Duration::from_secs(60)).await;
+    agents.kill(&first.node);
+    let second = wait::until("attempt 2 running", Duration::from_secs(60), || async {
+        let s = job(&fed, &ns, "lossy")
+            .await
+            .status
+            .unwrap_or_default()
+            .shards;
+        match s.first() {
+            Some(s) if s.attempt == 2 && s.phase == TaskPhase::Running => Ok(s.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_ne!(second.node, first.node);
+    agents.kill(&second.node);
+    let failed = jobs::wait_phase(
+        &fed,
+        &ns,
+        "lossy",
+        JobPhase::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &failed).await;
+    let failed_cond = failed
+        .status
+        .clone()
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed condition");
+    assert_eq!(failed_cond.reason, "AttemptsExhausted");
+    assert!(
+        failed_cond.message.starts_with(
+            "shard 0 replica 0 was placed 2 time(s) without a result (at most 1 + maxRetries 0 + maxReplacements 1)"
+        ),
+        "{failed_cond:?}"
+    );
+    // Nothing is left running and no third attempt was made.
+    let uid = failed.metadata.uid.clone().expect("uid");
+    for t in all_tasks(&fed, &uid).await {
+        assert!(t.spec.attempt <= 2, "{t:?}");
+    }
+    let events = jobs::events_of(&fed, &ns, "lossy").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "Failed" && m.contains("maxReplacements 1")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_cut_off_between_its_creation_and_its_watch_event_is_never_issued_twice() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 10, 1).await.expect("pool");
+    // The first operator dies right after its first task creation returns, before any
+    // watch event of it (kill -9).
+    let mut crashing = fed
+        .operator_with_env(
+            operator_bin(),
+            "op-1",
+            &[("EDGELOOM_FAILPOINT", "after-task-create")],
+        )
+        .expect("operator");
+    let ns = fed.namespace("fence").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("fence", 1, "")).await;
+    wait::until_true(
+        "the operator hit its failpoint",
+        Duration::from_secs(90),
+        || std::future::ready(crashing.process.exited().is_some()),
+    )
+    .await;
+    let uid = job(&fed, &ns, "fence").await.metadata.uid.expect("uid");
+    let mut holder = None;
+    for m in ["edge-a", "edge-b"] {
+        if !tasks_in(&fed, m, &uid).await.is_empty() {
+            holder = Some(m);
+        }
+    }
+    let holder = holder.expect("the task was created");
+    let other = if holder == "edge-a" {
+        "edge-b"
+    } else {
+        "edge-a"
+    };
+    // Its member is cut off before the next operator could see the task.
+    fed.plane.kill_apiserver(holder).expect("kill");
+    let _op = fed.operator(operator_bin(), "op-2").expect("operator");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "fence",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    jobs::assert_truthful_after_restart(&fed, &done).await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!(
+        (shard.attempt, shard.cluster.as_str()),
+        (2, other),
+        "the cut-off attempt 1 counts as issued: the slot went on with attempt 2"
+    );
+    // The cut-off member returns with its attempt 1: every attempt number exists once.
+    fed.plane.restart_apiserver(holder).await.expect("restart");
+    let attempts = wait::until(
+        "the old attempt is cancelled or finished in the returned member",
+        Duration::from_secs(60),
+        || async {
+            let tasks = all_tasks(&fed, &uid).await;
+            let stale_running = tasks.iter().any(|t| {
+                t.spec.attempt == 1
+                    && !matches!(
+                        t.status.as_ref().and_then(|s| s.phase),
+                        Some(TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::Cancelled)
+                    )
+            });
+            if stale_running {
+                Err(format!("{tasks:?}"))
+            } else {
+                Ok(tasks
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.spec.shard,
+                            t.spec.replica,
+                            t.spec.attempt,
+                            t.spec.cluster.clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>())
+            }
+        },
+    )
+    .await;
+    let mut unique = attempts.clone();
+    unique.sort();
+    unique.dedup_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2));
+    assert_eq!(
+        unique.len(),
+        attempts.len(),
+        "an attempt issued twice: {attempts:?}"
+    );
+    // Only attempt 2 is paid, whatever attempt 1 reported after its member returned.
+    let paid = wait_receipts(&fed, &uid, 1).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert_eq!(paid[0].2, 2, "{paid:?}");
+}
+
+#[tokio::test]
+async fn a_member_that_answers_but_cannot_be_watched_is_a_pool_condition_and_work_goes_elsewhere() {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    // edge-b answers (its /version works) but the operator's identity there lost its
+    // RBAC: it can list neither tasks nor Leases.
+    let edge_b = fed
+        .plane
+        .cluster("edge-b")
+        .expect("edge-b")
+        .client()
+        .await
+        .expect("client");
+    let bindings: Api<RoleBinding> = Api::namespaced(edge_b, SYSTEM_NAMESPACE);
+    let mut binding = bindings.get("edgeloom-hub").await.expect("binding");
+    bindings
+        .delete("edgeloom-hub", &DeleteParams::default())
+        .await
+        .expect("delete binding");
+    fed.apply_pool("edge", 20, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("nosync").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("nosync", 2, "")).await;
+    let cond = jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "ClustersSynced",
+        "False",
+        &["edge-b", "forbidden"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(cond.reason, "NotSyncing", "{cond:?}");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "nosync",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    assert_eq!(
+        done.status.clone().expect("status").placement.as_deref(),
+        Some("edge-a:2"),
+        "the job did not wait for edge-b"
+    );
+    let events = jobs::events_of(&fed, "default", "edge").await;
+    assert!(
+        events.iter().any(|(r, m)| r == "ClusterNotSyncing"
+            && m.starts_with("edge-b: answers but cannot be watched")),
+        "{events:?}"
+    );
+    // The RBAC comes back: the member is watched again.
+    binding.metadata.resource_version = None;
+    binding.metadata.uid = None;
+    bindings
+        .create(&Default::default(), &binding)
+        .await
+        .expect("restore binding");
+    jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "ClustersSynced",
+        "True",
+        &[],
+        Duration::from_secs(90),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(300))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let op = fed
+        .operator_with_env(
+            operator_bin(),
+            "op-1",
+            &[("EDGELOOM_ORPHAN_SWEEP_SECONDS", "2")],
+        )
+        .expect("operator");
+    jobs::wait_pool_condition(&fed, "edge", "Ready", "True", &[], Duration::from_secs(60)).await;
+    // A task whose job does not exist in the hub (left by a race with a deletion, or by a
+    // job removed while its member was away).
+    let edge_a = fed
+        .plane
+        .cluster("edge-a")
+        .expect("edge-a")
+        .client()
+        .await
+        .expect("client");
+    let tasks: Api<ComputeTask> = Api::namespaced(edge_a, SYSTEM_NAMESPACE);
+    let orphan: ComputeTask = serde_json::from_value(serde_json::json!({
+        "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask",
+        "metadata": {"name": "deadbeef-0-0-1", "labels": {
+            "edgeloom.io/job-uid": "00000000-dead-beef-0000-000000000000",
+            "edgeloom.io/node": "edge-a-node-1"}},
+        "spec": {
+            "job": {"namespace": "gone", "name": "gone", "uid": "00000000-dead-beef-0000-000000000000"},
+            "pool": "edge", "cluster": "edge-a", "shard": 0, "shards": 1, "replica": 0,
+            "attempt": 1, "nodeName": "edge-a-node-1", "workload": {"kind": "Benchmark"}
+        }
+    }))
+    .expect("task");
+    tasks
+        .create(&Default::default(), &orphan)
+        .await
+        .expect("orphan");
+    wait::until("the orphan swept", Duration::from_secs(60), || async {
+        match tasks.get_opt("deadbeef-0-0-1").await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (_, text) = scrape::get(op.port, "/metrics").await.expect("metrics");
+    assert!(
+        text.contains("edgeloom_operator_orphaned_tasks_removed_total 1"),
+        "{text}"
+    );
+    let events = jobs::events_of(&fed, "default", "edge").await;
+    assert!(
+        events.iter().any(|(r, m)| r == "OrphanedTasksRemoved"
+            && m.contains("job gone/gone")
+            && m.contains("no longer exists in the hub")),
+        "{events:?}"
+    );
+    // A job runs through the pool; the pool is deleted: its task is cancelled (no one
+    // would pay for it), and the job waits for a pool.
+    let ns = fed.namespace("pooldel").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("orphaned", 1, "")).await;
+    let running = jobs::wait_running(&fed, &ns, "orphaned", 1, Duration::from_secs(60)).await;
+    let uid = running.metadata.uid.clone().expect("uid");
+    assert_eq!(tasks_in(&fed, "edge-a", &uid).await.len(), 1);
+    Api::<edgeloom_crds::EdgePool>::all(fed.hub.clone())
+        .delete("edge", &DeleteParams::default())
+        .await
+        .expect("delete pool");
+    wait::until(
+        "the pool gone and its task cancelled",
+        Duration::from_secs(60),
+        || {
+            let (fed, uid) = (&fed, uid.clone());
+            async move {
+                let pool = Api::<edgeloom_crds::EdgePool>::all(fed.hub.clone())
+                    .get_opt("edge")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let left = tasks_in(fed, "edge-a", &uid).await;
+                if pool.is_none() && left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "pool {:?}, tasks {left:?}",
+                        pool.map(|p| p.metadata.finalizers)
+                    ))
+                }
+            }
+        },
+    )
+    .await;
 }

@@ -47,6 +47,7 @@ fn task(name: &str, node: &str, phase: TaskPhase, progress: u8, gpus: u32) -> Ta
         job_namespace: "bench".into(),
         job_name: "running".into(),
         job_uid: "uid-running".into(),
+        pool: "edge".into(),
         shard: 0,
         replica: 0,
         attempt: 1,
@@ -134,7 +135,9 @@ fn fixture(n: usize) -> Fixture {
         );
         m.leases.upsert(
             &name,
-            Some(now - SignedDuration::from_secs(rng.below(10) as i64)),
+            edgeloom_operator::cache::Heartbeat::at(
+                now - SignedDuration::from_secs(rng.below(10) as i64),
+            ),
         );
         if gpu || rng.below(2) == 0 {
             let t = format!("run-{i}");
@@ -175,9 +178,10 @@ fn churn(f: &Fixture, rng: &mut Rng, second: i64) {
     let n = f.nodes.len();
     for _ in 0..n / 10 {
         let (mi, name, _) = &f.nodes[rng.below(n as u64) as usize];
-        f.members[*mi]
-            .leases
-            .upsert(name, Some(f.now + SignedDuration::from_secs(second)));
+        f.members[*mi].leases.upsert(
+            name,
+            edgeloom_operator::cache::Heartbeat::at(f.now + SignedDuration::from_secs(second)),
+        );
     }
     for _ in 0..(n / 100).max(1) {
         let i = rng.below(n as u64) as usize;
@@ -317,8 +321,12 @@ async fn main() {
                 entry.inventory.gpus = 0;
                 entry.inventory.gpu_product = None;
                 m.nodes.upsert(name, entry);
-                m.leases
-                    .upsert(name, Some(f.now + SignedDuration::from_secs(second)));
+                m.leases.upsert(
+                    name,
+                    edgeloom_operator::cache::Heartbeat::at(
+                        f.now + SignedDuration::from_secs(second),
+                    ),
+                );
             }
             // A task finishes on a GPU-less node (capacity grew where no queued job fits),
             // or on a GPU node (one queued job fits there now).
@@ -343,7 +351,7 @@ async fn main() {
             }
             let reused = metrics.verdicts_reused.get();
             let t = Instant::now();
-            s.cycle(&f.fleet, &metrics, "bench").await;
+            s.cycle(&f.fleet, None, &metrics, "bench").await;
             let took = t.elapsed();
             row.push(format!(
                 "{:.1} ({} reused)",
