@@ -141,7 +141,7 @@ fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
 }
 
 /// Copies the job's model ConfigMap (hub, job namespace) into every member's system
-/// namespace as `<uid8>-<name>`, where agents read it. Returns the mirrored name, or why
+/// namespace as `<uid16>-<name>`, where agents read it. Returns the mirrored name, or why
 /// it cannot be had.
 async fn mirror_model(
     job: &ComputeJob,
@@ -175,13 +175,10 @@ async fn mirror_model(
     if !has_key {
         return Err(format!("ConfigMap {ns}/{} has no key {}", cm.name, cm.key));
     }
-    let prefix: String = uid
+    let mirrored: String = format!("{}-{}", lifecycle::task_prefix(&uid), cm.name)
         .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .take(8)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let mirrored: String = format!("{prefix}-{}", cm.name).chars().take(253).collect();
+        .take(253)
+        .collect();
     let copy = serde_json::json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": mirrored, "labels": {JOB_UID_LABEL: uid}},
@@ -202,7 +199,9 @@ async fn mirror_model(
 
 /// How long an issued attempt may stay unseen in a reachable, synced member before it
 /// counts as vanished (its creation failed or timed out, or the task was deleted).
-const ISSUED_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+/// (Safety does not depend on it: a creation landing later is a stale attempt, cancelled;
+/// the grace only spares re-placing work that is on its way. A creation is bounded by 5 s.)
+const ISSUED_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(15);
 
 /// The job's tasks in every member's cache, and the attempts the scheduler issued that no
 /// cache shows yet (docs/ARCHITECTURE.md, "Fencing"): such an attempt is current, on its

@@ -1036,19 +1036,21 @@ pub fn bound_usage(
     )
 }
 
-/// The deterministic name of a task: `<first 8 of job uid>-<shard>-<replica>-<attempt>`.
-/// Creating the same attempt twice (after a restart) finds the first one.
+/// The deterministic name of a task: `<first 16 of job uid>-<shard>-<replica>-<attempt>`.
+/// Creating the same attempt twice (after a restart) finds the first one (the scheduler
+/// checks that what it found is this job's).
 pub fn task_name(job_uid: &str, shard: u32, replica: u32, attempt: u32) -> String {
     format!("{}-{shard}-{replica}-{attempt}", task_prefix(job_uid))
 }
 
-/// The part of a job's task names that names the job: the first 8 alphanumerics of its
-/// UID, lower case.
+/// The part of a job's task names that names the job: the first 16 alphanumerics of its
+/// UID (64 bits), lower case; two jobs sharing a prefix is then a one-in-a-billion event
+/// even among a hundred thousand jobs, and the owner label is checked anyway.
 pub fn task_prefix(job_uid: &str) -> String {
     let prefix: String = job_uid
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
-        .take(8)
+        .take(16)
         .collect();
     prefix.to_ascii_lowercase()
 }
@@ -1984,7 +1986,12 @@ mod tests {
 
     #[test]
     fn task_names_are_deterministic_and_valid() {
-        assert_eq!(task_name("6F1C-2b3d-4e5f", 3, 1, 2), "6f1c2b3d-3-1-2");
+        assert_eq!(task_name("6F1C-2b3d-4e5f", 3, 1, 2), "6f1c2b3d4e5f-3-1-2");
+        assert_eq!(
+            task_name("0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9", 3, 1, 2),
+            "0a1b2c3d4e5f6071-3-1-2",
+            "64 bits of the UID"
+        );
         assert_eq!(
             task_name("6F1C-2b3d-4e5f", 3, 1, 2),
             task_name("6F1C-2b3d-4e5f", 3, 1, 2)

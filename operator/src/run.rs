@@ -107,13 +107,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     let backend = ledger_backend(&client, &settings).await?;
     ready.store(true, Ordering::Relaxed);
 
-    let election = Election {
-        namespace: settings.namespace.clone(),
-        name: "edgeloom-operator".into(),
-        identity: settings.identity.clone(),
-        lease_duration: settings.lease_duration,
-        retry_period: settings.lease_duration / 5,
-    };
+    let election = Election::new(
+        &settings.namespace,
+        "edgeloom-operator",
+        &settings.identity,
+        settings.lease_duration,
+    );
     if settings.leader_elect {
         election.acquire(&client).await;
     }

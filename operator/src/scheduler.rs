@@ -22,6 +22,7 @@ use edgeloom_crds::edge_pool::EdgePoolSpec;
 use edgeloom_crds::inventory::{ARCH_LABEL, OWNER_LABEL};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -422,6 +423,7 @@ impl Scheduler {
                     .map(|m| m.pool_spec().model_downloads.clone())
                     .unwrap_or_default();
                 let task = build_task(&work, need, &member_key, &node_name, identity, downloads);
+                let uid = work.uid.as_str();
                 async move {
                     if !allowed {
                         released.lock().ok()?.push((member_key, node_name));
@@ -438,7 +440,22 @@ impl Scheduler {
                             crate::context::failpoint("after-task-create");
                             Some((true, member_key, node_name, name))
                         }
-                        Ok(Err(kube::Error::Api(s))) if s.code == 409 => Some((false, member_key, node_name, name)),
+                        Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+                            // Already there: after a restart, ours; but a task of another
+                            // job under the same name is not, and is never taken for it.
+                            let found = tokio::time::timeout(Duration::from_secs(5), api.get_opt(&name)).await;
+                            let owner = match &found {
+                                Ok(Ok(Some(t))) => t.labels().get(JOB_UID_LABEL).cloned(),
+                                _ => None,
+                            };
+                            if owner.as_deref() == Some(uid) {
+                                Some((false, member_key, node_name, name))
+                            } else {
+                                tracing::error!(task = %name, member = %member_key, job = %uid, owner = ?owner, "a task of this name exists and is not this job's; not taking it");
+                                released.lock().ok()?.push((member_key, node_name));
+                                None
+                            }
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(task = %name, member = %member_key, error = %e, "creating task failed; will retry");
                             released.lock().ok()?.push((member_key, node_name));

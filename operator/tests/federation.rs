@@ -821,6 +821,9 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
     )
     .await;
     jobs::assert_truthful_after_restart(&fed, &done).await;
+    // One task per shard. A shard whose attempt 1 the first operator had issued (in the
+    // job's status) but not created when it died gets attempt 2: an issued attempt number
+    // is never used again, since its creation might still land.
     let mut names: Vec<(u32, u32)> = all_tasks(&fed, &uid)
         .await
         .iter()
@@ -828,10 +831,11 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
         .collect();
     names.sort();
     assert_eq!(
-        names,
-        [(0, 1), (1, 1), (2, 1), (3, 1)],
-        "exactly one attempt per shard"
+        names.iter().map(|n| n.0).collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "exactly one task per shard: {names:?}"
     );
+    assert!(names.iter().all(|n| n.1 <= 2), "{names:?}");
 }
 
 #[tokio::test]
@@ -2155,4 +2159,88 @@ async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_task_of_another_job_under_the_same_name_is_never_taken_for_ones_own() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("squat").await.expect("ns");
+    // The job cannot be placed yet; its first task name is known from its UID.
+    apply(
+        &fed,
+        &ns,
+        &job_yaml(
+            "squat",
+            1,
+            "  placement:\n    requiredLabels:\n      residency: nowhere\n",
+        ),
+    )
+    .await;
+    let uid = job(&fed, &ns, "squat").await.metadata.uid.expect("uid");
+    let prefix: String = uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let name = format!("{prefix}-0-0-1");
+    let other = "11111111-2222-3333-4444-555555555555";
+    let squatter: ComputeTask = serde_json::from_value(serde_json::json!({
+        "apiVersion": "edgeloom.io/v1alpha1", "kind": "ComputeTask",
+        "metadata": {"name": name, "labels": {
+            "edgeloom.io/job-uid": other, "edgeloom.io/node": "edge-a-node-0"}},
+        "spec": {
+            "job": {"namespace": "elsewhere", "name": "other", "uid": other},
+            "pool": "edge", "cluster": "edge-a", "shard": 0, "shards": 1, "replica": 0,
+            "attempt": 1, "nodeName": "edge-a-node-0", "workload": {"kind": "Benchmark"}
+        }
+    }))
+    .expect("task");
+    let edge_a = fed
+        .plane
+        .cluster("edge-a")
+        .expect("edge-a")
+        .client()
+        .await
+        .expect("client");
+    let tasks: Api<ComputeTask> = Api::namespaced(edge_a, SYSTEM_NAMESPACE);
+    tasks
+        .create(&Default::default(), &squatter)
+        .await
+        .expect("squatter");
+    // Now it can be placed: its attempt 1 name is taken by another job's task.
+    Api::<ComputeJob>::namespaced(fed.hub.clone(), &ns)
+        .patch(
+            "squat",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"spec": {"placement": {"requiredLabels": null}}}),
+            ),
+        )
+        .await
+        .expect("patched");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "squat",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    let shard = done.status.clone().expect("status").shards[0].clone();
+    assert_eq!(shard.attempt, 2, "attempt 1's name belonged to another job");
+    // The other task was never changed into this job's (the orphan sweeper may have
+    // removed it by now: its job does not exist).
+    if let Some(kept) = tasks.get_opt(&name).await.expect("get") {
+        assert_eq!(kept.spec.job.uid, other);
+    }
+    let paid = wait_receipts(&fed, &uid, 1).await;
+    assert_eq!(paid.len(), 1, "{paid:?}");
+    assert_eq!(paid[0].2, 2, "{paid:?}");
 }
