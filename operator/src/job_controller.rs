@@ -141,13 +141,15 @@ fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
 }
 
 /// Copies the job's model ConfigMap (hub, job namespace) into every member's system
-/// namespace as `<uid16>-<name>`, where agents read it. Returns the mirrored name, or why
-/// it cannot be had.
+/// namespace as `<uid16>-<name>`, where agents read it. Returns the mirrored name and the
+/// members that hold the copy now, or why it cannot be had. Members are written at once,
+/// each bounded in time, and one that is unreachable or refuses is skipped (tried again
+/// next reconcile): the job is placed where its model is.
 async fn mirror_model(
     job: &ComputeJob,
     members: &[Arc<Member>],
     ctx: &Context,
-) -> Result<Option<String>, String> {
+) -> Result<Option<(String, Vec<String>)>, String> {
     let Some(cm) = job
         .spec
         .workload
@@ -184,17 +186,40 @@ async fn mirror_model(
         "metadata": {"name": mirrored, "labels": {JOB_UID_LABEL: uid}},
         "binaryData": source.binary_data, "data": source.data,
     });
-    for m in members {
-        Api::<ConfigMap>::namespaced(m.client.clone(), SYSTEM_NAMESPACE)
-            .patch(
-                &mirrored,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&copy),
-            )
-            .await
-            .map_err(|e| format!("copying the model ConfigMap to {}: {e}", m.key))?;
+    let copies = members.iter().map(|m| {
+        let (copy, mirrored) = (&copy, &mirrored);
+        async move {
+            let h = m.health();
+            if !h.reachable && h.unreachable_since.is_some() {
+                return Err(format!("{}: unreachable", m.key));
+            }
+            let api = Api::<ConfigMap>::namespaced(m.client.clone(), SYSTEM_NAMESPACE);
+            let (params, patch) = (
+                PatchParams::apply(FIELD_MANAGER).force(),
+                Patch::Apply(copy),
+            );
+            match tokio::time::timeout(MEMBER_CALL_TIMEOUT, api.patch(mirrored, &params, &patch))
+                .await
+            {
+                Ok(Ok(_)) => Ok(m.key.clone()),
+                Ok(Err(e)) => Err(format!("{}: {e}", m.key)),
+                Err(_) => Err(format!("{}: no answer in time", m.key)),
+            }
+        }
+    });
+    let (copied, failed): (Vec<_>, Vec<_>) = futures::future::join_all(copies)
+        .await
+        .into_iter()
+        .partition(Result::is_ok);
+    let copied: Vec<String> = copied.into_iter().filter_map(Result::ok).collect();
+    if copied.is_empty() {
+        let why: Vec<String> = failed.into_iter().filter_map(Result::err).collect();
+        return Err(format!(
+            "copying the model ConfigMap to any member failed: {}",
+            why.join("; ")
+        ));
     }
-    Ok(Some(mirrored))
+    Ok(Some((mirrored, copied)))
 }
 
 /// How long an issued attempt may stay unseen in a reachable, synced member before it
@@ -597,8 +622,10 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 .push((v.member.clone(), v.node.clone()));
         }
         let mut spec = job.spec.clone();
+        // The members the job may be placed in: where its model is, for a ConfigMap model.
+        let mut usable: Vec<String> = members.iter().map(|m| m.key.clone()).collect();
         match mirror_model(&job, &members, ctx).await {
-            Ok(Some(mirrored)) => {
+            Ok(Some((mirrored, copied))) => {
                 if let Some(cm) = spec
                     .workload
                     .model
@@ -607,6 +634,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                 {
                     cm.name = mirrored;
                 }
+                usable.retain(|k| copied.contains(k));
             }
             Ok(None) => {}
             Err(why) => {
@@ -627,11 +655,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
                     .map(|v| (v.member.clone(), v.node.clone()))
                     .collect(),
                 replicas,
-                members: members
-                    .iter()
-                    .map(|m| m.key.clone())
-                    .collect::<Vec<_>>()
-                    .into(),
+                members: usable.into(),
                 gang: job.spec.placement.gang == Some(true) && views.is_empty(),
                 finished_seen: job.spec.budget.is_some().then(|| {
                     views

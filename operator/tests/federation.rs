@@ -2244,3 +2244,64 @@ async fn a_task_of_another_job_under_the_same_name_is_never_taken_for_ones_own()
     assert_eq!(paid.len(), 1, "{paid:?}");
     assert_eq!(paid[0].2, 2, "{paid:?}");
 }
+
+#[tokio::test]
+async fn a_configmap_model_job_runs_in_the_members_that_answer_while_another_is_down() {
+    let _serial = SERIAL.lock().await;
+    let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 60, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("cm-model").await.expect("ns");
+    jobs::wait_pool_condition(&fed, "edge", "Ready", "True", &[], Duration::from_secs(60)).await;
+    fed.plane.kill_apiserver("edge-b").expect("kill");
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(fed.hub.clone(), &ns);
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "model"},
+        "binaryData": {"model.pt": k8s_openapi::ByteString(b"not really torchscript".to_vec())}
+    }))
+    .expect("configmap");
+    cms.create(&Default::default(), &cm)
+        .await
+        .expect("configmap");
+    apply(
+        &fed,
+        &ns,
+        "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: cm\nspec:\n  workload:\n    kind: Inference\n    model:\n      configMap:\n        name: model\n        key: model.pt\n    dataset:\n      builtin: Digits\n  shards: 2\n",
+    )
+    .await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "cm",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    assert_eq!(
+        done.status.clone().expect("status").placement.as_deref(),
+        Some("edge-a:2"),
+        "placed where the model could be copied"
+    );
+    let uid = done.metadata.uid.clone().expect("uid");
+    let mirrors: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(
+        fed.plane
+            .cluster("edge-a")
+            .expect("edge-a")
+            .client()
+            .await
+            .expect("client"),
+        SYSTEM_NAMESPACE,
+    );
+    let copied = mirrors
+        .list(&ListParams::default().labels(&format!("edgeloom.io/job-uid={uid}")))
+        .await
+        .expect("list");
+    assert_eq!(copied.items.len(), 1, "the model was mirrored into edge-a");
+    fed.plane
+        .restart_apiserver("edge-b")
+        .await
+        .expect("restart");
+}
