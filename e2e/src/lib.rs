@@ -2,6 +2,7 @@
 //! (docs/ARCHITECTURE.md, "The local control plane"): real etcd, kube-apiserver and kube-controller-manager processes built
 //! from Go modules, on 127.0.0.1 only.
 
+pub mod chaos;
 pub mod control_plane;
 pub mod federation;
 pub mod helm;

@@ -149,6 +149,14 @@ impl SimAgents {
         }
     }
 
+    /// Undoes [`SimAgents::kill`]: the node heartbeats and works again, as an agent
+    /// restarted after a crash would (its tasks from before go on where they were).
+    pub fn revive(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.dead.remove(node);
+        }
+    }
+
     /// Makes a node honest for its first `n` results, then cheat (wrong digests): the
     /// "honest until trusted" cheater.
     pub fn cheat_after(&self, node: &str, n: u32) {
