@@ -143,6 +143,7 @@ pub struct ComputeTaskStatus {
     /// Workload metrics (accuracy, loss, samplesPerSecond, tflops, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 63)").message("metric names are at most 63 characters"))]
     pub metrics: BTreeMap<String, f64>,
     /// Resources used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,9 +154,12 @@ pub struct ComputeTaskStatus {
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub commitment: Option<String>,
     /// With a nonce in the spec: the reveal (result, metrics, salt) sealed for the operator
-    /// alone (hex of a sealed box to its key), so other agents cannot copy it.
+    /// alone (hex of a sealed box to its key), so other agents cannot copy it. At most
+    /// 300,000 characters: an honest reveal (a 64-character digest, at most 4,096 vector
+    /// elements, 64 metrics and 64 summary values, its salt) is about 130 kB of JSON, twice
+    /// that in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1_048_576))]
+    #[schemars(length(max = 300_000))]
     pub sealed_reveal: Option<String>,
     /// With a nonce in the spec: the agent's secret salt of the commitment, revealed with
     /// the result.
@@ -173,6 +177,7 @@ pub struct ComputeTaskStatus {
     /// Human-readable result values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 63 && size(self[k]) <= 256)").message("summary names are at most 63 characters and values at most 256"))]
     pub result_summary: BTreeMap<String, String>,
     /// Why it failed, or what it is doing.
     #[serde(default, skip_serializing_if = "Option::is_none")]

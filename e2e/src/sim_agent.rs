@@ -63,6 +63,8 @@ struct Control {
     hung: HashSet<String>,
     /// Seconds each node's clock runs ahead (its Lease renew times).
     skew: BTreeMap<String, i64>,
+    /// Nodes that write every status field to the schema's limit (a malicious agent).
+    filling: HashSet<String>,
     /// Nodes that report wrong results once they have reported this many good ones.
     cheat_after: BTreeMap<String, u32>,
     /// Results reported per node.
@@ -173,6 +175,15 @@ impl SimAgents {
         }
     }
 
+    /// Makes a node fill every field of its results to the schema's limit: a 4,096
+    /// character message, 64 metrics and 64 summary values under 63-character names, a
+    /// 4,096-element vector.
+    pub fn fill(&self, node: &str) {
+        if let Ok(mut c) = self.control.lock() {
+            c.filling.insert(node.to_string());
+        }
+    }
+
     /// Undoes [`SimAgents::hang`]: the node finishes its tasks again.
     pub fn resume(&self, node: &str) {
         if let Ok(mut c) = self.control.lock() {
@@ -209,12 +220,13 @@ async fn run(
     // The digest each task committed to, revealed when asked.
     let mut committed: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let (dead, failing, hung, skew) = match control.lock() {
+        let (dead, failing, hung, skew, filling) = match control.lock() {
             Ok(c) => (
                 c.dead.clone(),
                 c.failing.clone(),
                 c.hung.clone(),
                 c.skew.clone(),
+                c.filling.clone(),
             ),
             Err(_) => return,
         };
@@ -325,6 +337,22 @@ async fn run(
                                     "accuracy".to_string(),
                                     0.9 + t.spec.shard as f64 * 0.01,
                                 )]);
+                                if filling.contains(&node) {
+                                    let name = |i: usize| {
+                                        format!("{node}-{}-{i:0>40}", t.spec.shard)
+                                            .chars()
+                                            .rev()
+                                            .take(63)
+                                            .collect::<String>()
+                                    };
+                                    s.message = Some("m".repeat(4096));
+                                    s.metrics = (0..64).map(|i| (name(i), i as f64)).collect();
+                                    s.result_summary =
+                                        (0..64).map(|i| (name(i), "v".repeat(256))).collect();
+                                    if t.spec.nonce.is_none() {
+                                        s.result_vector = vec![0.5; 4096];
+                                    }
+                                }
                             }
                             s
                         })

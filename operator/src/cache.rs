@@ -468,6 +468,32 @@ impl TaskEntry {
     }
 }
 
+/// Characters of an agent's message the operator keeps (and shows in a job's status).
+pub const MESSAGE_CHARS: usize = 256;
+/// Metrics of one task the operator keeps.
+pub const METRICS_KEPT: usize = 16;
+
+/// What the operator keeps of an agent's status is bounded whatever the agent writes
+/// (docs/ARCHITECTURE.md, "Who may write what"): its message cut to [`MESSAGE_CHARS`], at
+/// most [`METRICS_KEPT`] metrics; a result's summary and a plain result vector are not
+/// kept (a verified result carries them in its sealed reveal, opened when decided; an
+/// unverified one needs neither).
+pub fn bound_status(s: &mut ComputeTaskStatus) {
+    s.result_summary.clear();
+    s.result_vector.clear();
+    if let Some(m) = s.message.as_mut()
+        && let Some((cut, _)) = m.char_indices().nth(MESSAGE_CHARS)
+    {
+        m.truncate(cut);
+    }
+    if s.metrics.len() > METRICS_KEPT {
+        s.metrics = std::mem::take(&mut s.metrics)
+            .into_iter()
+            .take(METRICS_KEPT)
+            .collect();
+    }
+}
+
 /// Projects a ComputeTask.
 pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
     let name = t.metadata.name.clone()?;
@@ -487,7 +513,10 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
             cpu_millis: crate::quantity::millicores(spec.limits.cpu.as_ref()),
             memory_mib: crate::quantity::mebibytes(spec.limits.memory.as_ref()),
             gpus: spec.limits.gpus,
-            status: t.status.clone().map(Box::new),
+            status: t.status.clone().map(|mut s| {
+                bound_status(&mut s);
+                Box::new(s)
+            }),
             nonce: spec.nonce.clone().map(String::into_boxed_str),
             // A value that is not a time is asked again (with a time).
             reveal_requested_at: t
@@ -617,6 +646,34 @@ mod tests {
             listed + 2,
             "deleting twice is one change"
         );
+    }
+
+    /// Whatever an agent writes into its task's status, the operator keeps a bounded
+    /// projection of it: the message cut, a few metrics, no summary, no plain vector.
+    #[test]
+    fn a_status_filled_to_the_limit_is_kept_bounded() {
+        let status = ComputeTaskStatus {
+            phase: Some(edgeloom_crds::TaskPhase::Succeeded),
+            message: Some("é".repeat(4096)),
+            metrics: (0..64).map(|i| (format!("{i:063}"), i as f64)).collect(),
+            result_summary: (0..64)
+                .map(|i| (format!("{i:063}"), "x".repeat(256)))
+                .collect(),
+            result_vector: vec![1.0; 4096],
+            ..ComputeTaskStatus::default()
+        };
+        let full = serde_json::to_vec(&status).expect("json").len();
+        let mut kept = status.clone();
+        bound_status(&mut kept);
+        let bytes = serde_json::to_vec(&kept).expect("json").len();
+        assert!(full > 45_000, "{full}");
+        assert!(bytes < 2_500, "kept {bytes} of {full} bytes");
+        assert_eq!(
+            kept.message.as_deref().map(|m| m.chars().count()),
+            Some(256)
+        );
+        assert_eq!(kept.metrics.len(), METRICS_KEPT);
+        assert!(kept.result_summary.is_empty() && kept.result_vector.is_empty());
     }
 
     /// A heartbeat counts from when the operator saw it, not from the time the agent

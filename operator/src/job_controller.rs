@@ -298,7 +298,11 @@ fn visible_task_views(uid: &str, ctx: &Context, now: Timestamp) -> Vec<TaskView>
             {
                 status.result_digest = Some(r.digest);
                 status.result_vector = r.vector;
-                status.metrics = r.metrics;
+                status.metrics = r
+                    .metrics
+                    .into_iter()
+                    .take(crate::cache::METRICS_KEPT)
+                    .collect();
                 status.result_summary = r.summary;
                 status.salt = Some(r.salt);
             }

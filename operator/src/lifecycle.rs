@@ -30,6 +30,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// and when it first saw its result (reported).
 type Observed = (Option<Timestamp>, Option<Timestamp>);
 
+/// Distinct metric names a job's status averages (the first seen).
+pub const JOB_METRICS: usize = 32;
+
 /// Seconds a gang job waits for room when it names no `gangTimeoutSeconds`.
 pub const DEFAULT_GANG_TIMEOUT_SECONDS: u32 = 300;
 
@@ -333,11 +336,13 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
             )
         })
         .collect();
-    // Only slots that were bound to a node record a real attempt (unplaced slots show 0).
+    // The highest attempt each slot ever had. A slot never placed shows 0; one whose task
+    // vanished and waits to be placed again shows its last attempt without a node, and
+    // that attempt was real (forgetting it would issue it again: the chaos run found it).
     let recorded: BTreeMap<(u32, u32), u32> = job
         .recorded
         .iter()
-        .filter(|s| !s.node.is_empty())
+        .filter(|s| s.attempt > 0)
         .map(|s| ((s.index, s.replica), s.attempt))
         .collect();
 
@@ -522,6 +527,12 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                         }
                         Some(TaskPhase::Succeeded) => {
                             for (k, v) in &t.metrics {
+                                // The job's metrics are bounded however many names
+                                // its tasks' agents make up.
+                                if metric_sums.len() >= JOB_METRICS && !metric_sums.contains_key(k)
+                                {
+                                    continue;
+                                }
                                 let e = metric_sums.entry(k.clone()).or_default();
                                 e.0 += v;
                                 e.1 += 1;
@@ -1309,6 +1320,13 @@ mod tests {
         }];
         let mut v = view(&s);
         v.recorded = &recorded;
+        let d = decide(&v, &[], t0());
+        assert_eq!(d.needs[0].attempt, 5);
+        // While attempt 5 waits to be placed, the slot shows attempt 4 without a node; that
+        // is still the slot's highest attempt, never to be issued again.
+        assert_eq!((d.shards[0].attempt, d.shards[0].node.as_str()), (4, ""));
+        let waiting = d.shards.clone();
+        v.recorded = &waiting;
         assert_eq!(decide(&v, &[], t0()).needs[0].attempt, 5);
     }
 

@@ -599,8 +599,10 @@ async fn fence_once(
         return none;
     }
     let status = job.status.clone().unwrap_or_default();
+    // Every slot's highest attempt: a slot waiting to be placed again shows its last one
+    // without a node.
     let mut highest: BTreeMap<String, u32> = BTreeMap::new();
-    for s in status.shards.iter().filter(|s| !s.node.is_empty()) {
+    for s in &status.shards {
         let e = highest.entry(slot_key(s.index, s.replica)).or_default();
         *e = (*e).max(s.attempt);
     }

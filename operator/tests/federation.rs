@@ -2305,3 +2305,62 @@ async fn a_configmap_model_job_runs_in_the_members_that_answer_while_another_is_
         .await
         .expect("restart");
 }
+
+#[tokio::test]
+async fn an_agent_filling_every_status_field_to_the_limit_leaves_the_hub_status_bounded() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    for n in ["edge-a-node-0", "edge-a-node-1"] {
+        fed.agents["edge-a"].fill(n);
+    }
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("fill").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("fill", 8, "")).await;
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "fill",
+        JobPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    // The agents wrote 4,096-character messages, 64 metrics and 64 summary values of 256
+    // characters, and 4,096-element vectors in every task: the job's status keeps a
+    // bounded part of it.
+    let uid = done.metadata.uid.clone().expect("uid");
+    let task = all_tasks(&fed, &uid)
+        .await
+        .into_iter()
+        .next()
+        .expect("a task");
+    let written = task.status.clone().expect("status");
+    assert_eq!(written.message.as_ref().map(String::len), Some(4096));
+    assert_eq!(written.metrics.len(), 64);
+    let status = done.status.clone().expect("status");
+    for s in &status.shards {
+        let chars = s.message.as_deref().map(|m| m.chars().count()).unwrap_or(0);
+        assert!(
+            chars <= 256,
+            "shard {} message of {chars} characters",
+            s.index
+        );
+    }
+    assert!(
+        status.metrics.len() <= 32,
+        "{} metric names in the job's status",
+        status.metrics.len()
+    );
+    let bytes = serde_json::to_vec(&status).expect("json").len();
+    assert!(bytes < 32_000, "the job's status is {bytes} bytes");
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", op.process.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    eprintln!("job status {bytes} bytes for 8 filled tasks; operator {rss}");
+}
