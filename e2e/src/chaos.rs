@@ -80,6 +80,8 @@ pub struct Summary {
     pub duplicate_attempts: usize,
     /// Attempts seen in all (distinct tokens).
     pub attempts: usize,
+    /// Listings of a member's tasks that failed (its tokens were missed that time).
+    pub failed_listings: usize,
     /// Results accepted (succeeded slots of finished jobs, not outvoted).
     pub accepted: usize,
     /// Receipts in the ledger for the run's jobs.
@@ -131,7 +133,7 @@ impl std::fmt::Display for Summary {
             .collect();
         write!(
             f,
-            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}); accepted results {}, receipts {} (missing {}, duplicate {}, unexpected {}); orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
+            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}, listings failed {}); accepted results {}, receipts {} (missing {}, duplicate {}, unexpected {}); orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
             self.jobs,
             self.succeeded,
             failed,
@@ -139,6 +141,7 @@ impl std::fmt::Display for Summary {
             self.not_final,
             self.attempts,
             self.duplicate_attempts,
+            self.failed_listings,
             self.accepted,
             self.receipts,
             self.missing_receipts,
@@ -234,22 +237,41 @@ async fn leader(hub: &kube::Client) -> Option<String> {
         .and_then(|s| s.holder_identity)
 }
 
-/// Every task in every member that answers: (member, task).
-async fn all_tasks(fed: &Federation, down: Option<&str>) -> Vec<(String, ComputeTask)> {
+/// Every task in every member that answers: (member, task), and how many members could
+/// not be listed.
+async fn all_tasks(fed: &Federation, down: Option<&str>) -> (Vec<(String, ComputeTask)>, usize) {
     let mut out = Vec::new();
+    let mut failed = 0;
     for m in fed.plane.members() {
         if Some(m.name.as_str()) == down {
             continue;
         }
-        let Ok(client) = m.client().await else {
-            continue;
+        let listed = match m.client().await {
+            Ok(client) => Api::<ComputeTask>::namespaced(client, SYSTEM_NAMESPACE)
+                .list(&ListParams::default())
+                .await
+                .ok(),
+            Err(_) => None,
         };
-        let api: Api<ComputeTask> = Api::namespaced(client, SYSTEM_NAMESPACE);
-        if let Ok(list) = api.list(&ListParams::default()).await {
-            out.extend(list.items.into_iter().map(|t| (m.name.clone(), t)));
+        match listed {
+            Some(list) => out.extend(list.items.into_iter().map(|t| (m.name.clone(), t))),
+            None => failed += 1,
         }
     }
-    out
+    (out, failed)
+}
+
+/// Adds the attempt tokens of `tasks` to `seen`.
+fn record(
+    seen: &mut BTreeMap<Token, BTreeSet<(String, String)>>,
+    tasks: Vec<(String, ComputeTask)>,
+) {
+    for (member, task) in tasks {
+        let s = &task.spec;
+        seen.entry((s.job.uid.clone(), s.shard, s.replica, s.attempt))
+            .or_default()
+            .insert((member, s.node_name.clone()));
+    }
 }
 
 fn start_operator(fed: &Federation, cfg: &Config, identity: &str) -> anyhow::Result<Operator> {
@@ -423,12 +445,9 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
         }
         // Attempt tokens in the members that answer.
         let down = member_is_down.then_some(down_member.as_str());
-        for (member, task) in all_tasks(&fed, down).await {
-            let s = &task.spec;
-            seen.entry((s.job.uid.clone(), s.shard, s.replica, s.attempt))
-                .or_default()
-                .insert((member, s.node_name.clone()));
-        }
+        let (tasks, failed) = all_tasks(&fed, down).await;
+        summary.failed_listings += failed;
+        record(&mut seen, tasks);
         // Jobs.
         let jobs = jobs_api.list(&ListParams::default()).await?.items;
         let finals = jobs
@@ -465,6 +484,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
     if member_is_down {
         fed.plane.restart_apiserver(&down_member).await?;
     }
+    // Every task still there (finished ones stay until their job is deleted), with every
+    // member up.
+    let (tasks, failed) = all_tasks(&fed, None).await;
+    summary.failed_listings += failed;
+    record(&mut seen, tasks);
 
     // Verdicts.
     let mut expected: BTreeSet<Token> = BTreeSet::new();
@@ -602,6 +626,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
     loop {
         let left: Vec<(String, String)> = all_tasks(&fed, None)
             .await
+            .0
             .into_iter()
             .filter(|(_, t)| uids.contains(&t.spec.job.uid))
             .map(|(m, t)| (m, t.metadata.name.unwrap_or_default()))
