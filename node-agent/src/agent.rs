@@ -697,6 +697,10 @@ impl Agent {
     /// Sends the results kept in the outbox (after an outage, or from before a restart).
     async fn flush_outbox(&self, store: &Store<ComputeTask>) {
         for p in outbox::all(&self.outbox_dir()) {
+            // A task still finishing reports its own result.
+            if self.is_running(&p.task) {
+                continue;
+            }
             // Another object of the same name is not the task this result is for.
             let other = store.state().into_iter().any(|t| {
                 t.name_any() == p.task && t.metadata.uid.as_deref().is_some_and(|u| u != p.uid)

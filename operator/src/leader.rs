@@ -77,14 +77,13 @@ impl Election {
         }
     }
 
-    /// One attempt to acquire or renew, bounded by the retry period.
-    pub async fn try_acquire(&self, client: &kube::Client) -> Result<Outcome, kube::Error> {
-        match tokio::time::timeout(
-            self.retry_period.max(Duration::from_secs(1)),
-            self.try_once(client),
-        )
-        .await
-        {
+    /// One attempt to acquire or renew, bounded by `limit`.
+    pub async fn try_acquire(
+        &self,
+        client: &kube::Client,
+        limit: Duration,
+    ) -> Result<Outcome, kube::Error> {
+        match tokio::time::timeout(limit, self.try_once(client)).await {
             Ok(r) => r,
             Err(_) => Err(kube::Error::Service(
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time").into(),
@@ -150,7 +149,7 @@ impl Election {
     pub async fn acquire(&self, client: &kube::Client) {
         let mut last = String::new();
         loop {
-            match self.try_acquire(client).await {
+            match self.try_acquire(client, self.lease_duration).await {
                 Ok(Outcome::Leading) => {
                     tracing::info!(identity = %self.identity, "became leader");
                     return;
@@ -182,7 +181,9 @@ impl Election {
                 );
                 return;
             }
-            match self.try_acquire(client).await {
+            // A slow answer may use what is left of the deadline.
+            let left = self.renew_deadline.saturating_sub(last_renewal.elapsed());
+            match self.try_acquire(client, left).await {
                 Ok(Outcome::Leading) => last_renewal = Instant::now(),
                 Ok(Outcome::Following(holder)) => {
                     tracing::error!(leader = %holder, "lost the lease to another replica");

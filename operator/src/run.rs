@@ -165,9 +165,34 @@ pub async fn run(settings: Settings) -> Result<()> {
         job_controller::run(ctx.clone(), trigger_rx),
     );
     if settings.leader_elect {
+        // The lease is renewed on a thread and runtime of its own, with its own client:
+        // a busy operator (a thousand jobs reconciling on two cores) must not starve its
+        // renewals, or it would give up leading for want of CPU, not of the hub.
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let kubeconfig = settings.kubeconfig.clone();
+        std::thread::Builder::new()
+            .name("leader-lease".into())
+            .spawn(move || {
+                let held = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| {
+                        rt.block_on(async {
+                            match hub_client(kubeconfig.as_ref()).await {
+                                Ok(client) => election.hold(&client).await,
+                                Err(e) => tracing::error!(error = %e, "no hub client to renew the lease with"),
+                            }
+                        })
+                    });
+                if let Err(e) = held {
+                    tracing::error!(error = %e, "no runtime to renew the lease on");
+                }
+                let _ = lost_tx.send(());
+            })
+            .context("starting the lease thread")?;
         tokio::select! {
             _ = controllers => Ok(()),
-            _ = election.hold(&client) => {
+            _ = lost_rx => {
                 metrics.leader.set(0);
                 anyhow::bail!("lost leadership; exiting so that a fresh process rejoins as a follower")
             }
