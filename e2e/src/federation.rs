@@ -347,7 +347,9 @@ impl Federation {
             format!("--namespace={SYSTEM_NAMESPACE}"),
             format!("--identity={identity}"),
             format!("--metrics-addr=127.0.0.1:{port}"),
-            "--lease-duration-seconds=4".into(),
+            // Short for quick failovers in tests, long enough that a leader on a loaded
+            // 2-core machine renews within its deadline (2/3 of it).
+            "--lease-duration-seconds=8".into(),
             "--scheduler-interval-ms=200".into(),
         ];
         let process =
