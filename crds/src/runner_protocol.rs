@@ -73,6 +73,13 @@ pub enum Line {
         /// A short vector for tolerance-based verification.
         vector: Vec<f64>,
     },
+    /// The CPU time the runner used (all its threads, user and system), sent as it
+    /// ends: the agent's own sampling of a short run can miss it.
+    Usage {
+        /// CPU milliseconds.
+        #[serde(rename = "cpuMillis")]
+        cpu_millis: u64,
+    },
     /// Why the task failed.
     Error {
         /// The reason.

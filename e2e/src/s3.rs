@@ -124,6 +124,25 @@ impl S3Server {
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
     }
+
+    /// Freezes the server (SIGSTOP) until the returned guard is dropped (SIGCONT): an
+    /// object store that stops answering.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.process.pid() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Frozen(pid)
+    }
+}
+
+/// A frozen [`S3Server`]; thawed (SIGCONT) when dropped.
+pub struct Frozen(libc::pid_t);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as in `freeze`.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
 
 /// The server every federation of this process shares, started on first use. It is

@@ -140,6 +140,7 @@ pub async fn execute(
     let mut gpu = false;
     let mut ticks = 0u64;
     let mut final_ticks: Option<u64> = None;
+    let mut reported_cpu = 0u64;
     let page_mib = 4096.0 / (1024.0 * 1024.0);
     let deadline = limits.timeout.map(|t| started + t);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
@@ -153,6 +154,7 @@ pub async fn execute(
                     Ok(Line::Progress { progress: p, message }) => progress(p.min(100), message),
                     Ok(Line::Result { digest, metrics, summary, vector }) => result = Some(Outcome::Succeeded { digest, metrics, summary, vector }),
                     Ok(Line::Error { message }) => error = Some(message),
+                    Ok(Line::Usage { cpu_millis }) => reported_cpu = cpu_millis,
                     Err(_) => tracing::debug!(line = %text, "ignoring a non-protocol line from the runner"),
                 },
                 Ok(None) | Err(_) => {
@@ -169,7 +171,10 @@ pub async fn execute(
                 }
                 // SAFETY: sysconf(_SC_CLK_TCK) has no preconditions.
                 let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-                usage.cpu_core_millis = ticks * 1000 / hz;
+                // What the agent sampled, or what the runner says it used as it ended,
+                // whichever is more (a run between two samples, or reaped before its
+                // zombie was read, would otherwise claim none).
+                usage.cpu_core_millis = (ticks * 1000 / hz).max(reported_cpu);
                 if gpu {
                     usage.gpu_millis = usage.wall_millis;
                 }

@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 /// Longest wait for one call to a member's API server inside a job reconcile.
 const MEMBER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Longest wait for a read of the ledger (totals, trust) inside a job reconcile.
+const LEDGER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const LEDGER_SLOW: &str = "the ledger did not answer within 5 s";
+
 /// Errors of the job controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +52,9 @@ pub enum Error {
     /// Paying failed (ledger, trust records, reward arithmetic).
     #[error(transparent)]
     Rewards(#[from] settle::Error),
+    /// A deleted job's results wait for the ledger before its tasks go.
+    #[error("settlement pending: {0}")]
+    SettlementPending(String),
 }
 
 impl Error {
@@ -59,6 +66,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Rewards(settle::Error::Ledger(..)) => "ledger",
             Error::Rewards(settle::Error::Reward(..)) => "reward",
+            Error::SettlementPending(_) => "settlement_pending",
         }
     }
 }
@@ -475,19 +483,39 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // The ledger is not needed to run the job: when it cannot be read or written, work
     // goes on, receipts wait (they are idempotent, so they are written once it is back),
     // and a budgeted job places nothing (its spending cannot be checked).
+    // Reads of the ledger are bounded: one that is busy or stuck (its store not
+    // answering) never holds up the job's work.
     let mut ledger_problem: Option<String> = None;
-    let paid_before = settle::job_totals(&uid, &members, ctx)
-        .await
-        .unwrap_or_else(|e| {
-            ledger_problem = Some(e.to_string());
-            Totals::default()
-        });
-    let (trusted, spot_checked) = settle::trust_view(&job, &views, ctx)
-        .await
-        .unwrap_or_else(|e| {
+    let paid_before =
+        match tokio::time::timeout(LEDGER_READ_TIMEOUT, settle::job_totals(&uid, &members, ctx))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                ledger_problem = Some(e.to_string());
+                Totals::default()
+            }
+            Err(_) => {
+                ledger_problem = Some(LEDGER_SLOW.into());
+                Totals::default()
+            }
+        };
+    let (trusted, spot_checked) = match tokio::time::timeout(
+        LEDGER_READ_TIMEOUT,
+        settle::trust_view(&job, &views, ctx),
+    )
+    .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
             ledger_problem.get_or_insert(e.to_string());
             Default::default()
-        });
+        }
+        Err(_) => {
+            ledger_problem.get_or_insert(LEDGER_SLOW.into());
+            Default::default()
+        }
+    };
     let inputs = JobInputs::of(&job, &old, &views, &members, ctx, now)?;
     let max_amount = inputs.max_amount;
     let budget_view = |paid: &Totals| inputs.budget(paid);
@@ -1043,8 +1071,14 @@ async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Er
         return Ok(());
     }
     let members = members_for(job, ctx);
-    let paid = settle::job_totals(&uid, &members, ctx).await?;
-    let (trusted, spot_checked) = settle::trust_view(job, &views, ctx).await?;
+    let slow = |_| Error::SettlementPending(LEDGER_SLOW.into());
+    let paid = tokio::time::timeout(LEDGER_READ_TIMEOUT, settle::job_totals(&uid, &members, ctx))
+        .await
+        .map_err(slow)??;
+    let (trusted, spot_checked) =
+        tokio::time::timeout(LEDGER_READ_TIMEOUT, settle::trust_view(job, &views, ctx))
+            .await
+            .map_err(slow)??;
     let inputs = JobInputs::of(job, &old, &views, &members, ctx, now)?;
     let decision = lifecycle::decide(
         &inputs.view(job, &old, trusted, spot_checked, inputs.budget(&paid)),

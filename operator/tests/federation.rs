@@ -2364,3 +2364,93 @@ async fn an_agent_filling_every_status_field_to_the_limit_leaves_the_hub_status_
         .unwrap_or_default();
     eprintln!("job status {bytes} bytes for 8 filled tasks; operator {rss}");
 }
+
+#[tokio::test]
+async fn a_job_deleted_while_its_ledger_is_unavailable_is_paid_when_the_ledger_returns() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let _op = fed.operator(operator_bin(), "op-1").expect("operator");
+    jobs::wait_pool_condition(
+        &fed,
+        "edge",
+        "LedgerVerified",
+        "True",
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
+    let ns = fed.namespace("unpaid").await.expect("ns");
+    // The object store holding the ledger stops answering; the job's two shards finish.
+    let frozen = edgeloom_e2e::s3::shared().expect("s3").freeze();
+    apply(&fed, &ns, &job_yaml("unpaid", 2, "")).await;
+    let uid = wait::until("both tasks finished", Duration::from_secs(90), || async {
+        let j = job(&fed, &ns, "unpaid").await;
+        let uid = j.metadata.uid.clone().unwrap_or_default();
+        let done = all_tasks(&fed, &uid)
+            .await
+            .iter()
+            .filter(|t| t.status.as_ref().and_then(|s| s.phase) == Some(TaskPhase::Succeeded))
+            .count();
+        if done == 2 {
+            Ok(uid)
+        } else {
+            Err(format!("{done} finished"))
+        }
+    })
+    .await;
+    // Deleted before anything could be paid: the job waits for its ledger (the store's
+    // calls time out after 30 s, so the deletion meets a ledger that fails).
+    Api::<ComputeJob>::namespaced(fed.hub.clone(), &ns)
+        .delete("unpaid", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait::until(
+        "the deletion waits for the ledger (event SettlementPending)",
+        Duration::from_secs(180),
+        || async {
+            let events = jobs::events_of(&fed, &ns, "unpaid").await;
+            if events.iter().any(|(r, _)| r == "SettlementPending") {
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await;
+    let held = Api::<ComputeJob>::namespaced(fed.hub.clone(), &ns)
+        .get_opt("unpaid")
+        .await
+        .expect("get");
+    assert!(
+        held.is_some_and(|j| j.metadata.deletion_timestamp.is_some()),
+        "the job is held until its results are paid"
+    );
+    assert_eq!(
+        all_tasks(&fed, &uid).await.len(),
+        2,
+        "its tasks are kept meanwhile"
+    );
+    drop(frozen);
+    wait::until("the job gone", Duration::from_secs(120), || async {
+        match Api::<ComputeJob>::namespaced(fed.hub.clone(), &ns)
+            .get_opt("unpaid")
+            .await
+        {
+            Ok(None) => Ok(()),
+            other => Err(format!(
+                "{:?}",
+                other.map(|j| j.map(|j| j.metadata.finalizers))
+            )),
+        }
+    })
+    .await;
+    let paid = wait_receipts(&fed, &uid, 2).await;
+    assert_eq!(paid.len(), 2, "both results paid once: {paid:?}");
+    assert!(
+        all_tasks(&fed, &uid).await.is_empty(),
+        "then its tasks went"
+    );
+}

@@ -21,6 +21,18 @@ impl Sink for Stdout {
     }
 }
 
+/// CPU time this process used so far (every thread, user and system), in milliseconds.
+fn cpu_millis() -> u64 {
+    // SAFETY: getrusage writes a plain struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let ms = |t: libc::timeval| t.tv_sec.max(0) as u64 * 1000 + t.tv_usec.max(0) as u64 / 1000;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
 fn main() {
     let mut input = String::new();
     let spec: Spec = match std::io::stdin()
@@ -56,7 +68,12 @@ fn main() {
         workloads::run(&spec, &mut Stdout)
     }));
     let message = match outcome {
-        Ok(Ok(())) => return,
+        Ok(Ok(())) => {
+            Stdout.emit(Line::Usage {
+                cpu_millis: cpu_millis(),
+            });
+            return;
+        }
         Ok(Err(e)) => e.to_string(),
         Err(panic) => panic
             .downcast_ref::<String>()

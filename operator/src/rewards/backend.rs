@@ -117,6 +117,20 @@ impl StoreConfig {
             // installed already is kept.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let mut b = AmazonS3Builder::new()
+                // A store that does not answer is an error within seconds (the client's
+                // default retries for three minutes), so that a job reconcile waiting on
+                // its ledger says so and carries on (docs/ARCHITECTURE.md, "Failure
+                // model"). Client options first: they also carry allowHttp, set below.
+                .with_client_options(
+                    object_store::ClientOptions::new()
+                        .with_timeout(std::time::Duration::from_secs(10))
+                        .with_connect_timeout(std::time::Duration::from_secs(3)),
+                )
+                .with_retry(object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig::default(),
+                    max_retries: 3,
+                    retry_timeout: std::time::Duration::from_secs(15),
+                })
                 .with_bucket_name(bucket)
                 .with_region(self.region.as_deref().unwrap_or("us-east-1"))
                 .with_allow_http(self.allow_http)
