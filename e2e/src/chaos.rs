@@ -84,14 +84,21 @@ pub struct Summary {
     pub failed_listings: usize,
     /// Results accepted (succeeded slots of finished jobs, not outvoted).
     pub accepted: usize,
-    /// Receipts in the ledger for the run's jobs.
+    /// Receipts in the ledger for the run's jobs once every job was deleted (a job's
+    /// deletion settles what it earned first).
     pub receipts: usize,
+    /// Of those, receipts already written when the last job went final (the rest were
+    /// written later: the ledger was briefly unavailable or slow, or a leader was killed
+    /// between a result and its receipt).
+    pub receipts_at_end_of_run: usize,
     /// Accepted results without a receipt.
     pub missing_receipts: usize,
     /// Receipts for a slot paid more than once.
     pub duplicate_receipts: usize,
     /// Receipts for anything but an accepted result (e.g. a stale attempt).
     pub unexpected_receipts: usize,
+    /// Forfeits written (nobody cheats in this run: each punishes an honest node).
+    pub forfeits: usize,
     /// Tasks left in members once every job was deleted.
     pub orphaned_tasks: usize,
     /// Jobs still there after the deletion wait.
@@ -117,6 +124,7 @@ impl Summary {
             && self.missing_receipts == 0
             && self.duplicate_receipts == 0
             && self.unexpected_receipts == 0
+            && self.forfeits == 0
             && self.orphaned_tasks == 0
             && self.undeleted_jobs == 0
             && self.ledger_verified
@@ -133,7 +141,7 @@ impl std::fmt::Display for Summary {
             .collect();
         write!(
             f,
-            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}, listings failed {}); accepted results {}, receipts {} (missing {}, duplicate {}, unexpected {}); orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
+            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}, listings failed {}); accepted results {}, receipts {} ({} by the end of the run; missing {}, duplicate {}, unexpected {}); forfeits {}; orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
             self.jobs,
             self.succeeded,
             failed,
@@ -144,9 +152,11 @@ impl std::fmt::Display for Summary {
             self.failed_listings,
             self.accepted,
             self.receipts,
+            self.receipts_at_end_of_run,
             self.missing_receipts,
             self.duplicate_receipts,
             self.unexpected_receipts,
+            self.forfeits,
             self.orphaned_tasks,
             self.undeleted_jobs,
             if self.ledger_verified { "ok" } else { "FAILED" },
@@ -544,18 +554,86 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
             }
         }
     }
-    // Receipts: written before the job's status, so they are all there by now; the
-    // status of the pool may lag, the ledger does not.
+    // Receipts written by now (the rest must come by the time the jobs are deleted).
     let uids: BTreeSet<String> = final_jobs
         .iter()
         .filter_map(|j| j.metadata.uid.clone())
         .collect();
     let kubeconfig = fed.plane.hub().kubeconfig.clone();
+    summary.receipts_at_end_of_run = ledger::receipts_json(&cfg.plugin_bin, &kubeconfig, None)
+        .iter()
+        .filter(|r| r["forfeits"].is_null())
+        .filter(|r| r["jobUid"].as_str().is_some_and(|u| uids.contains(u)))
+        .count();
+    for j in &final_jobs {
+        if let Some(c) = j.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Paid" && c.status == "False")
+        }) {
+            eprintln!(
+                "[chaos] {} not paid yet at the end of the run: {} {}",
+                j.metadata.name.clone().unwrap_or_default(),
+                c.reason,
+                c.message
+            );
+        }
+    }
+
+    // Every job deleted: nothing may stay behind in any member.
+    eprintln!("[chaos] deleting every job");
+    jobs_api
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let left = jobs_api.list(&ListParams::default()).await?.items.len();
+        summary.undeleted_jobs = left;
+        if left == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Tasks of the run's jobs left in the members, once the sweeper had its turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<(String, String)> = all_tasks(&fed, None)
+            .await
+            .0
+            .into_iter()
+            .filter(|(_, t)| uids.contains(&t.spec.job.uid))
+            .map(|(m, t)| (m, t.metadata.name.unwrap_or_default()))
+            .collect();
+        summary.orphaned_tasks = left.len();
+        if left.is_empty() || Instant::now() > deadline {
+            if !left.is_empty() {
+                summary.problems.push(format!(
+                    "left behind: {:?}",
+                    left.iter().take(10).collect::<Vec<_>>()
+                ));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Receipts: a job's deletion settles what it earned before its tasks go, so every
+    // accepted result is paid by now, once.
     let mut paid: BTreeMap<(String, u32, u32), Vec<u32>> = BTreeMap::new();
     for r in ledger::receipts_json(&cfg.plugin_bin, &kubeconfig, None) {
         let Some(uid) = r["jobUid"].as_str().filter(|u| uids.contains(*u)) else {
             continue;
         };
+        if !r["forfeits"].is_null() {
+            // Nobody cheats in this run: a forfeit punishes an honest node.
+            summary.forfeits += 1;
+            if summary.problems.len() < 40 {
+                summary.problems.push(format!(
+                    "forfeit of {} (node {}, attempt {})",
+                    r["forfeits"], r["node"], r["attempt"]
+                ));
+            }
+            continue;
+        }
         let key = (
             uid.to_string(),
             r["shard"].as_u64().unwrap_or(u64::MAX) as u32,
@@ -607,42 +685,6 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
         summary.problems.push(format!("ledger verify: {verify:?}"));
     }
 
-    // Every job deleted: nothing may stay behind in any member.
-    eprintln!("[chaos] deleting every job");
-    jobs_api
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let left = jobs_api.list(&ListParams::default()).await?.items.len();
-        summary.undeleted_jobs = left;
-        if left == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    // Tasks of the run's jobs left in the members, once the sweeper had its turn.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left: Vec<(String, String)> = all_tasks(&fed, None)
-            .await
-            .0
-            .into_iter()
-            .filter(|(_, t)| uids.contains(&t.spec.job.uid))
-            .map(|(m, t)| (m, t.metadata.name.unwrap_or_default()))
-            .collect();
-        summary.orphaned_tasks = left.len();
-        if left.is_empty() || Instant::now() > deadline {
-            if !left.is_empty() {
-                summary.problems.push(format!(
-                    "left behind: {:?}",
-                    left.iter().take(10).collect::<Vec<_>>()
-                ));
-            }
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
     summary.wall = wall.elapsed();
     drop(real);
     drop(operators);

@@ -173,3 +173,12 @@ pub fn failpoint(name: &str) {
         std::process::abort();
     }
 }
+
+/// Test-only delay: when `EDGELOOM_FAILPOINT` names this point the step waits 5 s, so an
+/// e2e test can act inside a window that is otherwise milliseconds wide.
+pub async fn failpoint_delay(name: &str) {
+    if std::env::var("EDGELOOM_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: waiting 5 s");
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+}

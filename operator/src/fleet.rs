@@ -248,6 +248,10 @@ impl Member {
 /// Every member cluster of every pool.
 pub struct Fleet {
     members: RwLock<BTreeMap<String, Arc<Member>>>,
+    /// Pools whose clusters this process has tried to connect, all of them, at least
+    /// once, with when it first did: before that, a pool's members are only partly known
+    /// (they are connected one after another) and none of its jobs may be judged.
+    connected: RwLock<BTreeMap<String, Timestamp>>,
     job_trigger: mpsc::UnboundedSender<ObjectRef<ComputeJob>>,
 }
 
@@ -265,8 +269,22 @@ impl Fleet {
     pub fn new(job_trigger: mpsc::UnboundedSender<ObjectRef<ComputeJob>>) -> Fleet {
         Fleet {
             members: RwLock::new(BTreeMap::new()),
+            connected: RwLock::new(BTreeMap::new()),
             job_trigger,
         }
+    }
+
+    /// Records that every cluster of `pool` was tried (connected, or found unusable) at
+    /// `now`; the first time counts.
+    pub fn pool_connected(&self, pool: &str, now: Timestamp) {
+        if let Ok(mut c) = self.connected.write() {
+            c.entry(pool.to_string()).or_insert(now);
+        }
+    }
+
+    /// When every cluster of `pool` was first tried by this process (None: not yet).
+    pub fn pool_connected_at(&self, pool: &str) -> Option<Timestamp> {
+        self.connected.read().ok()?.get(pool).copied()
     }
 
     /// All members, by key.
@@ -279,6 +297,7 @@ impl Fleet {
 
     /// Adds a member built by [`Member::detached`] (benchmarks and tests).
     pub fn insert_for_tests(&self, member: Arc<Member>) {
+        self.pool_connected(&member.pool, Timestamp::UNIX_EPOCH);
         if let Ok(mut m) = self.members.write() {
             m.insert(member.key.clone(), member);
         }
@@ -303,6 +322,9 @@ impl Fleet {
     /// Removes every member of a deleted pool.
     pub fn remove_pool(&self, pool: &str) {
         self.retain(pool, &[]);
+        if let Ok(mut c) = self.connected.write() {
+            c.remove(pool);
+        }
     }
 
     /// Connects (or keeps) the member `spec` of `pool`. `hub` serves `local: true` members;

@@ -15,7 +15,7 @@ use edgeloom_crds::commitment::REVEAL_ANNOTATION;
 use edgeloom_crds::compute_job::{ComputeJobStatus, IssuedAttempt, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
 use edgeloom_crds::inventory::SYSTEM_NAMESPACE;
-use edgeloom_crds::{ComputeJob, JobPhase, TaskPhase};
+use edgeloom_crds::{ComputeJob, EdgePool, JobPhase, TaskPhase};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -125,11 +125,18 @@ async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Action, Er
 
 /// The member clusters a job may use: those of its pools (by name, selector or all).
 fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
-    let placement = &job.spec.placement;
-    let pools: Vec<String> = ctx
-        .pools
-        .state()
+    pools_for(job, ctx)
         .iter()
+        .flat_map(|p| ctx.fleet.pool_members(&p.name_any()))
+        .collect()
+}
+
+/// The pools the job's placement selects.
+fn pools_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<EdgePool>> {
+    let placement = &job.spec.placement;
+    ctx.pools
+        .state()
+        .into_iter()
         .filter(|p| {
             let name = p.name_any();
             if !placement.pools.is_empty() {
@@ -140,12 +147,44 @@ fn members_for(job: &ComputeJob, ctx: &Context) -> Vec<Arc<Member>> {
                 true
             }
         })
-        .map(|p| p.name_any())
-        .collect();
-    pools
-        .iter()
-        .flat_map(|p| ctx.fleet.pool_members(p))
         .collect()
+}
+
+/// Why some member clusters of `pools` are not known to this process: a pool whose
+/// clusters were not all tried yet (an operator connects them one after another when
+/// it starts or takes over, and a job judged in between would take the tasks of the
+/// clusters not connected yet for vanished ones, and place them again), or a cluster
+/// that could not be connected (its kubeconfig Secret unusable). With `grace`, a cluster
+/// not connected counts only for its pool's heartbeat timeout after the first try, as
+/// an unreachable one does (then its tasks count as lost).
+fn members_unknown(
+    pools: &[Arc<EdgePool>],
+    ctx: &Context,
+    now: Timestamp,
+    grace: bool,
+) -> Vec<String> {
+    let mut unknown = Vec::new();
+    for p in pools {
+        let name = p.name_any();
+        let Some(since) = ctx.fleet.pool_connected_at(&name) else {
+            unknown.push(format!("{name} (its clusters are being connected)"));
+            continue;
+        };
+        let known: Vec<String> = ctx
+            .fleet
+            .pool_members(&name)
+            .iter()
+            .map(|m| m.spec.name.clone())
+            .collect();
+        let timeout = jiff::SignedDuration::from_secs(p.spec.heartbeat_timeout_seconds as i64);
+        if grace && now > since + timeout {
+            continue;
+        }
+        for c in p.spec.clusters.iter().filter(|c| !known.contains(&c.name)) {
+            unknown.push(format!("{name}/{} (not connected)", c.name));
+        }
+    }
+    unknown
 }
 
 /// Copies the job's model ConfigMap (hub, job namespace) into every member's system
@@ -464,6 +503,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .any(|m| !m.synced() && !m.lost(now) && m.sync_problem(now).is_none())
         || (members.is_empty() && old.shards.iter().any(|s| !s.node.is_empty()))
+        || !members_unknown(&pools_for(&job, ctx), ctx, now, true).is_empty()
     {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
@@ -1115,7 +1155,9 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     }
     let now = Timestamp::now();
     let issued = job.status.clone().unwrap_or_default().issued;
-    let mut pending = Vec::new();
+    // Clusters not connected may hold tasks too: the job waits for them as for members
+    // never listed.
+    let mut pending = members_unknown(&ctx.pools.state(), ctx, now, false);
     for m in ctx.fleet.members() {
         let mut names: Vec<String> = m
             .tasks

@@ -356,6 +356,14 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
             },
             _ => None,
         };
+        if !ctx
+            .fleet
+            .pool_members(&name)
+            .iter()
+            .any(|m| m.spec.name == spec.name)
+        {
+            crate::context::failpoint_delay(&format!("slow-connect-{}", spec.name)).await;
+        }
         let member = match ctx
             .fleet
             .ensure(&name, pool_spec.clone(), spec, &ctx.client, text.as_deref())
@@ -431,6 +439,7 @@ async fn apply(pool: Arc<EdgePool>, ctx: &Context) -> Result<Action, Error> {
     }
     let names: Vec<String> = pool.spec.clusters.iter().map(|c| c.name.clone()).collect();
     ctx.fleet.retain(&name, &names);
+    ctx.fleet.pool_connected(&name, now);
     capacity.tflops = (capacity.tflops * 1000.0).round() / 1000.0;
 
     let reachable = clusters.iter().filter(|c| c.reachable).count();

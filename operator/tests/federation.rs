@@ -912,6 +912,108 @@ async fn deleting_a_job_cleans_every_member_even_one_unreachable_since_an_operat
     );
 }
 
+/// A log line without its terminal colour codes.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An operator that starts or takes over connects a pool's clusters one after another.
+/// A job judged before all are connected would take the tasks of the others for vanished
+/// ones: a finished, paid shard would run again (seen in the chaos run). Here edge-b is
+/// connected 5 s after edge-a (a test failpoint), while the job's edge-b shard is done and
+/// its edge-a shard still runs.
+#[tokio::test]
+async fn an_operator_taking_over_judges_a_job_only_once_every_member_is_connected() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    for n in ["edge-a-node-0", "edge-a-node-1"] {
+        fed.agents["edge-a"].hang(n);
+    }
+    let mut op = fed.operator(operator_bin(), "op-1").expect("operator");
+    let ns = fed.namespace("takeover").await.expect("ns");
+    apply(
+        &fed,
+        &ns,
+        &job_yaml("takeover", 2, "  placement:\n    spread: Cluster\n"),
+    )
+    .await;
+    let jobs_api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let uid = wait::until("the edge-b shard done", Duration::from_secs(60), || {
+        let jobs_api = jobs_api.clone();
+        async move {
+            let j = jobs_api.get("takeover").await.map_err(|e| e.to_string())?;
+            let shards = j.status.clone().unwrap_or_default().shards;
+            let done = shards
+                .iter()
+                .any(|s| s.cluster == "edge-b" && s.phase == TaskPhase::Succeeded);
+            let running = shards
+                .iter()
+                .any(|s| s.cluster == "edge-a" && s.phase == TaskPhase::Running);
+            if done && running {
+                Ok(j.metadata.uid.clone().unwrap_or_default())
+            } else {
+                Err(format!("{shards:?}"))
+            }
+        }
+    })
+    .await;
+    wait_receipts(&fed, &uid, 1).await;
+    op.kill();
+    let op2 = fed
+        .operator_with_env(
+            operator_bin(),
+            "op-2",
+            &[("EDGELOOM_FAILPOINT", "slow-connect-edge-b")],
+        )
+        .expect("operator");
+    // op-2 leads once op-1's lease ran out, connects edge-a, and edge-b 5 s later.
+    wait::until_true("op-2 to connect edge-b", Duration::from_secs(60), || {
+        let tail = without_colours(&op2.log_tail(400));
+        async move { tail.contains("member=edge/edge-b reachable=true") }
+    })
+    .await;
+    for n in ["edge-a-node-0", "edge-a-node-1"] {
+        fed.agents["edge-a"].resume(n);
+    }
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "takeover",
+        JobPhase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    jobs::assert_truthful(&fed, &done).await;
+    let shards = done.status.clone().expect("status").shards;
+    assert!(
+        shards.iter().all(|s| s.attempt == 1),
+        "a finished shard was placed again by the new leader: {shards:?}"
+    );
+    let paid = wait_receipts(&fed, &uid, 2).await;
+    assert_eq!(paid.len(), 2, "{paid:?}");
+    assert!(paid.iter().all(|p| p.2 == 1), "{paid:?}");
+    assert!(
+        op2.log_tail(2000).contains("failpoint slow-connect-edge-b"),
+        "the failpoint slowed edge-b's connection"
+    );
+}
+
 #[tokio::test]
 async fn of_two_operator_replicas_only_the_leader_acts() {
     let _serial = SERIAL.lock().await;
@@ -1780,6 +1882,42 @@ async fn a_node_whose_clock_runs_ahead_is_lost_once_it_stops_renewing() {
     for n in ["edge-a-node-0", "edge-a-node-1"] {
         agents.skew_clock(n, 3600);
     }
+    // Work starts only once both Leases claim the future (the simulated agents write
+    // every half second; an operator placing within that time would race the skew).
+    let member = fed
+        .plane
+        .cluster("edge-a")
+        .expect("edge-a")
+        .client()
+        .await
+        .expect("client");
+    let leases: Api<Lease> = Api::namespaced(member.clone(), SYSTEM_NAMESPACE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ahead = 0;
+        for n in ["edge-a-node-0", "edge-a-node-1"] {
+            let renewed = leases
+                .get_opt(n)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec)
+                .and_then(|s| s.renew_time);
+            if renewed.is_some_and(|t| {
+                t.0 > jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3000)
+            }) {
+                ahead += 1;
+            }
+        }
+        if ahead == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the simulated nodes never wrote a skewed renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let _op = fed.operator(operator_bin(), "op-1").expect("operator");
     let ns = fed.namespace("skew").await.expect("ns");
     apply(&fed, &ns, &job_yaml("skew", 1, "")).await;
@@ -1799,18 +1937,7 @@ async fn a_node_whose_clock_runs_ahead_is_lost_once_it_stops_renewing() {
     let shard = done.status.clone().expect("status").shards[0].clone();
     assert_eq!(shard.attempt, 2, "re-placed after the node was lost");
     assert_ne!(shard.node, first.node);
-    let lease: Lease = Api::namespaced(
-        fed.plane
-            .cluster("edge-a")
-            .expect("edge-a")
-            .client()
-            .await
-            .expect("client"),
-        SYSTEM_NAMESPACE,
-    )
-    .get(&first.node)
-    .await
-    .expect("lease");
+    let lease: Lease = leases.get(&first.node).await.expect("lease");
     let claimed = lease.spec.and_then(|s| s.renew_time).expect("renew time").0;
     assert!(
         claimed > jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3000),
