@@ -97,8 +97,11 @@ pub struct Summary {
     pub duplicate_receipts: usize,
     /// Receipts for anything but an accepted result (e.g. a stale attempt).
     pub unexpected_receipts: usize,
-    /// Forfeits written (nobody cheats in this run: each punishes an honest node).
+    /// Forfeits written (nodes killed between their commitment and their reveal are
+    /// caught by design).
     pub forfeits: usize,
+    /// Forfeits of no receipt, or of one taken back twice.
+    pub bad_forfeits: usize,
     /// Tasks left in members once every job was deleted.
     pub orphaned_tasks: usize,
     /// Jobs still there after the deletion wait.
@@ -124,7 +127,7 @@ impl Summary {
             && self.missing_receipts == 0
             && self.duplicate_receipts == 0
             && self.unexpected_receipts == 0
-            && self.forfeits == 0
+            && self.bad_forfeits == 0
             && self.orphaned_tasks == 0
             && self.undeleted_jobs == 0
             && self.ledger_verified
@@ -141,7 +144,7 @@ impl std::fmt::Display for Summary {
             .collect();
         write!(
             f,
-            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}, listings failed {}); accepted results {}, receipts {} ({} by the end of the run; missing {}, duplicate {}, unexpected {}); forfeits {}; orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
+            "chaos: {} jobs: {} succeeded, {} failed [{}], {} not final; attempts {} (duplicates {}, listings failed {}); accepted results {}, receipts {} ({} by the end of the run; missing {}, duplicate {}, unexpected {}); forfeits {} (wrong {}); orphaned tasks {}; jobs not deleted {}; ledger verify {}; faults: {} agent kills, {} real agent kills, {} member outages, {} operator kills; run {:.0}s, wall {:.0}s: {}",
             self.jobs,
             self.succeeded,
             failed,
@@ -157,6 +160,7 @@ impl std::fmt::Display for Summary {
             self.duplicate_receipts,
             self.unexpected_receipts,
             self.forfeits,
+            self.bad_forfeits,
             self.orphaned_tasks,
             self.undeleted_jobs,
             if self.ledger_verified { "ok" } else { "FAILED" },
@@ -619,19 +623,17 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
     // Receipts: a job's deletion settles what it earned before its tasks go, so every
     // accepted result is paid by now, once.
     let mut paid: BTreeMap<(String, u32, u32), Vec<u32>> = BTreeMap::new();
+    let mut forfeited: Vec<String> = Vec::new();
     for r in ledger::receipts_json(&cfg.plugin_bin, &kubeconfig, None) {
         let Some(uid) = r["jobUid"].as_str().filter(|u| uids.contains(*u)) else {
             continue;
         };
-        if !r["forfeits"].is_null() {
-            // Nobody cheats in this run: a forfeit punishes an honest node.
+        if let Some(of) = r["forfeits"].as_str() {
+            // Nobody cheats in this run, but a node killed between its commitment and its
+            // reveal is caught by design (it cannot be told from one backing out), and
+            // its receipts in escrow are taken back: once each, and only receipts.
             summary.forfeits += 1;
-            if summary.problems.len() < 40 {
-                summary.problems.push(format!(
-                    "forfeit of {} (node {}, attempt {})",
-                    r["forfeits"], r["node"], r["attempt"]
-                ));
-            }
+            forfeited.push(of.to_string());
             continue;
         }
         let key = (
@@ -643,6 +645,27 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
             .or_default()
             .push(r["attempt"].as_u64().unwrap_or(u64::MAX) as u32);
         summary.receipts += 1;
+    }
+    forfeited.sort();
+    for (i, of) in forfeited.iter().enumerate() {
+        let once = i == 0 || forfeited[i - 1] != *of;
+        // A receipt's key: "<job uid>/<shard>/<replica>".
+        let mut parts = of.splitn(3, '/');
+        let key = (|| {
+            let uid = parts.next()?.to_string();
+            Some((
+                uid,
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+            ))
+        })();
+        let known = key.is_some_and(|k: (String, u32, u32)| paid.contains_key(&k));
+        if !once || !known {
+            summary.bad_forfeits += 1;
+            summary
+                .problems
+                .push(format!("forfeit of {of}: twice or of no receipt"));
+        }
     }
     for ((uid, shard, replica), attempts) in &paid {
         if attempts.len() > 1 {
