@@ -1141,6 +1141,18 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
     ctx.scheduler.withdraw(&ns, &name);
+    // A scheduling cycle that fenced an attempt before the deletion may still be creating
+    // its task: listed before that create, the task would be left behind.
+    if !ctx
+        .scheduler
+        .creations_done(&uid, Duration::from_secs(30))
+        .await
+    {
+        return Err(Error::CleanupPending(
+            1,
+            "a scheduling cycle is still creating the job's tasks".into(),
+        ));
+    }
     if let Err(e) = settle_before_cleanup(&job, ctx).await {
         crate::events::publish(
             &ctx.recorder,

@@ -283,6 +283,13 @@ fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis:
     t.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
 }
 
+/// An observation time at the precision the job's status keeps (whole seconds): the
+/// window paid for is the same whether the result is settled in the reconcile that saw
+/// it or in a later one that reads it back from the status.
+fn observed_time(t: Timestamp) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    to_time(Some(Timestamp::from_second(t.as_second()).unwrap_or(t)))
+}
+
 /// Decides the job's state at `now`.
 pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision {
     let spec = job.spec;
@@ -462,13 +469,15 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     // when it first saw it; a task that ran faster than a reconcile is
                     // then still paid for the time it really took.
                     status.dispatched_at =
-                        to_time(Some(seen.and_then(|s| s.0).or(t.dispatched).unwrap_or(now)));
+                        observed_time(seen.and_then(|s| s.0).or(t.dispatched).unwrap_or(now));
                     let reported = matches!(
                         t.phase,
                         Some(TaskPhase::Committed | TaskPhase::Succeeded | TaskPhase::Failed)
                     );
-                    status.reported_at =
-                        to_time(seen.and_then(|s| s.1).or_else(|| reported.then_some(now)));
+                    status.reported_at = seen
+                        .and_then(|s| s.1)
+                        .or_else(|| reported.then_some(now))
+                        .and_then(observed_time);
                     status.attempt = t.attempt;
                     status.cluster = t.cluster.clone();
                     status.node = t.node.clone();
@@ -1687,6 +1696,32 @@ mod tests {
         let d = decide(&v, &[done], later + SignedDuration::from_secs(60));
         assert_eq!(d.shards[0].reported_at, Some(Time(later)));
         assert_eq!(d.accepted[0].cpu_core_millis, 3_000);
+    }
+
+    #[test]
+    fn observation_times_are_whole_seconds_so_the_pay_is_the_same_when_read_back() {
+        // The status keeps whole seconds; a window measured at finer precision in the
+        // reconcile that saw the result would pay differently from a later one.
+        let s = spec(1);
+        let mut v = view(&s);
+        let start = t0() + SignedDuration::from_millis(900);
+        let first = decide(&v, &[task(0, 1, "n0", Some(TaskPhase::Running))], start);
+        assert_eq!(first.shards[0].dispatched_at, Some(Time(t0())));
+        v.recorded = &first.shards;
+        let mut done = task(0, 1, "n0", Some(TaskPhase::Succeeded));
+        done.cpu_core_millis = 1_000_000;
+        let end = t0() + SignedDuration::from_millis(2_200);
+        let d = decide(&v, std::slice::from_ref(&done), end);
+        assert_eq!(
+            d.shards[0].reported_at,
+            Some(Time(t0() + SignedDuration::from_secs(2)))
+        );
+        let paid_first = d.accepted[0].cpu_core_millis;
+        let read_back = d.shards.clone();
+        v.recorded = &read_back;
+        let again = decide(&v, &[done], end + SignedDuration::from_secs(30));
+        assert_eq!(paid_first, 2_000);
+        assert_eq!(again.accepted[0].cpu_core_millis, paid_first);
     }
 
     #[test]

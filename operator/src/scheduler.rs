@@ -93,7 +93,41 @@ pub struct Scheduler {
     /// Per job: a fingerprint of its submitted work, and the verdict of the last cycle
     /// that could place none of it.
     verdicts: Mutex<HashMap<String, Verdict>>,
+    /// Per job UID, the cycles fencing or creating its tasks now: a deleted job's cleanup
+    /// waits for them, so no task is created after cleanup listed the job's tasks.
+    creating: Mutex<HashMap<String, usize>>,
     notify: Notify,
+}
+
+/// One cycle's claim on a job's task creation, released when dropped.
+struct Creating<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    uid: String,
+}
+
+impl<'a> Creating<'a> {
+    fn new(map: &'a Mutex<HashMap<String, usize>>, uid: &str) -> Creating<'a> {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(uid.to_string()).or_default() += 1;
+        }
+        Creating {
+            map,
+            uid: uid.to_string(),
+        }
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.uid)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// A job found unplaceable, kept while neither the job's work nor the fleet's capacity
@@ -205,6 +239,28 @@ impl Scheduler {
         }
         if let Ok(mut v) = self.verdicts.lock() {
             v.remove(&key);
+        }
+    }
+
+    /// Waits (at most `bound`) until no cycle is fencing or creating tasks of job `uid`;
+    /// false if one still is. A cycle that starts later sees the job's deletion when it
+    /// fences and creates nothing, so after a withdrawal and this wait no task of the job
+    /// appears.
+    pub async fn creations_done(&self, uid: &str, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        loop {
+            let busy = self
+                .creating
+                .lock()
+                .map(|m| m.contains_key(uid))
+                .unwrap_or(false);
+            if !busy {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -404,6 +460,7 @@ impl Scheduler {
                 continue;
             }
             // Fencing: each attempt is recorded in the hub before its task is created.
+            let _creating = Creating::new(&self.creating, &work.uid);
             let issue: Vec<(&Need, (String, String))> = outcome
                 .assigned
                 .iter()
@@ -434,6 +491,7 @@ impl Scheduler {
                     // Bounded, so that one slow member never stalls the cycle for all jobs.
                     let api = member.tasks_api();
                     let params = PostParams::default();
+                    crate::context::failpoint_delay("before-task-create").await;
                     let call = api.create(&params, &task);
                     match tokio::time::timeout(Duration::from_secs(5), call).await {
                         Ok(Ok(_)) => {

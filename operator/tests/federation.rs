@@ -2192,6 +2192,73 @@ async fn a_member_that_answers_but_cannot_be_watched_is_a_pool_condition_and_wor
     .await;
 }
 
+/// A scheduling cycle that fenced an attempt just before the job was deleted creates its
+/// task after that (here 5 s later, a test failpoint). The job's cleanup must wait for
+/// that create: listed before it, the task would outlive its job (the orphan sweeper,
+/// set to an hour here, would be its only rescue).
+#[tokio::test]
+async fn a_task_created_while_its_job_is_being_deleted_is_cleaned_with_the_job() {
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(30))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 1).await.expect("pool");
+    let op = fed
+        .operator_with_env(
+            operator_bin(),
+            "op-1",
+            &[
+                ("EDGELOOM_FAILPOINT", "before-task-create"),
+                ("EDGELOOM_ORPHAN_SWEEP_SECONDS", "3600"),
+            ],
+        )
+        .expect("operator");
+    let ns = fed.namespace("racedelete").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("race", 1, "")).await;
+    let jobs_api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    // The attempt is fenced (recorded in the job); its task is created 5 s later.
+    let uid = wait::until("the attempt fenced", Duration::from_secs(60), || {
+        let jobs_api = jobs_api.clone();
+        async move {
+            let j = jobs_api.get("race").await.map_err(|e| e.to_string())?;
+            if j.status.as_ref().is_some_and(|s| !s.issued.is_empty()) {
+                Ok(j.metadata.uid.clone().unwrap_or_default())
+            } else {
+                Err("not fenced yet".into())
+            }
+        }
+    })
+    .await;
+    let fenced = std::time::Instant::now();
+    assert!(
+        tasks_in(&fed, "edge-a", &uid).await.is_empty(),
+        "the task is not created yet"
+    );
+    jobs_api
+        .delete("race", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait::until_true("the job to be gone", Duration::from_secs(60), || {
+        let jobs_api = jobs_api.clone();
+        async move { matches!(jobs_api.get_opt("race").await, Ok(None)) }
+    })
+    .await;
+    // The delayed create has happened by now, whichever way it went.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(fenced.elapsed())).await;
+    let left = tasks_in(&fed, "edge-a", &uid).await;
+    assert!(
+        left.is_empty(),
+        "a task outlived its deleted job: {:?}",
+        left.iter()
+            .map(|t| t.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        op.log_tail(2000).contains("failpoint before-task-create"),
+        "the failpoint delayed the create"
+    );
+}
+
 #[tokio::test]
 async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
     let _serial = SERIAL.lock().await;
