@@ -223,6 +223,35 @@ pub struct ComputeJobStatus {
     /// with are removed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub issued: BTreeMap<String, IssuedAttempt>,
+    /// A big job (more slots than the operator's `--status-inline-slots`, default 500)
+    /// keeps every slot's status in these pages, in order, and `shards` shows at most 100
+    /// slots not finished: the job stays far below the API server's object size limit
+    /// however many shards it has. The pages are ConfigMaps in the operator's namespace,
+    /// written by the operator only, deleted with the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub shard_pages: Vec<ShardPage>,
+    /// With `shardPages`: every slot's highest attempt, as runs
+    /// `<replica>:<first shard>-<last shard>=<attempt>` joined by commas (the scheduler
+    /// fences attempts against them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2_000_000))]
+    pub slot_attempts: Option<String>,
+}
+
+/// One page of a big job's shard status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardPage {
+    /// The ConfigMap (in the operator's namespace) holding the page as `shards.json`.
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// SHA-256 of the page's JSON (16 hex digits): the operator reads a page again only
+    /// when it changed.
+    #[schemars(length(max = 64))]
+    pub hash: String,
+    /// Slots in the page.
+    pub slots: u32,
 }
 
 /// One attempt the scheduler issued: the fencing token and where its task goes.

@@ -156,6 +156,14 @@ pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> Strin
         );
     }
     out.push_str("Shards:\n");
+    if !s.shard_pages.is_empty() {
+        let slots: u32 = s.shard_pages.iter().map(|p| p.slots).sum();
+        out.push_str(&format!(
+            "  {slots} slots, kept in {} pages (ConfigMaps labelled edgeloom.io/job-uid in the operator's namespace); shown: {} not finished\n",
+            s.shard_pages.len(),
+            s.shards.len()
+        ));
+    }
     let mut rows = vec![
         [
             "SHARD", "REPLICA", "ATTEMPT", "CLUSTER", "NODE", "PHASE", "PROGRESS", "DIGEST",

@@ -39,6 +39,11 @@ pub struct Context {
     pub identity: String,
     /// The pools' ledgers and reputation records.
     pub books: Books,
+    /// Slots a job's status holds itself; a bigger job's are paged
+    /// (docs/ARCHITECTURE.md, "Bounded status").
+    pub inline_slots: usize,
+    /// Shard status pages read or written by this process.
+    pub pages: crate::shard_pages::PageCache,
 }
 
 /// The ledger and reputation store of every pool, made on first use.

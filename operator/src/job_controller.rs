@@ -11,6 +11,7 @@ use crate::lifecycle::{self, BudgetView, JobView, TaskView};
 use crate::rewards::settle;
 use crate::rewards::store::Totals;
 use crate::scheduler::{Work, selector_matches};
+use crate::shard_pages;
 use edgeloom_crds::commitment::REVEAL_ANNOTATION;
 use edgeloom_crds::compute_job::{ComputeJobStatus, IssuedAttempt, ShardStatus};
 use edgeloom_crds::compute_task::JOB_UID_LABEL;
@@ -494,7 +495,8 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
-    let old = job.status.clone().unwrap_or_default();
+    // Every slot, a big job's pages read back.
+    let old = full_status(&job, ctx).await?;
     let members = members_for(&job, ctx);
     // Never decide on a cold cache: right after an operator restart a member whose tasks
     // or heartbeats are not listed yet would look empty or dead, and a job that ran
@@ -937,10 +939,16 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             .or_else(|| finished.then_some(Time(now))),
         // The scheduler's (written before it creates a task); never applied from here.
         issued: old.issued.clone(),
+        // Set by `shard_pages::page_out` when the job is big.
+        shard_pages: Vec::new(),
+        slot_attempts: None,
     };
-    if Some(&status) != job.status.as_ref() {
+    // A big job's slots go to pages first, then the status naming them.
+    let (written, pages) = shard_pages::page_out(&status, &uid, ctx.inline_slots);
+    if Some(&written) != job.status.as_ref() {
+        write_pages(&uid, &old, &written, pages, ctx).await?;
         let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
-        let mut applied = status.clone();
+        let mut applied = written.clone();
         applied.issued.clear();
         let patch = serde_json::json!({
             "apiVersion": "edgeloom.io/v1alpha1",
@@ -1097,12 +1105,97 @@ fn replaced_because(s: &ShardStatus) -> String {
     }
 }
 
+/// The job's status with every slot: a big job's pages read back (cached by hash).
+async fn full_status(job: &ComputeJob, ctx: &Context) -> Result<ComputeJobStatus, Error> {
+    let written = job.status.clone().unwrap_or_default();
+    if written.shard_pages.is_empty() {
+        return Ok(written);
+    }
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut pages = Vec::new();
+    for p in &written.shard_pages {
+        if let Some(hit) = ctx.pages.get(&p.name, &p.hash) {
+            pages.push(Some(hit));
+            continue;
+        }
+        let found = api.get_opt(&p.name).await.map_err(Error::Hub)?;
+        let text = found
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref())
+            .and_then(|d| d.get(shard_pages::PAGE_KEY));
+        match text.map(|t| (t, serde_json::from_str::<Vec<ShardStatus>>(t))) {
+            Some((t, Ok(slots))) => {
+                let slots = Arc::new(slots);
+                ctx.pages
+                    .put(&p.name, &shard_pages::PageCache::hash_of(t), slots.clone());
+                pages.push(Some(slots));
+            }
+            Some((_, Err(e))) => {
+                tracing::warn!(job = %job.name_any(), page = %p.name, error = %e, "a shard status page does not parse; its slots keep their attempts only");
+                pages.push(None);
+            }
+            None => {
+                tracing::warn!(job = %job.name_any(), page = %p.name, "a shard status page is missing; its slots keep their attempts only");
+                pages.push(None);
+            }
+        }
+    }
+    Ok(shard_pages::page_in(&written, &pages))
+}
+
+/// Writes the pages that changed since `old` was written and deletes those no longer
+/// named (ConfigMaps in the operator's namespace, labelled with the job's UID).
+async fn write_pages(
+    uid: &str,
+    old: &ComputeJobStatus,
+    written: &ComputeJobStatus,
+    pages: Vec<shard_pages::Page>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    for page in pages {
+        let r = &page.reference;
+        if old.shard_pages.contains(r) && ctx.pages.get(&r.name, &r.hash).is_some() {
+            continue;
+        }
+        let cm = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": r.name,
+                "labels": {JOB_UID_LABEL: uid, "app.kubernetes.io/managed-by": "edgeloom"},
+            },
+            "data": {shard_pages::PAGE_KEY: page.json},
+        });
+        api.patch(
+            &r.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
+        .await
+        .map_err(Error::Hub)?;
+        ctx.pages.put(&r.name, &r.hash, page.slots);
+    }
+    for gone in old
+        .shard_pages
+        .iter()
+        .filter(|p| !written.shard_pages.iter().any(|w| w.name == p.name))
+    {
+        match api.delete(&gone.name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(Error::Hub(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Pays what the job's tasks earned and nobody paid yet (a job deleted right after its
 /// results arrived, or while its ledger was unavailable): nothing is silently unpaid.
 async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Error> {
     let now = Timestamp::now();
     let uid = job.uid().unwrap_or_default();
-    let old = job.status.clone().unwrap_or_default();
+    let old = full_status(job, ctx).await?;
     let views = task_views(&uid, &old.issued, ctx, now);
     if !views
         .iter()
@@ -1245,6 +1338,16 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         .await;
         return Err(Error::CleanupPending(pending.len(), pending.join(", ")));
     }
+    // A big job's shard status pages go with it.
+    let pages: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    pages
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{JOB_UID_LABEL}={uid}")),
+        )
+        .await
+        .map_err(Error::Hub)?;
+    ctx.pages.forget(&uid);
     tracing::info!(job = %name, "tasks removed from every member cluster");
     Ok(Action::await_change())
 }

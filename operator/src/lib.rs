@@ -19,5 +19,6 @@ pub mod queue;
 pub mod rewards;
 pub mod run;
 pub mod scheduler;
+pub mod shard_pages;
 pub mod sweeper;
 pub mod verification;

@@ -53,6 +53,10 @@ struct Flags {
     /// Seconds between sweeps for tasks whose job no longer exists in the hub.
     #[arg(long, env = "EDGELOOM_ORPHAN_SWEEP_SECONDS", default_value_t = 30)]
     orphan_sweep_seconds: u64,
+    /// Slots (shards x replicas) a job's status holds itself; a bigger job's slots are
+    /// kept in pages (ConfigMaps in --namespace) and its status shows 100 not finished.
+    #[arg(long, env = "EDGELOOM_STATUS_INLINE_SLOTS", default_value_t = edgeloom_operator::shard_pages::DEFAULT_INLINE_SLOTS)]
+    status_inline_slots: usize,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -86,6 +90,9 @@ async fn main() -> Result<()> {
         ledger_store_secret: flags.ledger_store_secret,
         ledger_dir: flags.ledger_dir,
         orphan_sweep: Duration::from_secs(flags.orphan_sweep_seconds.max(1)),
+        inline_slots: flags
+            .status_inline_slots
+            .clamp(1, 2 * edgeloom_operator::shard_pages::DEFAULT_INLINE_SLOTS),
     })
     .await
 }

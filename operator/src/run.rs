@@ -44,6 +44,9 @@ pub struct Settings {
     /// How often tasks whose job is gone are looked for (docs/ARCHITECTURE.md, "Failure
     /// model").
     pub orphan_sweep: Duration,
+    /// Slots a job's status holds itself; a bigger job's are paged into ConfigMaps of
+    /// `namespace` (docs/ARCHITECTURE.md, "Bounded status").
+    pub inline_slots: usize,
 }
 
 /// The ledgers' object store: the one the Secret names, else the local directory.
@@ -142,6 +145,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         pools: pools.store(),
         identity: settings.identity.clone(),
         books: Books::new(client.clone(), &settings.namespace, backend),
+        inline_slots: settings.inline_slots,
+        pages: Default::default(),
     });
     tokio::spawn(scheduler.run(
         fleet,

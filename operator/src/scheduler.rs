@@ -634,6 +634,10 @@ enum Fenced {
     Conflict,
 }
 
+/// Attempts issued and not yet recorded in a job's shards, at most: `status.issued`
+/// stays bounded however many slots one cycle could place (the rest wait a cycle).
+pub const ISSUED_MAX: usize = 500;
+
 async fn fence_once(
     hub: &kube::Client,
     work: &Work,
@@ -664,7 +668,25 @@ async fn fence_once(
         let e = highest.entry(slot_key(s.index, s.replica)).or_default();
         *e = (*e).max(s.attempt);
     }
+    // A big job's slots are paged; their attempts are in the status as runs.
+    if let Some(text) = &status.slot_attempts {
+        let decoded = crate::shard_pages::decode_attempts(text, |shard, replica, attempt| {
+            let e = highest.entry(slot_key(shard, replica)).or_default();
+            *e = (*e).max(attempt);
+        });
+        if let Err(e) = decoded {
+            tracing::warn!(job = %work.name, error = %e, "the job's slot attempts do not read; nothing issued");
+            return none;
+        }
+    }
     let recorded = highest.clone();
+    // Entries the job's shards have caught up with are no longer needed; the rest
+    // bound how many more may be issued now.
+    let outstanding = status
+        .issued
+        .iter()
+        .filter(|(key, i)| recorded.get(*key).is_none_or(|r| *r < i.attempt))
+        .count();
     for (key, i) in &status.issued {
         let e = highest.entry(key.clone()).or_default();
         *e = (*e).max(i.attempt);
@@ -676,7 +698,8 @@ async fn fence_once(
         .map(|(need, (member, node))| {
             let key = slot_key(need.shard, need.replica);
             let ok = need.attempt > highest.get(&key).copied().unwrap_or(0)
-                && !entries.contains_key(&key);
+                && !entries.contains_key(&key)
+                && outstanding + entries.len() < ISSUED_MAX;
             if ok {
                 let (pool, cluster) = member.split_once('/').unwrap_or((member, member));
                 entries.insert(

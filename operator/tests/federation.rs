@@ -2259,6 +2259,145 @@ async fn a_task_created_while_its_job_is_being_deleted_is_cleaned_with_the_job()
     );
 }
 
+/// A job with more slots than the status holds itself (here 10, `--status-inline-slots`;
+/// 500 by default) keeps every slot in pages, and the operator decides from them as from
+/// an inline status: a new operator reads them back, places nothing twice and pays every
+/// slot once. The pages go with the job.
+#[tokio::test]
+async fn a_big_jobs_shard_status_is_paged_and_survives_an_operator_restart() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let _serial = SERIAL.lock().await;
+    let fed = Federation::start(&["edge-a"], 6, Duration::from_secs(1))
+        .await
+        .expect("federation");
+    fed.apply_pool("edge", 30, 2).await.expect("pool");
+    let env = [("EDGELOOM_STATUS_INLINE_SLOTS", "10")];
+    let mut op = fed
+        .operator_with_env(operator_bin(), "op-1", &env)
+        .expect("operator");
+    let ns = fed.namespace("paged").await.expect("ns");
+    apply(&fed, &ns, &job_yaml("big", 40, "")).await;
+    let jobs_api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let uid = wait::until(
+        "a quarter of the shards done",
+        Duration::from_secs(120),
+        || {
+            let jobs_api = jobs_api.clone();
+            async move {
+                let j = jobs_api.get("big").await.map_err(|e| e.to_string())?;
+                let status = j.status.clone().unwrap_or_default();
+                let done: u32 = status
+                    .progress
+                    .as_deref()
+                    .and_then(|p| p.split_once('/'))
+                    .and_then(|(d, _)| d.parse().ok())
+                    .unwrap_or(0);
+                if done >= 10 && !status.shard_pages.is_empty() {
+                    Ok(j.metadata.uid.clone().unwrap_or_default())
+                } else {
+                    Err(format!(
+                        "{:?} {} pages",
+                        status.progress,
+                        status.shard_pages.len()
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    // What op-1 recorded of the slots finished so far (its own observation times).
+    let cms: Api<ConfigMap> = Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let read_pages = |status: edgeloom_crds::ComputeJobStatus| {
+        let cms = cms.clone();
+        async move {
+            let mut slots = Vec::new();
+            for p in &status.shard_pages {
+                let cm = cms.get(&p.name).await.expect("page");
+                let text = cm.data.expect("data")["shards.json"].clone();
+                let page: Vec<edgeloom_crds::compute_job::ShardStatus> =
+                    serde_json::from_str(&text).expect("page json");
+                assert_eq!(page.len() as u32, p.slots);
+                slots.extend(page);
+            }
+            slots
+        }
+    };
+    op.kill();
+    let before = read_pages(job(&fed, &ns, "big").await.status.expect("status")).await;
+    let finished_before: Vec<_> = before
+        .iter()
+        .filter(|s| s.phase == TaskPhase::Succeeded)
+        .map(|s| (s.index, s.reported_at.clone()))
+        .collect();
+    assert!(finished_before.len() >= 10, "{before:?}");
+    let _op2 = fed
+        .operator_with_env(operator_bin(), "op-2", &env)
+        .expect("operator");
+    let done = jobs::wait_phase(
+        &fed,
+        &ns,
+        "big",
+        JobPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    let status = done.status.clone().expect("status");
+    assert!(
+        status.shards.is_empty(),
+        "a finished paged job shows no slot: {:?}",
+        status.shards
+    );
+    assert_eq!(
+        status.shard_pages.len(),
+        4,
+        "pages of 10: {:?}",
+        status.shard_pages
+    );
+    assert_eq!(status.shard_pages.iter().map(|p| p.slots).sum::<u32>(), 40);
+    assert_eq!(
+        status.slot_attempts.as_deref(),
+        Some("0:0-39=1"),
+        "no slot was placed twice"
+    );
+    let slots = read_pages(status.clone()).await;
+    assert_eq!(slots.len(), 40);
+    // op-2 read op-1's observations back from the pages rather than make new ones.
+    for (index, reported) in &finished_before {
+        assert_eq!(
+            &slots[*index as usize].reported_at, reported,
+            "shard {index}: what op-1 observed was kept"
+        );
+    }
+    for (i, s) in slots.iter().enumerate() {
+        assert_eq!(s.index as usize, i);
+        assert_eq!(s.phase, TaskPhase::Succeeded, "{s:?}");
+        assert!(
+            s.dispatched_at.is_some() && s.reported_at.is_some(),
+            "{s:?}"
+        );
+    }
+    let paid = wait_receipts(&fed, &uid, 40).await;
+    assert_eq!(paid.len(), 40, "one receipt per shard");
+    assert!(paid.iter().all(|p| p.2 == 1), "{paid:?}");
+    jobs_api
+        .delete("big", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait::until_true(
+        "the pages to go with the job",
+        Duration::from_secs(60),
+        || {
+            let (cms, uid) = (cms.clone(), uid.clone());
+            async move {
+                cms.list(&ListParams::default().labels(&format!("edgeloom.io/job-uid={uid}")))
+                    .await
+                    .is_ok_and(|l| l.items.is_empty())
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
     let _serial = SERIAL.lock().await;
