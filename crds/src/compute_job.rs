@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.verification) || self.verification.replicas == 1 || !has(self.placement.spread) || self.placement.spread != 'None'").message("verification replicas need distinct nodes: placement.spread must not be None").field_path(".placement.spread"))]
+#[x_kube(validation = Rule::new("!has(self.placement) || !has(self.placement.gang) || !self.placement.gang || self.shards * (has(self.verification) ? self.verification.replicas : 1) <= 500").message("a gang job has at most 500 slots (shards x verification replicas): its attempts are all issued at once").field_path(".placement.gang"))]
 pub struct ComputeJobSpec {
     /// What to run.
     pub workload: Workload,
@@ -231,8 +232,9 @@ pub struct ComputeJobStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub shard_pages: Vec<ShardPage>,
-    /// With `shardPages`: every slot's highest attempt, as runs
-    /// `<replica>:<first shard>-<last shard>=<attempt>` joined by commas (the scheduler
+    /// With `shardPages`: every slot's highest attempt, as runs of consecutive shards of
+    /// one replica joined by commas, `<replica>:<first>-<last>=<attempt>` where they share
+    /// an attempt, `<replica>:<first>=<attempt>.<attempt>...` otherwise (the scheduler
     /// fences attempts against them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2_000_000))]

@@ -946,7 +946,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     // A big job's slots go to pages first, then the status naming them.
     let (written, pages) = shard_pages::page_out(&status, &uid, ctx.inline_slots);
     if Some(&written) != job.status.as_ref() {
-        write_pages(&uid, &old, &written, pages, ctx).await?;
+        write_pages(&uid, &old, pages, ctx).await?;
         let api: Api<ComputeJob> = Api::namespaced(ctx.client.clone(), &ns);
         let mut applied = written.clone();
         applied.issued.clear();
@@ -962,6 +962,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         )
         .await
         .map_err(Error::Hub)?;
+        delete_stale_pages(&old, &written, ctx).await?;
         publish_events(&job, &old, &status, &unfit, ctx).await;
         if finished && !matches!(old.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
             ctx.metrics
@@ -1143,12 +1144,11 @@ async fn full_status(job: &ComputeJob, ctx: &Context) -> Result<ComputeJobStatus
     Ok(shard_pages::page_in(&written, &pages))
 }
 
-/// Writes the pages that changed since `old` was written and deletes those no longer
-/// named (ConfigMaps in the operator's namespace, labelled with the job's UID).
+/// Writes the pages that changed since `old` was written (ConfigMaps in the operator's
+/// namespace, labelled with the job's UID), before the status that names them.
 async fn write_pages(
     uid: &str,
     old: &ComputeJobStatus,
-    written: &ComputeJobStatus,
     pages: Vec<shard_pages::Page>,
     ctx: &Context,
 ) -> Result<(), Error> {
@@ -1176,6 +1176,17 @@ async fn write_pages(
         .map_err(Error::Hub)?;
         ctx.pages.put(&r.name, &r.hash, page.slots);
     }
+    Ok(())
+}
+
+/// Deletes the pages `old` named and `written` no longer does, once `written` is the
+/// job's status (deleted before, a failed status write would leave it naming them).
+async fn delete_stale_pages(
+    old: &ComputeJobStatus,
+    written: &ComputeJobStatus,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     for gone in old
         .shard_pages
         .iter()
@@ -1186,6 +1197,7 @@ async fn write_pages(
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(Error::Hub(e)),
         }
+        ctx.pages.forget_page(&gone.name);
     }
     Ok(())
 }
@@ -1234,6 +1246,15 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
     ctx.scheduler.withdraw(&ns, &name);
+    // Right after a start the EdgePools may not be listed yet: with none known, no member
+    // would be waited for and the job would go while its tasks stay (CI found it).
+    let pools_listed = tokio::time::timeout(Duration::from_secs(10), ctx.pools.wait_until_ready());
+    if !matches!(pools_listed.await, Ok(Ok(()))) {
+        return Err(Error::CleanupPending(
+            1,
+            "the EdgePools are not listed yet".into(),
+        ));
+    }
     // A scheduling cycle that fenced an attempt before the deletion may still be creating
     // its task: listed before that create, the task would be left behind.
     if !ctx
@@ -1261,8 +1282,16 @@ async fn cleanup(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
     let issued = job.status.clone().unwrap_or_default().issued;
     // Clusters not connected may hold tasks too: the job waits for them as for members
-    // never listed.
-    let mut pending = members_unknown(&ctx.pools.state(), ctx, now, false);
+    // never listed (those of its pools, and of the pools its attempts went to).
+    let mut pools = pools_for(&job, ctx);
+    for p in ctx.pools.state() {
+        if issued.values().any(|i| i.pool == p.name_any())
+            && !pools.iter().any(|q| q.name_any() == p.name_any())
+        {
+            pools.push(p);
+        }
+    }
+    let mut pending = members_unknown(&pools, ctx, now, false);
     for m in ctx.fleet.members() {
         let mut names: Vec<String> = m
             .tasks

@@ -505,7 +505,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                             .map(|t| t.0)
                             .unwrap_or(now)
                     };
-                    status.progressed_at = to_time(Some(progressed));
+                    status.progressed_at = observed_time(progressed);
                     let silent = matches!(
                         t.phase,
                         None | Some(TaskPhase::Pending | TaskPhase::Running)

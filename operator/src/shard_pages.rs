@@ -20,7 +20,11 @@ use std::sync::{Arc, Mutex};
 /// schema bound, so a page stays below the 1 MiB a ConfigMap may hold.
 pub const PAGE_SLOTS: usize = 500;
 /// Slots not finished that a paged job's status still shows.
-pub const SHOWN_SLOTS: usize = 100;
+pub const SHOWN_SLOTS: usize = 50;
+/// Slots one shard may have (verification replicas are at most 9).
+const SLOTS_PER_SHARD: usize = 9;
+/// Pages one job may have (the schema's bound on `status.shardPages`).
+const MAX_PAGES: usize = 1000;
 /// Slots a job's status holds itself, by default.
 pub const DEFAULT_INLINE_SLOTS: usize = 500;
 /// The ConfigMap key of a page.
@@ -39,8 +43,9 @@ fn hash16(text: &str) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Every slot's attempt (those above 0) as runs `<replica>:<first>-<last>=<attempt>`
-/// (or `<replica>:<shard>=<attempt>`) of consecutive shards, joined by commas.
+/// Every slot's attempt (those above 0) as runs of consecutive shards of one replica,
+/// joined by commas: `<replica>:<first>-<last>=<attempt>` where they share an attempt,
+/// `<replica>:<first>=<attempt>.<attempt>...` listing one attempt per shard otherwise.
 pub fn encode_attempts(shards: &[ShardStatus]) -> String {
     let mut by_replica: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
     for s in shards.iter().filter(|s| s.attempt > 0) {
@@ -53,29 +58,43 @@ pub fn encode_attempts(shards: &[ShardStatus]) -> String {
     }
     let mut runs: Vec<String> = Vec::new();
     for (replica, shards) in by_replica {
-        let mut run: Option<(u32, u32, u32)> = None;
-        let flush = |run: (u32, u32, u32), runs: &mut Vec<String>| {
-            let (first, last, attempt) = run;
-            runs.push(if first == last {
-                format!("{replica}:{first}={attempt}")
-            } else {
-                format!("{replica}:{first}-{last}={attempt}")
-            });
-        };
+        // Consecutive shards, then within them stretches of one attempt.
+        let mut block: Vec<(u32, u32)> = Vec::new();
+        let mut blocks: Vec<Vec<(u32, u32)>> = Vec::new();
         for (index, attempt) in shards {
-            run = match run {
-                Some((first, last, a)) if last + 1 == index && a == attempt => {
-                    Some((first, index, a))
-                }
-                Some(done) => {
-                    flush(done, &mut runs);
-                    Some((index, index, attempt))
-                }
-                None => Some((index, index, attempt)),
-            };
+            if block.last().is_some_and(|(i, _)| i + 1 != index) {
+                blocks.push(std::mem::take(&mut block));
+            }
+            block.push((index, attempt));
         }
-        if let Some(done) = run {
-            flush(done, &mut runs);
+        blocks.push(block);
+        for block in blocks.into_iter().filter(|b| !b.is_empty()) {
+            let mut listed: Vec<(u32, u32)> = Vec::new();
+            let flush_listed = |listed: &mut Vec<(u32, u32)>, runs: &mut Vec<String>| {
+                if let Some((first, _)) = listed.first() {
+                    let attempts: Vec<String> = listed.iter().map(|(_, a)| a.to_string()).collect();
+                    runs.push(format!("{replica}:{first}={}", attempts.join(".")));
+                    listed.clear();
+                }
+            };
+            let mut i = 0;
+            while i < block.len() {
+                let mut j = i;
+                while j + 1 < block.len() && block[j + 1].1 == block[i].1 {
+                    j += 1;
+                }
+                if j - i >= 2 {
+                    flush_listed(&mut listed, &mut runs);
+                    runs.push(format!(
+                        "{replica}:{}-{}={}",
+                        block[i].0, block[j].0, block[i].1
+                    ));
+                } else {
+                    listed.extend_from_slice(&block[i..=j]);
+                }
+                i = j + 1;
+            }
+            flush_listed(&mut listed, &mut runs);
         }
     }
     runs.join(",")
@@ -87,24 +106,34 @@ pub fn decode_attempts(text: &str, mut each: impl FnMut(u32, u32, u32)) -> Resul
     for run in text.split(',').filter(|r| !r.is_empty()) {
         let bad = || format!("slot attempts: bad run {run:?}");
         let (replica, rest) = run.split_once(':').ok_or_else(bad)?;
-        let (range, attempt) = rest.split_once('=').ok_or_else(bad)?;
-        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        let (range, attempts) = rest.split_once('=').ok_or_else(bad)?;
         let parse = |s: &str| s.parse::<u32>().map_err(|_| bad());
-        let (replica, first, last, attempt) = (
-            parse(replica)?,
-            parse(first)?,
-            parse(last)?,
-            parse(attempt)?,
-        );
-        if last < first {
-            return Err(bad());
-        }
-        total += u64::from(last - first) + 1;
-        if total > MAX_SLOTS {
-            return Err(format!("slot attempts: more than {MAX_SLOTS} slots"));
-        }
-        for shard in first..=last {
-            each(shard, replica, attempt);
+        let replica = parse(replica)?;
+        match range.split_once('-') {
+            Some((first, last)) => {
+                let (first, last, attempt) = (parse(first)?, parse(last)?, parse(attempts)?);
+                if last < first {
+                    return Err(bad());
+                }
+                total += u64::from(last - first) + 1;
+                if total > MAX_SLOTS {
+                    return Err(format!("slot attempts: more than {MAX_SLOTS} slots"));
+                }
+                for shard in first..=last {
+                    each(shard, replica, attempt);
+                }
+            }
+            None => {
+                let first = parse(range)?;
+                for (k, a) in attempts.split('.').enumerate() {
+                    total += 1;
+                    if total > MAX_SLOTS {
+                        return Err(format!("slot attempts: more than {MAX_SLOTS} slots"));
+                    }
+                    let shard = first.checked_add(k as u32).ok_or_else(bad)?;
+                    each(shard, replica, parse(a)?);
+                }
+            }
         }
     }
     Ok(())
@@ -120,8 +149,17 @@ pub struct Page {
     pub json: String,
 }
 
+/// Shards per page: a page holds a fixed range of shards, all their slots (so a slot
+/// never moves to another page when a shard gains replicas), at most [`PAGE_SLOTS`]
+/// slots with every shard at its most replicas, and a job has at most [`MAX_PAGES`].
+pub fn shards_per_page(inline: usize, shards: usize) -> usize {
+    (PAGE_SLOTS.min(inline) / SLOTS_PER_SHARD)
+        .max(shards.div_ceil(MAX_PAGES))
+        .max(1)
+}
+
 /// The status to write for `full` (every slot): itself when it has at most `inline`
-/// slots, else the paged form and its pages (of `min(PAGE_SLOTS, inline)` slots).
+/// slots, else the paged form and its pages (see [`shards_per_page`]).
 pub fn page_out(
     full: &ComputeJobStatus,
     uid: &str,
@@ -135,19 +173,26 @@ pub fn page_out(
     }
     let mut sorted = full.shards.clone();
     sorted.sort_by_key(|s| (s.index, s.replica));
-    let size = PAGE_SLOTS.min(inline.max(1));
-    let pages: Vec<Page> = sorted
-        .chunks(size)
-        .enumerate()
+    let shards = sorted.last().map_or(0, |s| s.index as usize + 1);
+    let per_page = shards_per_page(inline, shards);
+    let mut ranges: BTreeMap<usize, Vec<ShardStatus>> = BTreeMap::new();
+    for s in &sorted {
+        ranges
+            .entry(s.index as usize / per_page)
+            .or_default()
+            .push(s.clone());
+    }
+    let pages: Vec<Page> = ranges
+        .into_iter()
         .map(|(i, chunk)| {
-            let json = serde_json::to_string(chunk).unwrap_or_default();
+            let json = serde_json::to_string(&chunk).unwrap_or_default();
             Page {
                 reference: ShardPage {
                     name: page_name(uid, i),
                     hash: hash16(&json),
                     slots: chunk.len() as u32,
                 },
-                slots: Arc::new(chunk.to_vec()),
+                slots: Arc::new(chunk),
                 json,
             }
         })
@@ -170,9 +215,10 @@ pub fn page_out(
 
 /// The full status from a written one and its pages, in order (None: a page that is
 /// missing or unreadable). Pages win over the shown slots (after a crash between
-/// writing the pages and the status they are the newer); the slots of a missing page
-/// keep their attempts (from `slotAttempts`, so no attempt is issued twice) and lose
-/// the rest of what the operator remembered of them.
+/// writing the pages and the status they are the newer). Every slot keeps at least the
+/// attempt `slotAttempts` records for it, whatever the pages say (a page missing, or
+/// older or newer than the status after a crash): no attempt is ever issued twice. A
+/// slot in no page keeps only that attempt of what the operator remembered of it.
 pub fn page_in(
     written: &ComputeJobStatus,
     pages: &[Option<Arc<Vec<ShardStatus>>>],
@@ -192,9 +238,7 @@ pub fn page_in(
             .entry((s.index, s.replica))
             .or_insert_with(|| s.clone());
     }
-    if pages.iter().any(Option::is_none)
-        && let Some(text) = &written.slot_attempts
-    {
+    if let Some(text) = &written.slot_attempts {
         let _ = decode_attempts(text, |shard, replica, attempt| {
             let e = slots
                 .entry((shard, replica))
@@ -241,6 +285,13 @@ impl PageCache {
     pub fn put(&self, name: &str, hash: &str, slots: Arc<Vec<ShardStatus>>) {
         if let Ok(mut c) = self.0.lock() {
             c.insert(name.to_string(), (hash.to_string(), slots));
+        }
+    }
+
+    /// Forgets page `name`.
+    pub fn forget_page(&self, name: &str) {
+        if let Ok(mut c) = self.0.lock() {
+            c.remove(name);
         }
     }
 
@@ -296,7 +347,29 @@ mod tests {
         shards.push(slot(6, 1, 2, TaskPhase::Running));
         shards.push(slot(8, 1, 0, TaskPhase::Pending));
         let text = encode_attempts(&shards);
-        assert_eq!(text, "0:0-16=1,0:17=3,0:18-9999=1,1:5-6=2");
+        assert_eq!(text, "0:0-16=1,0:17=3,0:18-9999=1,1:5=2.2");
+        // Alternating attempts are listed, not ranged.
+        let alternating: Vec<ShardStatus> = (0..6)
+            .map(|i| slot(i, 2, 1 + i % 2, TaskPhase::Running))
+            .collect();
+        assert_eq!(encode_attempts(&alternating), "2:0=1.2.1.2.1.2");
+        let mut back = Vec::new();
+        decode_attempts("2:0=1.2.1.2.1.2,3:7-9=4", |s, r, a| back.push((s, r, a)))
+            .expect("decodes");
+        assert_eq!(
+            back,
+            [
+                (0, 2, 1),
+                (1, 2, 2),
+                (2, 2, 1),
+                (3, 2, 2),
+                (4, 2, 1),
+                (5, 2, 2),
+                (7, 3, 4),
+                (8, 3, 4),
+                (9, 3, 4)
+            ]
+        );
         let mut back: BTreeMap<(u32, u32), u32> = BTreeMap::new();
         decode_attempts(&text, |s, r, a| {
             back.insert((s, r), a);
@@ -308,7 +381,14 @@ mod tests {
             .map(|s| ((s.index, s.replica), s.attempt))
             .collect();
         assert_eq!(back, expected);
-        for bad in ["x", "0:5-3=1", "0:1=a", "0:0-4294967295=1"] {
+        for bad in [
+            "x",
+            "0:5-3=1",
+            "0:1=a",
+            "0:0-4294967295=1",
+            "0:4294967295=1.1",
+            "0:1=1..2",
+        ] {
             assert!(decode_attempts(bad, |_, _, _| {}).is_err(), "{bad}");
         }
     }
@@ -327,17 +407,39 @@ mod tests {
         let (small, none) = page_out(&full, "u-1", 5_000);
         assert!(none.is_empty() && small.shard_pages.is_empty() && small.shards.len() == 1_234);
         let (written, pages) = page_out(&full, "u-1", 1_000);
-        assert_eq!(pages.len(), 3, "pages of 500");
-        assert_eq!(written.shard_pages[2].slots, 234);
+        assert_eq!(pages.len(), 23, "pages of 55 shards");
+        assert_eq!(written.shard_pages[22].slots, 1_234 - 22 * 55);
         assert_eq!(written.shards.len(), 13, "the running slots only");
         let read: Vec<Option<Arc<Vec<ShardStatus>>>> =
             pages.iter().map(|p| Some(p.slots.clone())).collect();
         assert_eq!(page_in(&written, &read).shards, full.shards);
         // A page lost: its slots keep their attempts.
-        let lost = vec![read[0].clone(), None, read[2].clone()];
+        let mut lost = read.clone();
+        lost[1] = None;
         let back = page_in(&written, &lost);
         assert_eq!(back.shards.len(), 1_234);
         assert!(back.shards.iter().all(|s| s.attempt == 1));
+        // A page older than the status (a crash while the pages were written): the
+        // attempts recorded in the status stand.
+        let mut newer = full.clone();
+        newer.shards[60].attempt = 2;
+        let (written2, _) = page_out(&newer, "u-1", 1_000);
+        let back = page_in(&written2, &read);
+        assert_eq!(back.shards[60].attempt, 2);
+        // A shard gaining replicas moves no slot to another page.
+        let mut more = full.clone();
+        more.shards.push(slot(3, 1, 1, TaskPhase::Running));
+        let (_, pages2) = page_out(&more, "u-1", 1_000);
+        let names = |p: &[Page]| {
+            p.iter()
+                .map(|p| p.reference.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&pages2), names(&pages));
+        assert_eq!(
+            pages2[1].json, pages[1].json,
+            "only the page of shard 3 changed"
+        );
     }
 
     #[test]
@@ -406,5 +508,31 @@ mod tests {
             size < 3 << 19,
             "an inline status stays under 1.5 MiB: {size}"
         );
+        // The worst paged status: 10,000 shards x 9 replicas whose attempts alternate (no
+        // run longer than one slot), every shown slot at its bounds, 500 issued.
+        let mut worst = ComputeJobStatus {
+            issued: inline.issued.clone(),
+            ..Default::default()
+        };
+        for i in 0..10_000u32 {
+            for r in 0..9u32 {
+                let mut s = full.shards[0].clone();
+                (s.index, s.replica, s.attempt) = (i, r, 999 + (i + r) % 2);
+                worst.shards.push(s);
+            }
+        }
+        let (written, pages) = page_out(&worst, "u-1", DEFAULT_INLINE_SLOTS);
+        let size = serde_json::to_string(&written).expect("json").len();
+        let largest = pages.iter().map(|p| p.json.len()).max().unwrap_or(0);
+        eprintln!(
+            "90,000 slots, alternating attempts, at their bounds, 500 issued: status {size} bytes (attempt runs {} bytes), {} pages of at most {largest} bytes",
+            written.slot_attempts.as_ref().map_or(0, String::len),
+            pages.len()
+        );
+        assert!(
+            size < 3 << 19,
+            "the worst paged status stays under 1.5 MiB: {size}"
+        );
+        assert!(largest < 1 << 20, "a page stays under 1 MiB: {largest}");
     }
 }

@@ -2259,7 +2259,7 @@ async fn a_task_created_while_its_job_is_being_deleted_is_cleaned_with_the_job()
     );
 }
 
-/// A job with more slots than the status holds itself (here 10, `--status-inline-slots`;
+/// A job with more slots than the status holds itself (here 18, `--status-inline-slots`;
 /// 500 by default) keeps every slot in pages, and the operator decides from them as from
 /// an inline status: a new operator reads them back, places nothing twice and pays every
 /// slot once. The pages go with the job.
@@ -2271,7 +2271,7 @@ async fn a_big_jobs_shard_status_is_paged_and_survives_an_operator_restart() {
         .await
         .expect("federation");
     fed.apply_pool("edge", 30, 2).await.expect("pool");
-    let env = [("EDGELOOM_STATUS_INLINE_SLOTS", "10")];
+    let env = [("EDGELOOM_STATUS_INLINE_SLOTS", "18")];
     let mut op = fed
         .operator_with_env(operator_bin(), "op-1", &env)
         .expect("operator");
@@ -2349,8 +2349,8 @@ async fn a_big_jobs_shard_status_is_paged_and_survives_an_operator_restart() {
     );
     assert_eq!(
         status.shard_pages.len(),
-        4,
-        "pages of 10: {:?}",
+        20,
+        "pages of 2 shards (18 slots / 9 replicas at most): {:?}",
         status.shard_pages
     );
     assert_eq!(status.shard_pages.iter().map(|p| p.slots).sum::<u32>(), 40);

@@ -65,6 +65,16 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// One job with many shards on simulated agents, run to the end: the job's status
+    /// size, its pages and the operator's memory (issue #12, bounded status).
+    BigJob {
+        /// Shards of the job.
+        #[arg(long, default_value_t = 10_000)]
+        shards: u32,
+        /// Simulated nodes per member (2 members), each running up to 64 tasks at once.
+        #[arg(long, default_value_t = 80)]
+        nodes: u32,
+    },
 }
 
 fn operator_bin() -> Result<PathBuf> {
@@ -637,6 +647,94 @@ async fn churn(nodes: u32, queued: u32, seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// VmRSS of `pid`, KiB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn big_job(shards: u32, nodes: u32) -> Result<()> {
+    use edgeloom_crds::{ComputeJob, JobPhase};
+    use edgeloom_e2e::federation::Federation;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    eprintln!("[big-job] starting a hub and 2 members with {nodes} simulated nodes each");
+    let fed = Federation::start(&["edge-a", "edge-b"], nodes, Duration::from_secs(1)).await?;
+    // A long heartbeat timeout: the simulated agents renew once per pass over their tasks,
+    // which takes seconds with thousands of them.
+    fed.apply_pool("big", 600, 64).await?;
+    let op = fed.operator_with_env(&operator_bin()?, "op-1", &[])?;
+    let ns = fed.namespace("big").await?;
+    let yaml = format!(
+        "apiVersion: edgeloom.io/v1alpha1\nkind: ComputeJob\nmetadata:\n  name: big\nspec:\n  workload:\n    kind: Benchmark\n  shards: {shards}\n  placement:\n    spread: None\n"
+    );
+    let started = Instant::now();
+    manifests::apply_all(&fed.hub, &yaml, &ns, false).await?;
+    let jobs: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
+    let (mut peak_rss, mut largest_status, mut last_print) = (0u64, 0usize, Instant::now());
+    let done = loop {
+        peak_rss = peak_rss.max(rss_of(op.process.pid()));
+        let job = jobs.get("big").await?;
+        let bytes = serde_json::to_vec(&job.status)
+            .map(|v| v.len())
+            .unwrap_or(0);
+        largest_status = largest_status.max(bytes);
+        let status = job.status.clone().unwrap_or_default();
+        if last_print.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "[big-job] {:.0}s: {:?} shards done, status {bytes} bytes, {} pages, operator {} MiB",
+                started.elapsed().as_secs_f64(),
+                status.progress,
+                status.shard_pages.len(),
+                peak_rss / 1024
+            );
+            last_print = Instant::now();
+        }
+        if matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+            break job;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!(
+                "the job did not finish in 30 minutes: {:?}",
+                status.progress
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let took = started.elapsed();
+    let status = done.status.clone().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    let mut largest_page = 0usize;
+    for p in &status.shard_pages {
+        let cm = cms.get(&p.name).await?;
+        let len = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("shards.json"))
+            .map_or(0, String::len);
+        largest_page = largest_page.max(len);
+    }
+    println!(
+        "big job: {shards} shards on {} simulated nodes: {:?} in {:.0} s; job status at most {largest_status} bytes (final {} bytes), {} pages of at most {largest_page} bytes, slot attempts {:?}; operator peak RSS {} MiB",
+        2 * nodes,
+        status.phase,
+        took.as_secs_f64(),
+        serde_json::to_vec(&done.status)
+            .map(|v| v.len())
+            .unwrap_or(0),
+        status.shard_pages.len(),
+        status
+            .slot_attempts
+            .as_deref()
+            .map(|a| a.chars().take(60).collect::<String>()),
+        peak_rss / 1024
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
@@ -647,5 +745,6 @@ async fn main() -> Result<()> {
             queued,
             seconds,
         } => churn(nodes, queued, seconds).await,
+        Cmd::BigJob { shards, nodes } => big_job(shards, nodes).await,
     }
 }
