@@ -25,6 +25,13 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         if removed > 0 {
             tracing::warn!(removed, "removed tasks whose job no longer exists");
         }
+        let pages = sweep_pages(&ctx).await;
+        if pages > 0 {
+            tracing::warn!(
+                pages,
+                "removed shard status pages whose job no longer exists"
+            );
+        }
     }
 }
 
@@ -119,6 +126,49 @@ pub async fn sweep(ctx: &Context) -> usize {
                 )
                 .await;
             }
+        }
+    }
+    removed
+}
+
+/// Deletes shard status pages (docs/ARCHITECTURE.md, "Bounded status") whose job no
+/// longer exists (its finalizer removed by hand, say); returns how many. Pages are
+/// listed before jobs: a page is written only for a job that exists.
+pub async fn sweep_pages(ctx: &Context) -> usize {
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let Ok(pages) = cms
+        .list_metadata(&ListParams::default().labels(JOB_UID_LABEL))
+        .await
+    else {
+        return 0;
+    };
+    if pages.items.is_empty() {
+        return 0;
+    }
+    let jobs: Api<ComputeJob> = Api::all(ctx.client.clone());
+    let Ok(list) = jobs.list_metadata(&ListParams::default()).await else {
+        return 0;
+    };
+    let uids: HashSet<String> = list
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.uid)
+        .collect();
+    let mut removed = 0;
+    for page in pages.items {
+        let owner = page
+            .labels()
+            .get(JOB_UID_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        if uids.contains(&owner) {
+            continue;
+        }
+        let name = page.name_any();
+        match cms.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => removed += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => tracing::debug!(page = %name, error = %e, "deleting an orphaned page failed"),
         }
     }
     removed

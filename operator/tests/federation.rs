@@ -2439,6 +2439,25 @@ async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
         .create(&Default::default(), &orphan)
         .await
         .expect("orphan");
+    // And a shard status page of that job (its finalizer removed by hand), beside a
+    // ConfigMap of the operator's namespace that is not a page.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(fed.hub.clone(), SYSTEM_NAMESPACE);
+    for (name, labels) in [
+        (
+            "edgeloom-shards-00000000deadbeef-0",
+            serde_json::json!({"edgeloom.io/job-uid": "00000000-dead-beef-0000-000000000000"}),
+        ),
+        ("not-a-page", serde_json::json!({})),
+    ] {
+        let cm = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "labels": labels},
+            "data": {"shards.json": "[]"},
+        }))
+        .expect("configmap");
+        cms.create(&Default::default(), &cm).await.expect("create");
+    }
     wait::until("the orphan swept", Duration::from_secs(60), || async {
         match tasks.get_opt("deadbeef-0-0-1").await {
             Ok(None) => Ok(()),
@@ -2446,6 +2465,21 @@ async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
         }
     })
     .await;
+    wait::until(
+        "the orphaned page swept",
+        Duration::from_secs(60),
+        || async {
+            match cms.get_opt("edgeloom-shards-00000000deadbeef-0").await {
+                Ok(None) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        cms.get_opt("not-a-page").await.expect("get").is_some(),
+        "a ConfigMap that is not a page stays"
+    );
     let (_, text) = scrape::get(op.port, "/metrics").await.expect("metrics");
     assert!(
         text.contains("edgeloom_operator_orphaned_tasks_removed_total 1"),
