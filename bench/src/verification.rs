@@ -210,6 +210,7 @@ pub fn simulate(
                     },
                     budget: None,
                     progress_timeout: jiff::SignedDuration::from_secs(600),
+                    settled: BTreeSet::new(),
                 },
                 &tasks,
                 now,

@@ -392,6 +392,8 @@ struct JobInputs {
     unschedulable: Option<String>,
     progress_timeout: jiff::SignedDuration,
     max_amount: Option<Amount>,
+    /// Shards decided and paid for good (see `settled_shards`).
+    settled: std::collections::BTreeSet<u32>,
 }
 
 impl JobInputs {
@@ -453,6 +455,7 @@ impl JobInputs {
             unschedulable: ctx.scheduler.unfit(&ns, &name),
             progress_timeout,
             max_amount,
+            settled: Default::default(),
         })
     }
 
@@ -486,6 +489,7 @@ impl JobInputs {
             spot_checked,
             budget,
             progress_timeout: self.progress_timeout,
+            settled: self.settled.clone(),
         }
     }
 }
@@ -558,7 +562,8 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
             Default::default()
         }
     };
-    let inputs = JobInputs::of(&job, &old, &views, &members, ctx, now)?;
+    let mut inputs = JobInputs::of(&job, &old, &views, &members, ctx, now)?;
+    inputs.settled = settled_shards(&uid, &old, &views, &members, ctx).await;
     let max_amount = inputs.max_amount;
     let budget_view = |paid: &Totals| inputs.budget(paid);
     let start_time = inputs.start_time;
@@ -1106,6 +1111,50 @@ fn replaced_because(s: &ShardStatus) -> String {
     }
 }
 
+/// Shards whose recorded result is paid while a finished task of theirs is no longer
+/// seen (its member lost, or never listed by this operator): a receipt for the slot is in
+/// the ledger of one of the job's pools. Such a shard is decided for good and never runs
+/// again. A ledger that cannot answer in time counts as no receipt.
+async fn settled_shards(
+    uid: &str,
+    old: &ComputeJobStatus,
+    views: &[TaskView],
+    members: &[Arc<Member>],
+    ctx: &Context,
+) -> std::collections::BTreeSet<u32> {
+    let seen: std::collections::BTreeSet<(u32, u32)> =
+        views.iter().map(|v| (v.shard, v.replica)).collect();
+    let candidates: Vec<(u32, u32)> = old
+        .shards
+        .iter()
+        .filter(|s| s.phase == TaskPhase::Succeeded && !seen.contains(&(s.index, s.replica)))
+        .map(|s| (s.index, s.replica))
+        .collect();
+    let mut settled = std::collections::BTreeSet::new();
+    if candidates.is_empty() {
+        return settled;
+    }
+    let keys: Vec<String> = candidates
+        .iter()
+        .map(|(shard, replica)| format!("{uid}/{shard}/{replica}"))
+        .collect();
+    let pools: std::collections::BTreeSet<String> =
+        members.iter().map(|m| m.pool.clone()).collect();
+    for pool in pools {
+        let ledger = ctx.books.ledger(&pool);
+        if let Ok(Ok(found)) =
+            tokio::time::timeout(LEDGER_READ_TIMEOUT, ledger.has_keys(&keys)).await
+        {
+            for (i, paid) in found.iter().enumerate() {
+                if *paid {
+                    settled.insert(candidates[i].0);
+                }
+            }
+        }
+    }
+    settled
+}
+
 /// The job's status with every slot: a big job's pages read back (cached by hash).
 async fn full_status(job: &ComputeJob, ctx: &Context) -> Result<ComputeJobStatus, Error> {
     let written = job.status.clone().unwrap_or_default();
@@ -1224,7 +1273,8 @@ async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Er
         tokio::time::timeout(LEDGER_READ_TIMEOUT, settle::trust_view(job, &views, ctx))
             .await
             .map_err(slow)??;
-    let inputs = JobInputs::of(job, &old, &views, &members, ctx, now)?;
+    let mut inputs = JobInputs::of(job, &old, &views, &members, ctx, now)?;
+    inputs.settled = settled_shards(&uid, &old, &views, &members, ctx).await;
     let decision = lifecycle::decide(
         &inputs.view(job, &old, trusted, spot_checked, inputs.budget(&paid)),
         &views,

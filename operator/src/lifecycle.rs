@@ -277,6 +277,8 @@ pub struct JobView<'a> {
     pub budget: Option<BudgetView>,
     /// How long a task may go without progress (the job's, else its pools').
     pub progress_timeout: SignedDuration,
+    /// Shards with a receipt in the ledger: decided and paid for good.
+    pub settled: BTreeSet<u32>,
 }
 
 fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
@@ -288,6 +290,11 @@ fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis:
 /// it or in a later one that reads it back from the status.
 fn observed_time(t: Timestamp) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
     to_time(Some(Timestamp::from_second(t.as_second()).unwrap_or(t)))
+}
+
+/// Slots a shard may have: its replicas or the extra ones it was given.
+fn slots_before_settle(extra: &BTreeMap<u32, u32>, shard: u32, replicas: u32) -> u32 {
+    extra.get(&shard).copied().unwrap_or(0).max(replicas).max(1)
 }
 
 /// Decides the job's state at `now`.
@@ -396,6 +403,42 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 }
             }
         };
+        // A shard whose accepted results are paid is decided for good: when one of its
+        // finished tasks vanishes (its member lost, an operator that never listed it), its
+        // recorded slots stand and nothing of it runs again (the chaos run found paid
+        // shards placed anew, their new results unpaid).
+        if job.settled.contains(&shard) {
+            let kept: Vec<&ShardStatus> =
+                job.recorded.iter().filter(|s| s.index == shard).collect();
+            let vanished = kept.iter().any(|s| {
+                s.phase == TaskPhase::Succeeded && !by_slot.contains_key(&(shard, s.replica))
+            });
+            if vanished {
+                for s in &kept {
+                    shards.push((*s).clone());
+                    *placement.entry(s.cluster.clone()).or_default() += 1;
+                }
+                if let Some(d) = kept
+                    .iter()
+                    .filter(|s| s.phase == TaskPhase::Succeeded)
+                    .find_map(|s| s.result_digest.clone())
+                {
+                    digests.push(d);
+                }
+                for replica in 0..slots_before_settle(&extra, shard, replicas) {
+                    for t in by_slot.remove(&(shard, replica)).unwrap_or_default() {
+                        if !t.terminal() {
+                            cancel.push(Cancel {
+                                member: t.member.clone(),
+                                name: t.name.clone(),
+                                reason: "Verified",
+                            });
+                        }
+                    }
+                }
+                continue;
+            }
+        }
         let (shard_replicas, shard_quorum) = if alone { (1, 1) } else { (replicas, quorum) };
         let verifying = shard_replicas > 1 || adaptive;
         let slots = shard_replicas.max(extra_slots);
@@ -1119,6 +1162,7 @@ mod tests {
             spot_checked: BTreeSet::new(),
             budget: None,
             progress_timeout: SignedDuration::from_secs(600),
+            settled: BTreeSet::new(),
         }
     }
 
@@ -1696,6 +1740,37 @@ mod tests {
         let d = decide(&v, &[done], later + SignedDuration::from_secs(60));
         assert_eq!(d.shards[0].reported_at, Some(Time(later)));
         assert_eq!(d.accepted[0].cpu_core_millis, 3_000);
+    }
+
+    #[test]
+    fn a_paid_shard_whose_task_vanishes_is_never_run_again() {
+        let s = spec(2);
+        let mut v = view(&s);
+        let done = [
+            task(0, 1, "n0", Some(TaskPhase::Succeeded)),
+            task(1, 1, "n1", Some(TaskPhase::Running)),
+        ];
+        let first = decide(&v, &done, t0());
+        assert_eq!(first.accepted.len(), 1);
+        v.recorded = &first.shards;
+        // Shard 0's task is gone (its member lost, or never listed by a new operator).
+        let later = t0() + SignedDuration::from_secs(5);
+        let unpaid = decide(&v, &done[1..], later);
+        assert_eq!(
+            unpaid
+                .needs
+                .iter()
+                .map(|n| (n.shard, n.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 2)],
+            "not known to be paid: placed again"
+        );
+        v.settled = BTreeSet::from([0]);
+        let paid = decide(&v, &done[1..], later);
+        assert!(paid.needs.is_empty(), "{:?}", paid.needs);
+        let shard0 = paid.shards.iter().find(|s| s.index == 0).expect("shard 0");
+        assert_eq!((shard0.attempt, shard0.phase), (1, TaskPhase::Succeeded));
+        assert!(paid.accepted.is_empty(), "paid already");
     }
 
     #[test]

@@ -2730,6 +2730,13 @@ async fn an_agent_filling_every_status_field_to_the_limit_leaves_the_hub_status_
         .map(str::to_string)
         .unwrap_or_default();
     eprintln!("job status {bytes} bytes for 8 filled tasks; operator {rss}");
+    // Far below the chart's memory limit (512 MiB): what agents write does not grow it.
+    let kib: u64 = rss
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse().ok())
+        .expect("VmRSS in kB");
+    assert!(kib < 256 * 1024, "operator RSS {kib} KiB");
 }
 
 #[tokio::test]

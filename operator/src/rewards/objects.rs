@@ -943,6 +943,13 @@ impl LedgerStore {
         result
     }
 
+    /// Whether each receipt key is in the log.
+    pub async fn has_keys(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        let keys = keys.to_vec();
+        self.with(async move |l: &mut Loaded| Ok(keys.iter().map(|k| l.keys.contains(k)).collect()))
+            .await
+    }
+
     /// Appends one job's receipts whose keys are not in the log yet, as [`admit`] allows
     /// them (`cap`: what the job may still be paid in this ledger, from its budget);
     /// returns the new entries and the receipts refused, with why.
