@@ -285,11 +285,23 @@ fn to_time(t: Option<Timestamp>) -> Option<k8s_openapi::apimachinery::pkg::apis:
     t.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
 }
 
-/// An observation time at the precision the job's status keeps (whole seconds): the
-/// window paid for is the same whether the result is settled in the reconcile that saw
-/// it or in a later one that reads it back from the status.
+/// An observation time at the precision the job's status keeps (whole seconds, rounded
+/// down): the window paid for is the same whether the result is settled in the reconcile
+/// that saw it or in a later one that reads it back from the status.
 fn observed_time(t: Timestamp) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
     to_time(Some(Timestamp::from_second(t.as_second()).unwrap_or(t)))
+}
+
+/// [`observed_time`] rounded up: the end of a paid window, so that a task that ran less
+/// than a second is never paid for a window of 0 (CI paid an honest replica 0). A node
+/// gains at most a second of bound by it; its own claim still caps what it is paid.
+fn observed_time_up(t: Timestamp) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    let up = if t.subsec_nanosecond() > 0 {
+        t.as_second().saturating_add(1)
+    } else {
+        t.as_second()
+    };
+    to_time(Some(Timestamp::from_second(up).unwrap_or(t)))
 }
 
 /// Slots a shard may have: its replicas or the extra ones it was given.
@@ -520,7 +532,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                     status.reported_at = seen
                         .and_then(|s| s.1)
                         .or_else(|| reported.then_some(now))
-                        .and_then(observed_time);
+                        .and_then(observed_time_up);
                     status.attempt = t.attempt;
                     status.cluster = t.cluster.clone();
                     status.node = t.node.clone();
@@ -1789,13 +1801,14 @@ mod tests {
         let d = decide(&v, std::slice::from_ref(&done), end);
         assert_eq!(
             d.shards[0].reported_at,
-            Some(Time(t0() + SignedDuration::from_secs(2)))
+            Some(Time(t0() + SignedDuration::from_secs(3))),
+            "the end of the window rounded up"
         );
         let paid_first = d.accepted[0].cpu_core_millis;
         let read_back = d.shards.clone();
         v.recorded = &read_back;
         let again = decide(&v, &[done], end + SignedDuration::from_secs(30));
-        assert_eq!(paid_first, 2_000);
+        assert_eq!(paid_first, 3_000);
         assert_eq!(again.accepted[0].cpu_core_millis, paid_first);
     }
 
