@@ -563,7 +563,10 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let mut inputs = JobInputs::of(&job, &old, &views, &members, ctx, now)?;
-    inputs.settled = settled_shards(&uid, &old, &views, &members, ctx).await;
+    let Some(settled) = settled_shards(&uid, &old, &views, &members, ctx).await else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    inputs.settled = settled;
     let max_amount = inputs.max_amount;
     let budget_view = |paid: &Totals| inputs.budget(paid);
     let start_time = inputs.start_time;
@@ -1114,14 +1117,16 @@ fn replaced_because(s: &ShardStatus) -> String {
 /// Shards whose recorded result is paid while a finished task of theirs is no longer
 /// seen (its member lost, or never listed by this operator): a receipt for the slot is in
 /// the ledger of one of the job's pools. Such a shard is decided for good and never runs
-/// again. A ledger that cannot answer in time counts as no receipt.
+/// again. None when a ledger cannot answer (right after a leader starts, before it has
+/// checked the pool's checkpoint): the job is not decided until it can (the chaos run
+/// found a paid shard run again in that window).
 async fn settled_shards(
     uid: &str,
     old: &ComputeJobStatus,
     views: &[TaskView],
     members: &[Arc<Member>],
     ctx: &Context,
-) -> std::collections::BTreeSet<u32> {
+) -> Option<std::collections::BTreeSet<u32>> {
     let seen: std::collections::BTreeSet<(u32, u32)> =
         views.iter().map(|v| (v.shard, v.replica)).collect();
     let candidates: Vec<(u32, u32)> = old
@@ -1132,7 +1137,7 @@ async fn settled_shards(
         .collect();
     let mut settled = std::collections::BTreeSet::new();
     if candidates.is_empty() {
-        return settled;
+        return Some(settled);
     }
     let keys: Vec<String> = candidates
         .iter()
@@ -1142,17 +1147,17 @@ async fn settled_shards(
         members.iter().map(|m| m.pool.clone()).collect();
     for pool in pools {
         let ledger = ctx.books.ledger(&pool);
-        if let Ok(Ok(found)) =
-            tokio::time::timeout(LEDGER_READ_TIMEOUT, ledger.has_keys(&keys)).await
-        {
-            for (i, paid) in found.iter().enumerate() {
-                if *paid {
-                    settled.insert(candidates[i].0);
-                }
+        let Ok(Ok(found)) = tokio::time::timeout(LEDGER_READ_TIMEOUT, ledger.has_keys(&keys)).await
+        else {
+            return None;
+        };
+        for (i, paid) in found.iter().enumerate() {
+            if *paid {
+                settled.insert(candidates[i].0);
             }
         }
     }
-    settled
+    Some(settled)
 }
 
 /// The job's status with every slot: a big job's pages read back (cached by hash).
@@ -1274,7 +1279,9 @@ async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Er
             .await
             .map_err(slow)??;
     let mut inputs = JobInputs::of(job, &old, &views, &members, ctx, now)?;
-    inputs.settled = settled_shards(&uid, &old, &views, &members, ctx).await;
+    inputs.settled = settled_shards(&uid, &old, &views, &members, ctx)
+        .await
+        .ok_or_else(|| Error::SettlementPending(LEDGER_SLOW.into()))?;
     let decision = lifecycle::decide(
         &inputs.view(job, &old, trusted, spot_checked, inputs.budget(&paid)),
         &views,
