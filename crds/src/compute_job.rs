@@ -340,6 +340,28 @@ pub struct ShardStatus {
     pub message: Option<String>,
 }
 
+impl ShardStatus {
+    /// A slot with no node yet (or no longer), `Pending`, at `attempt`.
+    pub fn unplaced(index: u32, replica: u32, attempt: u32) -> ShardStatus {
+        ShardStatus {
+            index,
+            replica,
+            attempt,
+            cluster: String::new(),
+            node: String::new(),
+            phase: TaskPhase::Pending,
+            progress: 0,
+            started_at: None,
+            finished_at: None,
+            dispatched_at: None,
+            reported_at: None,
+            progressed_at: None,
+            result_digest: None,
+            message: None,
+        }
+    }
+}
+
 /// The combined result of a job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]

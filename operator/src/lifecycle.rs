@@ -489,22 +489,7 @@ pub fn decide(job: &JobView<'_>, tasks: &[TaskView], now: Timestamp) -> Decision
                 .filter(|t| t.phase == Some(TaskPhase::Failed) || t.node_lost)
                 .map(|t| (t.member.clone(), t.node.clone()))
                 .collect();
-            let mut status = ShardStatus {
-                index: shard,
-                replica,
-                attempt: max_attempt,
-                cluster: String::new(),
-                node: String::new(),
-                phase: TaskPhase::Pending,
-                progress: 0,
-                started_at: None,
-                finished_at: None,
-                dispatched_at: None,
-                reported_at: None,
-                progressed_at: None,
-                result_digest: None,
-                message: None,
-            };
+            let mut status = ShardStatus::unplaced(shard, replica, max_attempt);
             let mut need = |attempt: u32, avoid: Vec<(String, String)>| {
                 needs.push(Need {
                     shard,

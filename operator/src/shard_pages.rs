@@ -242,22 +242,7 @@ pub fn page_in(
         let _ = decode_attempts(text, |shard, replica, attempt| {
             let e = slots
                 .entry((shard, replica))
-                .or_insert_with(|| ShardStatus {
-                    index: shard,
-                    replica,
-                    attempt,
-                    cluster: String::new(),
-                    node: String::new(),
-                    phase: TaskPhase::Pending,
-                    progress: 0,
-                    started_at: None,
-                    finished_at: None,
-                    dispatched_at: None,
-                    reported_at: None,
-                    progressed_at: None,
-                    result_digest: None,
-                    message: None,
-                });
+                .or_insert_with(|| ShardStatus::unplaced(shard, replica, attempt));
             e.attempt = e.attempt.max(attempt);
         });
     }
@@ -315,9 +300,6 @@ mod tests {
 
     fn slot(index: u32, replica: u32, attempt: u32, phase: TaskPhase) -> ShardStatus {
         ShardStatus {
-            index,
-            replica,
-            attempt,
             cluster: "edge-a".into(),
             node: if attempt > 0 {
                 "n0".into()
@@ -325,14 +307,7 @@ mod tests {
                 String::new()
             },
             phase,
-            progress: 0,
-            started_at: None,
-            finished_at: None,
-            dispatched_at: None,
-            reported_at: None,
-            progressed_at: None,
-            result_digest: None,
-            message: None,
+            ..ShardStatus::unplaced(index, replica, attempt)
         }
     }
 
