@@ -24,6 +24,9 @@ pub enum WorkloadKind {
 #[x_kube(validation = Rule::new("self.kind == 'Benchmark' || has(self.model)").message("a model is required for Inference, Train and Federated workloads").field_path(".model"))]
 #[x_kube(validation = Rule::new("self.kind == 'Benchmark' || has(self.dataset)").message("a dataset is required for Inference, Train and Federated workloads").field_path(".dataset"))]
 #[x_kube(validation = Rule::new("self.kind != 'Federated' || !has(self.dataset) || !has(self.dataset.builtin)").message("a Federated workload trains on node-local or synthetic data, never a shipped dataset").field_path(".dataset"))]
+#[x_kube(validation = Rule::new("self.kind != 'Federated' || !has(self.dataset) || !has(self.dataset.nodeLocal) || (has(self.parameters) && has(self.parameters.classes))").message("a Federated workload on node-local data must set parameters.classes: each node sees only its own labels").field_path(".parameters.classes"))]
+#[x_kube(validation = Rule::new("!has(self.federation) || self.kind == 'Federated'").message("federation is only for Federated workloads").field_path(".federation"))]
+#[x_kube(validation = Rule::new("!has(self.federation) || !has(self.federation.hubEvery) || !has(self.parameters) || !has(self.parameters.rounds) || self.federation.hubEvery <= self.parameters.rounds").message("hubEvery must not exceed parameters.rounds: the hub aggregates at least once").field_path(".federation.hubEvery"))]
 pub struct Workload {
     /// Benchmark, Inference, Train or Federated.
     pub kind: WorkloadKind,
@@ -36,6 +39,137 @@ pub struct Workload {
     /// Hyper-parameters; every field has a default.
     #[serde(default)]
     pub parameters: WorkloadParameters,
+    /// How a Federated workload's rounds are aggregated; every field has a default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<Federation>,
+}
+
+/// Where node updates are aggregated.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum Topology {
+    /// Node updates are aggregated inside their member cluster; only member models go up
+    /// to the hub, every `hubEvery` rounds.
+    #[default]
+    Tree,
+    /// Every node's update goes to the hub (plain FedAvg).
+    Flat,
+}
+
+/// How a round's updates are combined, coordinate by coordinate.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum AggregationRule {
+    /// The mean weighted by each update's example count (FedAvg).
+    #[default]
+    Mean,
+    /// The mean after dropping `trimFraction` of the values at each end; robust to a
+    /// minority of poisoned updates.
+    TrimmedMean,
+    /// The median; robust to just under half of the updates poisoned.
+    Median,
+}
+
+/// The federated learning settings of a Federated workload (docs/ARCHITECTURE.md,
+/// "Federated learning in a tree"). Rounds and local epochs are in `parameters`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.hubEvery) || self.hubEvery == 1 || !has(self.topology) || self.topology == 'Tree'").message("hubEvery above 1 needs topology Tree: in Flat every round ends at the hub").field_path(".hubEvery"))]
+pub struct Federation {
+    /// Tree (default) or Flat.
+    #[serde(default)]
+    pub topology: Topology,
+    /// With Tree: the hub aggregates the member models every `hubEvery` rounds; in between
+    /// each member continues from its own model. 1 (default) is two-level FedAvg.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub hub_every: u32,
+    /// Updates a round needs before it closes: a count (3) or a percentage of the round's
+    /// participants ("80%"). Default "100%": a round waits for everyone until its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^([1-9][0-9]?|100)%$')").message("must be a count of at least 1 or a percentage from 1% to 100%"))]
+    pub min_participants: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// Seconds after a round starts at which it closes with the updates it has (those of
+    /// stragglers are ignored from then on).
+    #[serde(default = "default_round_timeout")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub round_timeout_seconds: u32,
+    /// Mean (default), TrimmedMean or Median.
+    #[serde(default)]
+    pub aggregation: AggregationRule,
+    /// With TrimmedMean: the fraction of values dropped at each end, at least 0 and below 0.5.
+    #[serde(default = "default_trim")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 0.5").message("must be at least 0 and less than 0.5"))]
+    pub trim_fraction: f64,
+    /// Under TrimmedMean and Median: an update whose norm, or distance to the robust
+    /// aggregate, lies more than this many robust deviations from the round's median is
+    /// rejected and counted against its node. At least 1; default 3.
+    #[serde(default = "default_outlier_cutoff")]
+    #[x_kube(validation = Rule::new("self >= 1.0 && self <= 1000.0").message("must be from 1 to 1000"))]
+    pub outlier_cutoff: f64,
+    /// The hub's server learning rate (FedAvgM); 1 (default) takes the aggregate as it is.
+    #[serde(default = "default_server_lr")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0").message("must be greater than 0 and at most 10"))]
+    pub server_learning_rate: f64,
+    /// The hub's server momentum (FedAvgM), at least 0 and below 1; default 0.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("must be at least 0 and less than 1"))]
+    pub server_momentum: f64,
+    /// Completed rounds kept in the job's status (the newest).
+    #[serde(default = "default_history")]
+    #[schemars(range(min = 1, max = 100))]
+    pub history: u32,
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Federation {
+            topology: Topology::Tree,
+            hub_every: 1,
+            min_participants: None,
+            round_timeout_seconds: default_round_timeout(),
+            aggregation: AggregationRule::Mean,
+            trim_fraction: default_trim(),
+            outlier_cutoff: default_outlier_cutoff(),
+            server_learning_rate: default_server_lr(),
+            server_momentum: 0.0,
+            history: default_history(),
+        }
+    }
+}
+
+impl Federation {
+    /// Updates needed to close a round of `participants`: the count, or the percentage
+    /// rounded up, at least 1 and at most `participants`.
+    pub fn min_participants_of(&self, participants: u32) -> u32 {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let want = match &self.min_participants {
+            None => participants,
+            Some(IntOrString::Int(n)) => (*n).max(1) as u32,
+            Some(IntOrString::String(s)) => {
+                let pct: u64 = s.trim_end_matches('%').parse().unwrap_or(100);
+                (participants as u64 * pct).div_ceil(100) as u32
+            }
+        };
+        want.clamp(1, participants.max(1))
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_round_timeout() -> u32 {
+    300
+}
+fn default_trim() -> f64 {
+    0.2
+}
+fn default_outlier_cutoff() -> f64 {
+    3.0
+}
+fn default_server_lr() -> f64 {
+    1.0
+}
+fn default_history() -> u32 {
+    20
 }
 
 /// A model source: exactly one of `builtin`, `configMap` or `url`.
@@ -173,6 +307,12 @@ pub struct WorkloadParameters {
     #[serde(default = "default_local_epochs")]
     #[schemars(range(min = 1, max = 100))]
     pub local_epochs: u32,
+    /// Classes the model predicts; default the highest label in the data plus one. A
+    /// Federated job over node-local data must set it: each node sees only its own labels,
+    /// and every node's model must have the same shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 100_000))]
+    pub classes: Option<u32>,
     /// Side of the square matrices of the Benchmark workload.
     #[serde(default = "default_matrix_size")]
     #[schemars(range(min = 16, max = 32_768))]
@@ -194,6 +334,7 @@ impl Default for WorkloadParameters {
             optimizer: Optimizer::default(),
             rounds: default_rounds(),
             local_epochs: default_local_epochs(),
+            classes: None,
             matrix_size: default_matrix_size(),
             seed: 0,
             deterministic: true,
@@ -246,4 +387,33 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "short_string_set")]
     pub gpu_products: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    #[test]
+    fn min_participants_is_a_count_or_a_rounded_up_percentage_within_the_round() {
+        let f = |m: Option<IntOrString>| Federation {
+            min_participants: m,
+            ..Federation::default()
+        };
+        assert_eq!(f(None).min_participants_of(6), 6);
+        assert_eq!(f(Some(IntOrString::Int(3))).min_participants_of(6), 3);
+        assert_eq!(f(Some(IntOrString::Int(9))).min_participants_of(6), 6);
+        assert_eq!(
+            f(Some(IntOrString::String("80%".into()))).min_participants_of(6),
+            5
+        );
+        assert_eq!(
+            f(Some(IntOrString::String("1%".into()))).min_participants_of(6),
+            1
+        );
+        assert_eq!(
+            f(Some(IntOrString::String("100%".into()))).min_participants_of(0),
+            1
+        );
+    }
 }

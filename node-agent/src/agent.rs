@@ -156,6 +156,7 @@ impl Agent {
                     deterministic: false,
                     ..WorkloadParameters::default()
                 },
+                federation: None,
             },
             shard: 0,
             shards: 1,
@@ -171,6 +172,7 @@ impl Agent {
             ),
             threads: None,
             checkpoint_dir: None,
+            federated: None,
         };
         let (_tx, rx) = watch::channel(None);
         let log = self.config.work_dir.join("benchmark.log");
@@ -482,6 +484,7 @@ impl Agent {
             device: Some(if spec.limits.gpus > 0 { "auto" } else { "cpu" }.to_string()),
             threads,
             checkpoint_dir: Some(checkpoints.display().to_string()),
+            federated: None,
         };
         let limits = Limits {
             timeout: spec

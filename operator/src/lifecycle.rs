@@ -1475,6 +1475,7 @@ mod tests {
             model: None,
             dataset: None,
             parameters: Default::default(),
+            federation: None,
         };
         s.verification =
             Some(serde_json::from_value(serde_json::json!({"replicas": 2})).expect("verification"));

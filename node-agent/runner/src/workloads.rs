@@ -1,8 +1,9 @@
-//! Benchmark, Train and Inference.
+//! Benchmark, Train, Inference and the steps of a Federated round.
 
 use crate::data::{Dataset, Rng};
 use crate::model::{self, Net};
-use crate::protocol::{Line, Spec};
+use crate::protocol::{FederatedStep, Line, Spec, UpdateFile};
+use edgeloom_crds::workload::AggregationRule;
 use edgeloom_crds::workload::{Optimizer, WorkloadKind};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -154,6 +155,30 @@ fn fit(
     progress_span: (u8, u8),
 ) -> Result<(f64, f64), TaskError> {
     let p = &spec.workload.parameters;
+    let checkpoint = spec.checkpoint_dir.as_deref().map(Path::new);
+    fit_epochs(
+        spec,
+        vs,
+        net,
+        train,
+        out,
+        progress_span,
+        (p.epochs, p.seed ^ 0xC0FFEE, checkpoint),
+    )
+}
+
+/// [`fit`] for `epochs` epochs shuffled from `shuffle_seed`, with an optional checkpoint
+/// directory.
+fn fit_epochs(
+    spec: &Spec,
+    vs: &mut nn::VarStore,
+    net: &Net,
+    train: &Dataset,
+    out: &mut dyn Sink,
+    progress_span: (u8, u8),
+    (epochs, shuffle_seed, checkpoint): (u32, u64, Option<&Path>),
+) -> Result<(f64, f64), TaskError> {
+    let p = &spec.workload.parameters;
     let device = vs.device();
     let mut opt = match p.optimizer {
         Optimizer::Sgd => nn::Sgd {
@@ -166,7 +191,6 @@ fn fit(
     let (xs, ys) = tensors(train, device);
     let n = train.rows();
     let bs = (p.batch_size as usize).clamp(1, n.max(1));
-    let checkpoint = spec.checkpoint_dir.as_deref().map(Path::new);
     let mut start_epoch = 0;
     if let Some(dir) = checkpoint {
         let weights = dir.join("weights.ot");
@@ -179,11 +203,11 @@ fn fit(
             });
         }
     }
-    let mut rng = Rng::new(p.seed ^ 0xC0FFEE);
+    let mut rng = Rng::new(shuffle_seed);
     let mut last_loss = f64::NAN;
     let started = Instant::now();
     let mut samples = 0usize;
-    for epoch in start_epoch..p.epochs as usize {
+    for epoch in start_epoch..epochs as usize {
         let mut order: Vec<i64> = (0..n as i64).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -212,12 +236,8 @@ fn fit(
         }
         let (lo, hi) = progress_span;
         out.emit(Line::Progress {
-            progress: lo + ((hi - lo) as f64 * (epoch + 1) as f64 / p.epochs as f64) as u8,
-            message: Some(format!(
-                "epoch {}/{} loss {last_loss:.4}",
-                epoch + 1,
-                p.epochs
-            )),
+            progress: lo + ((hi - lo) as f64 * (epoch + 1) as f64 / epochs as f64) as u8,
+            message: Some(format!("epoch {}/{epochs} loss {last_loss:.4}", epoch + 1)),
         });
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -252,6 +272,18 @@ fn network(
     }
 }
 
+/// The classes the model predicts: the job's `classes`, else the data's.
+fn classes(spec: &Spec, data: &Dataset) -> Result<usize, TaskError> {
+    match spec.workload.parameters.classes {
+        None => Ok(data.classes),
+        Some(c) if c as usize >= data.classes => Ok(c as usize),
+        Some(c) => Err(TaskError::Unsupported(format!(
+            "the data has label {} but the job declares {c} classes",
+            data.classes - 1
+        ))),
+    }
+}
+
 fn accuracy(preds: &[i64], labels: &[i64]) -> f64 {
     let hits = preds.iter().zip(labels).filter(|(p, l)| p == l).count();
     hits as f64 / labels.len().max(1) as f64
@@ -271,7 +303,7 @@ pub fn train(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
     }
     tch::manual_seed(p.seed as i64);
     let mut vs = nn::VarStore::new(device(spec));
-    let (mut net, name) = network(spec, &vs, data.features, data.classes)?;
+    let (mut net, name) = network(spec, &vs, data.features, classes(spec, &data)?)?;
     let (loss, throughput) = fit(spec, &mut vs, &net, &train, out, (0, 95))?;
     let (tx, _) = tensors(&test, vs.device());
     let preds: Vec<i64> = Vec::try_from(&net.logits(&tx)?.argmax(-1, false).to(Device::Cpu))?;
@@ -367,8 +399,241 @@ pub fn run(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
         WorkloadKind::Benchmark => benchmark(spec, out),
         WorkloadKind::Train => train(spec, out),
         WorkloadKind::Inference => inference(spec, out),
-        WorkloadKind::Federated => Err(TaskError::Unsupported(
-            "Federated workloads are not supported by this runner yet".into(),
-        )),
+        WorkloadKind::Federated => federated(spec, out),
     }
+}
+
+/// A Federated task's data: a node-local file is the node's whole data (80% trained on,
+/// 20% held out for its own validation); a synthetic set is split into the job's shards.
+fn federated_data(spec: &Spec) -> Result<(Dataset, Dataset, usize, usize), TaskError> {
+    let data = load_data(spec)?;
+    let p = &spec.workload.parameters;
+    let node_local = spec
+        .workload
+        .dataset
+        .as_ref()
+        .is_some_and(|d| d.node_local.is_some());
+    let (train, held_out) = if node_local {
+        data.split(p.seed, 0, 1)
+    } else {
+        data.split(p.seed, spec.shard, spec.shards)
+    };
+    Ok((train, held_out, data.features, classes(spec, &data)?))
+}
+
+/// The job's network, with the round's model loaded when there is one (else the job's
+/// seeded initial weights: every node starts the first round from the same model).
+fn federated_network(
+    spec: &Spec,
+    features: usize,
+    classes: usize,
+    model: Option<&str>,
+) -> Result<(nn::VarStore, Net), TaskError> {
+    tch::manual_seed(spec.workload.parameters.seed as i64);
+    let mut vs = nn::VarStore::new(device(spec));
+    let (net, _) = network(spec, &vs, features, classes)?;
+    if let Some(path) = model {
+        if !path.ends_with(".safetensors") {
+            return Err(TaskError::Unsupported(format!(
+                "the round's model {path} must be a .safetensors file"
+            )));
+        }
+        vs.load(path)?;
+    }
+    Ok((vs, net))
+}
+
+/// Accuracy and mean loss of `net` on `d`.
+fn evaluate(net: &mut Net, d: &Dataset, device: Device) -> Result<(f64, f64), TaskError> {
+    if d.rows() == 0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    let (x, y) = tensors(d, device);
+    let logits = net.logits(&x)?;
+    let loss = logits.cross_entropy_for_logits(&y).double_value(&[]);
+    let preds: Vec<i64> = Vec::try_from(&logits.argmax(-1, false).to(Device::Cpu))?;
+    Ok((accuracy(&preds, &d.y), loss))
+}
+
+fn sha256_file(path: &str) -> Result<String, TaskError> {
+    edgeloom_fl::model::file_sha256(Path::new(path))
+        .map_err(|e| TaskError::Unsupported(format!("reading back {path}: {e}")))
+}
+
+/// A Federated task: one step of its round.
+pub fn federated(spec: &Spec, out: &mut dyn Sink) -> Result<(), TaskError> {
+    match spec.federated.as_ref() {
+        None => Err(TaskError::Unsupported(
+            "a Federated task needs its round's step, which the agent sends".into(),
+        )),
+        Some(FederatedStep::Train {
+            round,
+            model,
+            output,
+        }) => federated_train(spec, *round, model.as_deref(), output, out),
+        Some(FederatedStep::Evaluate { model }) => federated_evaluate(spec, model, out),
+        Some(FederatedStep::Init { output }) => federated_init(spec, output, out),
+        Some(FederatedStep::Aggregate {
+            model,
+            updates,
+            output,
+            rule,
+            trim,
+            outlier_cutoff,
+        }) => {
+            let rule = match rule {
+                AggregationRule::Mean => edgeloom_fl::Rule::Mean,
+                AggregationRule::TrimmedMean => edgeloom_fl::Rule::TrimmedMean { trim: *trim },
+                AggregationRule::Median => edgeloom_fl::Rule::Median,
+            };
+            federated_aggregate(spec, model, updates, output, rule, *outlier_cutoff, out)
+        }
+    }
+}
+
+fn federated_train(
+    spec: &Spec,
+    round: u32,
+    model: Option<&str>,
+    output: &str,
+    out: &mut dyn Sink,
+) -> Result<(), TaskError> {
+    let (train, held_out, features, classes) = federated_data(spec)?;
+    if train.rows() == 0 {
+        return Err(TaskError::Unsupported(
+            "this node has no training rows".into(),
+        ));
+    }
+    if !output.ends_with(".safetensors") {
+        return Err(TaskError::Unsupported(format!(
+            "the update {output} must be a .safetensors file"
+        )));
+    }
+    let (mut vs, mut net) = federated_network(spec, features, classes, model)?;
+    let p = &spec.workload.parameters;
+    let shuffle = p.seed ^ 0xFEDA ^ ((round as u64) << 32) ^ spec.shard as u64;
+    let (loss, throughput) = fit_epochs(
+        spec,
+        &mut vs,
+        &net,
+        &train,
+        out,
+        (0, 95),
+        (p.local_epochs, shuffle, None),
+    )?;
+    vs.save(output)?;
+    let (val_acc, val_loss) = evaluate(&mut net, &held_out, vs.device())?;
+    let digest = sha256_file(output)?;
+    out.emit(Line::Result {
+        digest,
+        metrics: BTreeMap::from([
+            ("examples".to_string(), train.rows() as f64),
+            ("loss".to_string(), loss),
+            ("valAccuracy".to_string(), val_acc),
+            ("valLoss".to_string(), val_loss),
+            ("valExamples".to_string(), held_out.rows() as f64),
+            ("samplesPerSecond".to_string(), throughput),
+        ]),
+        summary: BTreeMap::from([
+            ("round".to_string(), round.to_string()),
+            ("valAccuracy".to_string(), format!("{val_acc:.4}")),
+        ]),
+        vector: vec![val_acc, loss],
+    });
+    Ok(())
+}
+
+fn federated_init(spec: &Spec, output: &str, out: &mut dyn Sink) -> Result<(), TaskError> {
+    let (_, _, features, classes) = federated_data(spec)?;
+    if !output.ends_with(".safetensors") {
+        return Err(TaskError::Unsupported(format!(
+            "the model {output} must be a .safetensors file"
+        )));
+    }
+    let (vs, _) = federated_network(spec, features, classes, None)?;
+    vs.save(output)?;
+    let digest = sha256_file(output)?;
+    let elements: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    out.emit(Line::Result {
+        digest,
+        metrics: BTreeMap::from([("elements".to_string(), elements as f64)]),
+        summary: BTreeMap::new(),
+        vector: vec![],
+    });
+    Ok(())
+}
+
+fn federated_evaluate(spec: &Spec, model: &str, out: &mut dyn Sink) -> Result<(), TaskError> {
+    let (_, held_out, features, classes) = federated_data(spec)?;
+    let (vs, mut net) = federated_network(spec, features, classes, Some(model))?;
+    let (acc, loss) = evaluate(&mut net, &held_out, vs.device())?;
+    let digest = sha256_file(model)?;
+    out.emit(Line::Result {
+        digest,
+        metrics: BTreeMap::from([
+            ("accuracy".to_string(), acc),
+            ("loss".to_string(), loss),
+            ("examples".to_string(), held_out.rows() as f64),
+        ]),
+        summary: BTreeMap::from([("accuracy".to_string(), format!("{acc:.4}"))]),
+        vector: vec![acc, loss],
+    });
+    Ok(())
+}
+
+fn federated_aggregate(
+    _spec: &Spec,
+    model: &str,
+    updates: &[UpdateFile],
+    output: &str,
+    rule: edgeloom_fl::Rule,
+    outlier_cutoff: f64,
+    out: &mut dyn Sink,
+) -> Result<(), TaskError> {
+    let ups: Vec<edgeloom_fl::Update> = updates
+        .iter()
+        .map(|u| edgeloom_fl::Update {
+            path: u.path.clone().into(),
+            weight: u.weight,
+        })
+        .collect();
+    let opts = edgeloom_fl::Options {
+        rule,
+        outlier_cutoff,
+        ..edgeloom_fl::Options::default()
+    };
+    let o = edgeloom_fl::aggregate(
+        Path::new(model),
+        &ups,
+        &opts,
+        Path::new(output),
+        Default::default(),
+    )
+    .map_err(|e| TaskError::Unsupported(e.to_string()))?;
+    // One verdict per update, in order: 1 accepted, 0 rejected as misbehaviour, -1
+    // rejected as unreadable (not held against the node).
+    let verdicts: Vec<f64> = (0..updates.len())
+        .map(|i| match o.rejected.iter().find(|(j, _)| *j == i) {
+            None => 1.0,
+            Some((_, r)) if r.is_misbehaviour() => 0.0,
+            Some(_) => -1.0,
+        })
+        .collect();
+    let reasons: Vec<String> = o.rejected.iter().map(|(i, r)| format!("{i}:{r}")).collect();
+    out.emit(Line::Result {
+        digest: o.sha256,
+        metrics: BTreeMap::from([
+            ("accepted".to_string(), o.accepted.len() as f64),
+            ("rejected".to_string(), o.rejected.len() as f64),
+            ("weight".to_string(), o.weight),
+            ("elements".to_string(), o.elements as f64),
+        ]),
+        summary: BTreeMap::from([("rejected".to_string(), reasons.join("; "))]),
+        vector: verdicts,
+    });
+    Ok(())
 }
