@@ -83,6 +83,11 @@ pub struct ComputeTaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub nonce: Option<String>,
+    /// Set on tasks of Federated jobs: the task's step in its round and the presigned
+    /// URLs of what it reads and writes (docs/ARCHITECTURE.md, "Federated learning in a
+    /// tree").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<crate::federated::FederatedTask>,
 }
 
 /// Identifies the ComputeJob of a task.

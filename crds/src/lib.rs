@@ -10,6 +10,7 @@ pub mod commitment;
 pub mod compute_job;
 pub mod compute_task;
 pub mod edge_pool;
+pub mod federated;
 pub mod inventory;
 pub mod runner_protocol;
 pub mod schema;

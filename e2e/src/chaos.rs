@@ -340,6 +340,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
                     cheat: false,
                     copy_peers: false,
                     inflate_usage: false,
+                    poison: None,
                 });
             } else {
                 sims.push(SimNode::cpu(n, &format!("acct-{n}")));

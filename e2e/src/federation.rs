@@ -380,6 +380,9 @@ pub struct AgentSpec {
     pub copy_peers: bool,
     /// Test only: the agent claims far more CPU and GPU time than it used.
     pub inflate_usage: bool,
+    /// Test only: the agent poisons its federated updates (`EDGELOOM_TEST_POISON`:
+    /// `flip` or `scale:<factor>`).
+    pub poison: Option<String>,
 }
 
 /// A running edgeloom-agent process.
@@ -442,10 +445,16 @@ impl Federation {
             format!("--config={}", config_path.display()),
             format!("--metrics-addr=127.0.0.1:{port}"),
         ];
-        let process = Process::spawn(
+        let env: Vec<(&str, &str)> = spec
+            .poison
+            .as_deref()
+            .map(|p| vec![("EDGELOOM_TEST_POISON", p)])
+            .unwrap_or_default();
+        let process = Process::spawn_with_env(
             &format!("agent[{}]", spec.node),
             bin,
             &args,
+            &env,
             &dir.join("agent.log"),
         )
         .map_err(|e| FederationError::Spawn(bin.display().to_string(), e))?;
@@ -502,6 +511,7 @@ impl Federation {
                     cheat: false,
                     copy_peers: false,
                     inflate_usage: false,
+                    poison: None,
                 };
                 agents.push(self.agent(bin, runner, &spec)?);
             }

@@ -55,8 +55,8 @@ pub struct Options {
     pub rule: Rule,
     /// Elements read from each model at a time.
     pub chunk: usize,
-    /// Under the robust rules: how many robust deviations (1.4826 x MAD, at least 5% of the
-    /// median) from the median norm or distance make an update an outlier.
+    /// Under the robust rules: how many robust deviations (1.4826 x MAD, at least a quarter
+    /// of the median) from the median norm or distance make an update an outlier.
     pub outlier_cutoff: f64,
 }
 
@@ -180,7 +180,9 @@ fn outliers(values: &[(usize, f64)], cutoff: f64, upper_only: bool) -> (Vec<usiz
     let mut v: Vec<f64> = values.iter().map(|(_, x)| *x).collect();
     let m = median(&mut v);
     let mut dev: Vec<f64> = values.iter().map(|(_, x)| (x - m).abs()).collect();
-    let spread = (1.4826 * median(&mut dev)).max(0.05 * m.abs()).max(1e-12);
+    // Honest non-IID updates differ a lot; a spread below a quarter of the median would
+    // take their differences for attacks.
+    let spread = (1.4826 * median(&mut dev)).max(0.25 * m.abs()).max(1e-12);
     let out = values
         .iter()
         .filter(|(_, x)| {

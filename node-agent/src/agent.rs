@@ -462,6 +462,36 @@ impl Agent {
             },
             None => None,
         };
+        // A Federated task's inputs come from the store first (docs/ARCHITECTURE.md,
+        // "Federated learning in a tree").
+        let federated = match &spec.federated {
+            Some(f) => {
+                let (f, federation) = (f.clone(), workload.federation.clone().unwrap_or_default());
+                let scratch = self.config.work_dir.join("federated").join(&name);
+                let prepared = tokio::task::spawn_blocking(move || {
+                    crate::federated::prepare(&f, &federation, &scratch)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match prepared {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        return self
+                            .finish(
+                                &task,
+                                status,
+                                Execution {
+                                    outcome: Outcome::Failed(e),
+                                    usage: Default::default(),
+                                    gpu: false,
+                                },
+                            )
+                            .await;
+                    }
+                }
+            }
+            None => None,
+        };
         let dir = self.config.work_dir.join("tasks");
         let _ = std::fs::create_dir_all(&dir);
         let checkpoints = self
@@ -484,7 +514,7 @@ impl Agent {
             device: Some(if spec.limits.gpus > 0 { "auto" } else { "cpu" }.to_string()),
             threads,
             checkpoint_dir: Some(checkpoints.display().to_string()),
-            federated: None,
+            federated: federated.as_ref().map(|p| p.step.clone()),
         };
         let limits = Limits {
             timeout: spec
@@ -550,6 +580,14 @@ impl Agent {
         }
         if let Some((p, _)) = latest.lock().ok().and_then(|l| l.clone()) {
             status.progress = p;
+        }
+        if let Some(prepared) = federated {
+            run.outcome = crate::federated::finish(
+                prepared,
+                run.outcome,
+                spec.federated.as_ref().map(|f| f.step),
+            )
+            .await;
         }
         self.finish(&task, status, run).await;
     }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod config;
 pub mod execution;
+pub mod federated;
 pub mod http;
 pub mod metrics;
 pub mod model_source;

@@ -688,6 +688,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
             cheat,
             copy_peers: false,
             inflate_usage: false,
+            poison: None,
         };
         fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
             .expect("agent")
@@ -951,6 +952,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
             cheat: false,
             copy_peers,
             inflate_usage,
+            poison: None,
         };
         fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
             .expect("agent")
@@ -1189,6 +1191,7 @@ async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_al
             cheat,
             copy_peers: false,
             inflate_usage: false,
+            poison: None,
         };
         fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)
             .expect("agent")
@@ -1441,6 +1444,7 @@ async fn a_result_finished_while_its_api_server_was_down_is_reported_after_an_ag
         cheat: false,
         copy_peers: false,
         inflate_usage: false,
+        poison: None,
     };
     agents[i] = fed
         .agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)

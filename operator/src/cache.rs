@@ -514,7 +514,24 @@ pub fn task(t: &ComputeTask) -> Option<(String, TaskEntry)> {
             memory_mib: crate::quantity::mebibytes(spec.limits.memory.as_ref()),
             gpus: spec.limits.gpus,
             status: t.status.clone().map(|mut s| {
+                // An aggregation's verdicts (one per update it was given) are kept.
+                let verdicts = spec
+                    .federated
+                    .as_ref()
+                    .is_some_and(|f| {
+                        f.step == edgeloom_crds::federated::FederatedStepKind::Aggregate
+                    })
+                    .then(|| {
+                        s.result_vector
+                            .iter()
+                            .take(1000)
+                            .copied()
+                            .collect::<Vec<f64>>()
+                    });
                 bound_status(&mut s);
+                if let Some(v) = verdicts {
+                    s.result_vector = v;
+                }
                 Box::new(s)
             }),
             nonce: spec.nonce.clone().map(String::into_boxed_str),

@@ -154,6 +154,12 @@ impl Books {
             .clone()
     }
 
+    /// The store, its root and its URL signer: where Federated jobs keep their models
+    /// (docs/ARCHITECTURE.md, "Federated learning in a tree").
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     /// The reputation records of `pool`.
     pub fn reputation(&self, pool: &str) -> Arc<ReputationStore> {
         let mut m = self.reputations.lock().unwrap_or_else(|e| e.into_inner());

@@ -513,6 +513,11 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    // Federated jobs run in rounds, not shards (docs/ARCHITECTURE.md, "Federated learning
+    // in a tree").
+    if job.spec.workload.kind == edgeloom_crds::workload::WorkloadKind::Federated {
+        return crate::federated::apply(job, ctx, members).await;
+    }
     // Sealed reveals need the operator's key: load it before deciding on them.
     if ctx.books.reveal_secret().is_none()
         && members.iter().any(|m| {
@@ -950,6 +955,7 @@ async fn apply(job: Arc<ComputeJob>, ctx: &Context) -> Result<Action, Error> {
         // Set by `shard_pages::page_out` when the job is big.
         shard_pages: Vec::new(),
         slot_attempts: None,
+        federated: None,
     };
     // A big job's slots go to pages first, then the status naming them.
     let (written, pages) = shard_pages::page_out(&status, &uid, ctx.inline_slots);
@@ -1259,6 +1265,12 @@ async fn delete_stale_pages(
 /// Pays what the job's tasks earned and nobody paid yet (a job deleted right after its
 /// results arrived, or while its ledger was unavailable): nothing is silently unpaid.
 async fn settle_before_cleanup(job: &ComputeJob, ctx: &Context) -> Result<(), Error> {
+    // A Federated job pays each round as it closes; the updates of a round that never
+    // closed were never aggregated, and are not paid (docs/ARCHITECTURE.md, "Federated
+    // learning in a tree").
+    if job.spec.workload.kind == edgeloom_crds::workload::WorkloadKind::Federated {
+        return Ok(());
+    }
     let now = Timestamp::now();
     let uid = job.uid().unwrap_or_default();
     let old = full_status(job, ctx).await?;

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod context;
 pub mod decimal;
 pub mod events;
+pub mod federated;
 pub mod fleet;
 pub mod http;
 pub mod job_controller;

@@ -59,6 +59,14 @@ pub struct Metrics {
     pub stalled: IntCounter,
     /// Tasks removed from member clusters because their job no longer exists in the hub.
     pub orphans_removed: IntCounter,
+    /// Federated rounds completed, by topology (Tree, Flat).
+    pub federated_rounds: IntCounterVec,
+    /// Federated updates by verdict: accepted, rejected (by the aggregation), missing
+    /// (lost, failed or late).
+    pub federated_updates: IntCounterVec,
+    /// Bytes of federated models moved, by level: member (node updates kept inside their
+    /// member cluster) and hub (what went up to the hub).
+    pub federated_bytes: IntCounterVec,
 }
 
 /// Errors registering metrics (a programming error: duplicate names).
@@ -240,6 +248,39 @@ impl Metrics {
         for reason in ["failed", "node_lost"] {
             retries.with_label_values(&[reason]).inc_by(0);
         }
+        let federated_rounds = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_federated_rounds_total",
+                "Federated rounds completed, by topology",
+            ),
+            &["topology"],
+        )?;
+        let federated_updates = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_federated_updates_total",
+                "Federated updates by verdict: accepted, rejected (by the aggregation), missing (lost, failed, late)",
+            ),
+            &["verdict"],
+        )?;
+        let federated_bytes = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_federated_bytes_total",
+                "Bytes of federated models moved, by level: member (node updates inside their member cluster), hub (up to the hub)",
+            ),
+            &["level"],
+        )?;
+        registry.register(Box::new(federated_rounds.clone()))?;
+        registry.register(Box::new(federated_updates.clone()))?;
+        registry.register(Box::new(federated_bytes.clone()))?;
+        for topology in ["Tree", "Flat"] {
+            federated_rounds.with_label_values(&[topology]).inc_by(0);
+        }
+        for verdict in ["accepted", "rejected", "missing"] {
+            federated_updates.with_label_values(&[verdict]).inc_by(0);
+        }
+        for level in ["member", "hub"] {
+            federated_bytes.with_label_values(&[level]).inc_by(0);
+        }
         Ok(Metrics {
             registry,
             reconciles,
@@ -265,6 +306,9 @@ impl Metrics {
             quarantined_nodes,
             stalled,
             orphans_removed,
+            federated_rounds,
+            federated_updates,
+            federated_bytes,
         })
     }
 

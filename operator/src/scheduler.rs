@@ -173,6 +173,13 @@ fn tried_fingerprint(submitted: u64, w: &Work) -> u64 {
 }
 
 impl Scheduler {
+    /// Whether node "cluster/node" of `pool` is quarantined.
+    pub fn quarantined(&self, pool: &str, node: &str) -> bool {
+        self.quarantine
+            .lock()
+            .is_ok_and(|q| q.get(pool).is_some_and(|n| n.contains(node)))
+    }
+
     /// Replaces the quarantined nodes ("cluster/node") of `pool`.
     pub fn set_quarantined(&self, pool: &str, nodes: HashSet<String>) {
         if let Ok(mut q) = self.quarantine.lock() {
@@ -797,6 +804,7 @@ fn build_task(
                 .as_ref()
                 .is_some_and(|v| v.replicas > 1)
                 .then(|| commitment::nonce(&work.uid, need.shard, need.replica, need.attempt)),
+            federated: None,
         },
         status: None,
     }

@@ -192,6 +192,7 @@ async fn idle() -> Result<()> {
         cheat: false,
         copy_peers: false,
         inflate_usage: false,
+        poison: None,
     };
     let agent = fed.agent(
         &edgeloom_bench::sibling("edgeloom-agent")?,

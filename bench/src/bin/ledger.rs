@@ -112,6 +112,7 @@ fn receipt(i: usize) -> Receipt {
         .to_string(),
         cluster: None,
         forfeits: None,
+        round: None,
     }
 }
 

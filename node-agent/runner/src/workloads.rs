@@ -510,6 +510,12 @@ fn federated_train(
         )));
     }
     let (mut vs, mut net) = federated_network(spec, features, classes, model)?;
+    // How the model this round starts from does on the node's own held-out rows: the
+    // previous round's accuracy, as this node sees it.
+    let (start_acc, start_loss) = evaluate(&mut net, &held_out, vs.device())?;
+    if let Net::Script(m) = &mut net {
+        m.set_train();
+    }
     let p = &spec.workload.parameters;
     let shuffle = p.seed ^ 0xFEDA ^ ((round as u64) << 32) ^ spec.shard as u64;
     let (loss, throughput) = fit_epochs(
@@ -532,6 +538,8 @@ fn federated_train(
             ("valAccuracy".to_string(), val_acc),
             ("valLoss".to_string(), val_loss),
             ("valExamples".to_string(), held_out.rows() as f64),
+            ("startAccuracy".to_string(), start_acc),
+            ("startLoss".to_string(), start_loss),
             ("samplesPerSecond".to_string(), throughput),
         ]),
         summary: BTreeMap::from([

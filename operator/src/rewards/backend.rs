@@ -49,6 +49,8 @@ pub struct Backend {
     pub root: Path,
     /// The URL, for messages (no credentials).
     pub url: String,
+    /// Presigns URLs for agents (an S3 store; a local directory cannot).
+    pub signer: Option<Arc<dyn object_store::signer::Signer>>,
 }
 
 impl StoreConfig {
@@ -142,11 +144,12 @@ impl StoreConfig {
             if let (Some(id), Some(secret)) = (&self.access_key_id, &self.secret_access_key) {
                 b = b.with_access_key_id(id).with_secret_access_key(secret);
             }
-            let store = b.build().map_err(|e| format!("url {:?}: {e}", self.url))?;
+            let store = Arc::new(b.build().map_err(|e| format!("url {:?}: {e}", self.url))?);
             return Ok(Backend {
-                store: Arc::new(store),
+                store: store.clone(),
                 root: Path::from(prefix.trim_matches('/')),
                 url: self.url.clone(),
+                signer: Some(store),
             });
         }
         if let Some(dir) = self.url.strip_prefix("file://") {
@@ -158,6 +161,7 @@ impl StoreConfig {
                 store: Arc::new(store),
                 root: Path::default(),
                 url: self.url.clone(),
+                signer: None,
             });
         }
         Err(format!(

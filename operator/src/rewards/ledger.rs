@@ -56,15 +56,23 @@ pub struct Receipt {
     /// cheating while the receipt was in escrow). Its amount is subtracted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forfeits: Option<String>,
+    /// A Federated job's round (its update or aggregation of that round is paid; `shard`
+    /// is the participant's index, `replica` 0 for an update, 1 for an aggregation, 2 for
+    /// the initial model and 3 for an evaluation). Last, and absent otherwise, so that
+    /// the entries of every other receipt hash as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
 }
 
 impl Receipt {
-    /// The idempotency key: (job UID, shard, replica); a forfeit's is "forfeit/" and the
-    /// key of the receipt it takes back.
+    /// The idempotency key: (job UID, shard, replica), with `r<round>/` before the shard
+    /// for a Federated round; a forfeit's is "forfeit/" and the key of the receipt it
+    /// takes back.
     pub fn key(&self) -> String {
-        match &self.forfeits {
-            Some(k) => format!("forfeit/{k}"),
-            None => format!("{}/{}/{}", self.job_uid, self.shard, self.replica),
+        match (&self.forfeits, self.round) {
+            (Some(k), _) => format!("forfeit/{k}"),
+            (None, Some(r)) => format!("{}/r{r}/{}/{}", self.job_uid, self.shard, self.replica),
+            (None, None) => format!("{}/{}/{}", self.job_uid, self.shard, self.replica),
         }
     }
 
@@ -344,6 +352,7 @@ mod tests {
             time: "2026-11-25T00:00:00Z".into(),
             cluster: None,
             forfeits: None,
+            round: None,
         }
     }
 

@@ -1366,6 +1366,7 @@ mod tests {
             time: "2026-11-25T00:00:00Z".into(),
             cluster: Some("edge".into()),
             forfeits: None,
+            round: None,
         }
     }
 

@@ -7,7 +7,7 @@
 use crate::context::{Context, failpoint};
 use crate::decimal::Amount;
 use crate::fleet::Member;
-use crate::lifecycle::{self, Decision, TaskView};
+use crate::lifecycle::{self, Accepted, Decision, Outvoted, TaskView};
 use crate::rewards::ledger::{self, Receipt};
 use crate::rewards::store::{StoreError, Totals};
 use crate::rewards::trust;
@@ -147,8 +147,30 @@ pub async fn settle(
     budget: Option<Amount>,
     paid_before: &Totals,
 ) -> Result<Vec<String>, Error> {
+    pay(
+        job,
+        (&decision.accepted, &decision.outvoted, None),
+        ctx,
+        now,
+        budget,
+        paid_before,
+    )
+    .await
+}
+
+/// [`settle`] for results accepted and caught by any decision: a Federated job's round
+/// (`round`) pays its accepted updates and aggregations here, and its rejected updates
+/// count against their nodes.
+pub async fn pay(
+    job: &ComputeJob,
+    (accepted, outvoted, round): (&[Accepted], &[Outvoted], Option<u32>),
+    ctx: &Context,
+    now: Timestamp,
+    budget: Option<Amount>,
+    paid_before: &Totals,
+) -> Result<Vec<String>, Error> {
     let mut problems = Vec::new();
-    if decision.accepted.is_empty() && decision.outvoted.is_empty() {
+    if accepted.is_empty() && outvoted.is_empty() {
         return Ok(problems);
     }
     let uid = job.uid().unwrap_or_default();
@@ -157,7 +179,7 @@ pub async fn settle(
     // pool -> (receipts, verified (node key, relative speed) by receipt key)
     let mut by_pool: BTreeMap<String, (Vec<Receipt>, BTreeMap<String, Verified>)> = BTreeMap::new();
     let mut medians: BTreeMap<String, f64> = BTreeMap::new();
-    for a in &decision.accepted {
+    for a in accepted {
         let Some(m) = members.iter().find(|m| m.key == a.member) else {
             tracing::warn!(member = %a.member, job = %job_key, "accepted result from a member that is gone; not paid");
             continue;
@@ -218,6 +240,7 @@ pub async fn settle(
             time: now.to_string(),
             cluster: Some(a.cluster.clone()),
             forfeits: None,
+            round,
         };
         let entry = by_pool.entry(m.pool.clone()).or_default();
         if a.verified {
@@ -229,17 +252,17 @@ pub async fn settle(
         entry.0.push(receipt);
     }
     let mut caught: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let broken: BTreeSet<String> = decision
-        .outvoted
+    let broken: BTreeSet<String> = outvoted
         .iter()
         .filter(|o| o.why == lifecycle::Caught::BrokenReveal)
         .map(|o| format!("{}/{}", o.cluster, o.node))
         .collect();
-    for o in &decision.outvoted {
+    for o in outvoted {
         if let Some(m) = members.iter().find(|m| m.key == o.member) {
+            let round = round.map(|r| format!("r{r}/")).unwrap_or_default();
             caught.entry(m.pool.clone()).or_default().push((
                 format!("{}/{}", o.cluster, o.node),
-                format!("{uid}/{}/{}/{}", o.shard, o.replica, o.attempt),
+                format!("{uid}/{round}{}/{}/{}", o.shard, o.replica, o.attempt),
             ));
         }
     }

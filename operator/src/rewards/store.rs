@@ -473,6 +473,7 @@ mod tests {
                 time: "t".into(),
                 cluster: None,
                 forfeits: None,
+                round: None,
             });
         }
         l.entries().to_vec()
