@@ -67,6 +67,31 @@ pub fn open(secret: &crypto_box::SecretKey, sealed: &str) -> Result<Reveal, Stri
     serde_json::from_slice(&plain).map_err(|e| format!("the sealed reveal is malformed: {e}"))
 }
 
+/// Seals `plain` to an X25519 public key (hex): a libsodium sealed box, hex. Only the
+/// holder of the secret key opens it.
+pub fn seal_to(public_key: &str, plain: &[u8]) -> Result<String, String> {
+    let key: [u8; 32] = unhex(public_key)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("the public key is not 32 bytes of hex")?;
+    crypto_box::PublicKey::from_bytes(key)
+        .seal(&mut crypto_box::aead::OsRng, plain)
+        .map(|c| hex(&c))
+        .map_err(|_| "sealing failed".to_string())
+}
+
+/// Opens what [`seal_to`] sealed, with the secret key.
+pub fn open_sealed(secret: &crypto_box::SecretKey, sealed: &str) -> Result<Vec<u8>, String> {
+    let bytes = unhex(sealed).ok_or("the sealed box is not hex")?;
+    secret
+        .unseal(&bytes)
+        .map_err(|_| "the sealed box does not open with this key".to_string())
+}
+
+/// The public key (hex) of a secret key.
+pub fn public_hex(secret: &crypto_box::SecretKey) -> String {
+    hex(secret.public_key().as_bytes())
+}
+
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
@@ -138,6 +163,21 @@ mod tests {
             !opens(&c, &other_task, "aa", &[0.5, 1.0], "salt"),
             "a commitment copied from another replica does not open for this one"
         );
+    }
+
+    #[test]
+    fn what_is_sealed_to_a_node_opens_only_with_that_nodes_key() {
+        let node = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+        let other = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+        let plain = br#"{"output":"http://store/bucket/update?X-Amz-Signature=abc"}"#;
+        let sealed = seal_to(&public_hex(&node), plain).expect("sealed");
+        assert!(!sealed.contains("http") && !sealed.contains(&hex(b"http")));
+        assert_eq!(open_sealed(&node, &sealed).expect("opens"), plain.to_vec());
+        assert!(
+            open_sealed(&other, &sealed).is_err(),
+            "another node's key does not open it"
+        );
+        assert!(seal_to("not hex", plain).is_err());
     }
 
     #[test]

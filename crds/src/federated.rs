@@ -64,8 +64,15 @@ pub struct FederatedTask {
     pub round: u32,
     /// Init, Train, Aggregate or Evaluate.
     pub step: FederatedStepKind,
-    /// The URLs.
+    /// The URLs in the clear (none when sealed).
+    #[serde(default)]
     pub urls: FederatedUrls,
+    /// The URLs as JSON, sealed to the node's X25519 key (its `edgeloom.io/box-key`
+    /// annotation, hex): every agent of the cluster can read the task, only its node can
+    /// open these. At most 2,000,000 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2_000_000))]
+    pub sealed_urls: Option<String>,
     /// When the URLs expire (the operator's clock); a task not finished by then fails.
     pub expires_at: Time,
 }

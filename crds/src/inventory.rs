@@ -34,6 +34,11 @@ pub const PRICE_ANNOTATION: &str = "edgeloom.io/price-factor";
 /// `maxTasksPerNode` only caps it.
 pub const TASK_SLOTS_ANNOTATION: &str = "edgeloom.io/task-slots";
 
+/// Annotation: the agent's X25519 public key (hex). The operator seals what only this
+/// node may read to it (a Federated task's presigned URLs): every agent can read every
+/// task of its cluster, but only this one can open them.
+pub const BOX_KEY_ANNOTATION: &str = "edgeloom.io/box-key";
+
 /// The Node labels an agent may write (add, change or remove); all others are the
 /// platform team's. The chart's admission policy lists the same keys (a test checks).
 pub const AGENT_LABEL_KEYS: &[&str] = &[AGENT_LABEL, GPU_COUNT_LABEL, GPU_MEMORY_LABEL];
@@ -46,6 +51,7 @@ pub const AGENT_ANNOTATION_KEYS: &[&str] = &[
     DATASETS_ANNOTATION,
     PRICE_ANNOTATION,
     TASK_SLOTS_ANNOTATION,
+    BOX_KEY_ANNOTATION,
 ];
 
 /// Label: the owner of several contributor accounts, where the platform team knows one
@@ -92,6 +98,8 @@ pub struct NodeInventory {
     pub price_factor: f64,
     /// Tasks the agent runs at once (0: not advertised, the pool's cap applies).
     pub task_slots: u32,
+    /// The agent's X25519 public key (hex), for what the operator seals to this node.
+    pub box_key: Option<String>,
 }
 
 impl NodeInventory {
@@ -139,6 +147,10 @@ impl NodeInventory {
             task_slots: num(annotations, TASK_SLOTS_ANNOTATION)
                 .unwrap_or(0)
                 .min(u32::MAX as u64) as u32,
+            box_key: annotations
+                .get(BOX_KEY_ANNOTATION)
+                .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+                .cloned(),
         }
     }
 
@@ -168,6 +180,9 @@ impl NodeInventory {
                 self.task_slots.to_string(),
             );
         }
+        if let Some(k) = &self.box_key {
+            annotations.insert(BOX_KEY_ANNOTATION.to_string(), k.clone());
+        }
         (labels, annotations)
     }
 }
@@ -190,6 +205,7 @@ mod tests {
             datasets: vec!["clinic-records".into(), "cams".into()],
             price_factor: 0.8,
             task_slots: 2,
+            box_key: Some("ab".repeat(32)),
         };
         let (mut labels, annotations) = inv.to_metadata();
         assert!(

@@ -99,11 +99,12 @@ pub struct Federation {
     #[serde(default = "default_trim")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self < 0.5").message("must be at least 0 and less than 0.5"))]
     pub trim_fraction: f64,
-    /// Under TrimmedMean and Median: an update whose norm, or distance to the robust
-    /// aggregate, lies more than this many robust deviations from the round's median is
-    /// rejected and counted against its node. At least 1; default 3.
+    /// Under TrimmedMean and Median: an update whose norm is more than this many times the
+    /// round's median norm (or less than the median divided by it), or whose distance to
+    /// the robust aggregate is more than this many times the median distance, is rejected
+    /// and counted against its node. Greater than 1; default 3.
     #[serde(default = "default_outlier_cutoff")]
-    #[x_kube(validation = Rule::new("self >= 1.0 && self <= 1000.0").message("must be from 1 to 1000"))]
+    #[x_kube(validation = Rule::new("self > 1.0 && self <= 1000.0").message("must be greater than 1 and at most 1000"))]
     pub outlier_cutoff: f64,
     /// The hub's server learning rate (FedAvgM); 1 (default) takes the aggregate as it is.
     #[serde(default = "default_server_lr")]

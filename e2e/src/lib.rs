@@ -4,6 +4,7 @@
 
 pub mod chaos;
 pub mod control_plane;
+pub mod digits;
 pub mod federation;
 pub mod helm;
 pub mod jobs;

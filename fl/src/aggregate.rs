@@ -11,9 +11,10 @@
 //! Updates are claims of strangers. A file that does not parse, whose layout differs from
 //! the round's model or that holds a non-finite value is rejected under every rule; its
 //! weight (a claimed example count) must be positive and finite, and the caller bounds it.
-//! Under `TrimmedMean` and `Median` an update whose norm, or whose distance to the robust
-//! aggregate, lies more than `outlier_cutoff` robust deviations from the round's median is
-//! rejected too, and the aggregate is computed again without it.
+//! Under `TrimmedMean` and `Median` an update whose norm is more than `outlier_cutoff`
+//! times the round's median norm (or less than its `1 / outlier_cutoff`), or whose
+//! distance to the robust aggregate is more than `outlier_cutoff` times the median
+//! distance, is rejected too, and the aggregate is computed again without it.
 
 use crate::model::{Layout, ModelError, ModelReader, ModelWriter, file_sha256};
 use std::collections::HashMap;
@@ -55,8 +56,10 @@ pub struct Options {
     pub rule: Rule,
     /// Elements read from each model at a time.
     pub chunk: usize,
-    /// Under the robust rules: how many robust deviations (1.4826 x MAD, at least a quarter
-    /// of the median) from the median norm or distance make an update an outlier.
+    /// Under the robust rules: an update whose norm is more than this many times the
+    /// round's median norm, or less than the median divided by it, or whose distance to
+    /// the robust aggregate is more than this many times the median distance, is an
+    /// outlier. Greater than 1.
     pub outlier_cutoff: f64,
 }
 
@@ -171,24 +174,23 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Indices of `values` that lie more than `cutoff` robust deviations from their median
-/// (`upper_only`: above it only), with that median. Needs three values to judge.
+/// Indices of `values` more than `cutoff` times their median (`upper_only`: else also
+/// below the median divided by `cutoff`), with that median. Needs three values to judge.
+///
+/// A ratio, not a z-score of the median absolute deviation: honest updates from nodes
+/// with different data (non-IID) differ by a factor of two and more, and a handful of
+/// them gives a deviation too noisy to judge by; a poisoned update that matters is off by
+/// far more.
 fn outliers(values: &[(usize, f64)], cutoff: f64, upper_only: bool) -> (Vec<usize>, f64) {
     if values.len() < 3 {
         return (Vec::new(), f64::NAN);
     }
     let mut v: Vec<f64> = values.iter().map(|(_, x)| *x).collect();
     let m = median(&mut v);
-    let mut dev: Vec<f64> = values.iter().map(|(_, x)| (x - m).abs()).collect();
-    // Honest non-IID updates differ a lot; a spread below a quarter of the median would
-    // take their differences for attacks.
-    let spread = (1.4826 * median(&mut dev)).max(0.25 * m.abs()).max(1e-12);
+    let scale = m.abs().max(1e-12);
     let out = values
         .iter()
-        .filter(|(_, x)| {
-            let d = (x - m) / spread;
-            d > cutoff || (!upper_only && d < -cutoff)
-        })
+        .filter(|(_, x)| *x > cutoff * scale || (!upper_only && *x < scale / cutoff))
         .map(|(i, _)| *i)
         .collect();
     (out, m)
@@ -304,6 +306,12 @@ pub fn aggregate(
     {
         return Err(AggregateError::Options(format!(
             "trim {trim} is not in [0, 0.5)"
+        )));
+    }
+    if !(opts.outlier_cutoff > 1.0) {
+        return Err(AggregateError::Options(format!(
+            "outlier cutoff {} is not greater than 1",
+            opts.outlier_cutoff
         )));
     }
     if opts.chunk == 0 {

@@ -116,11 +116,15 @@ pub struct Agent {
     stopped: Mutex<std::collections::HashSet<String>>,
     stopping: AtomicBool,
     wake: Notify,
+    /// The node's X25519 key: the operator seals a Federated task's URLs to its public
+    /// half (published on the Node), so no other agent can read them.
+    box_secret: crypto_box::SecretKey,
 }
 
 impl Agent {
     /// A new agent; nothing runs until [`Agent::run`].
     pub fn new(client: kube::Client, config: Config, metrics: Metrics) -> Agent {
+        let config_work_dir = config.work_dir.clone();
         Agent {
             client,
             gpus: Gpus::init(),
@@ -134,6 +138,7 @@ impl Agent {
             stopped: Mutex::new(std::collections::HashSet::new()),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
+            box_secret: crate::federated::box_key(&config_work_dir),
         }
     }
 
@@ -216,6 +221,7 @@ impl Agent {
             datasets: self.config.datasets.keys().cloned().collect(),
             price_factor: self.config.price_factor,
             task_slots: self.config.max_tasks.min(u32::MAX as usize) as u32,
+            box_key: Some(edgeloom_crds::commitment::public_hex(&self.box_secret)),
         };
         let (labels, annotations) = inv.to_metadata();
         let node = &self.config.node;
@@ -466,13 +472,28 @@ impl Agent {
         // "Federated learning in a tree").
         let federated = match &spec.federated {
             Some(f) => {
-                let (f, federation) = (f.clone(), workload.federation.clone().unwrap_or_default());
+                let (mut f, federation) =
+                    (f.clone(), workload.federation.clone().unwrap_or_default());
+                let opened = match f.sealed_urls.take() {
+                    Some(sealed) => {
+                        edgeloom_crds::commitment::open_sealed(&self.box_secret, &sealed)
+                            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                            .map(|urls| f.urls = urls)
+                            .map_err(|e| {
+                                format!("the task's URLs do not open with this node's key: {e}")
+                            })
+                    }
+                    None => Ok(()),
+                };
                 let scratch = self.config.work_dir.join("federated").join(&name);
-                let prepared = tokio::task::spawn_blocking(move || {
-                    crate::federated::prepare(&f, &federation, &scratch)
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+                let prepared = match opened {
+                    Ok(()) => tokio::task::spawn_blocking(move || {
+                        crate::federated::prepare(&f, &federation, &scratch)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string())),
+                    Err(e) => Err(e),
+                };
                 match prepared {
                     Ok(p) => Some(p),
                     Err(e) => {

@@ -16,6 +16,35 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The node's X25519 secret key, kept in the work directory (`box.key`, hex, mode 0600)
+/// across restarts; made on first start. A key that cannot be kept is made anew each
+/// start (the node's sealed tasks then fail after a restart, and are retried elsewhere).
+pub fn box_key(work_dir: &Path) -> crypto_box::SecretKey {
+    let path = work_dir.join("box.key");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(bytes) = hex::decode(text.trim())
+        && let Ok(b) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        return crypto_box::SecretKey::from_bytes(b);
+    }
+    let key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
+    let _ = std::fs::create_dir_all(work_dir);
+    let written = (|| {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(hex::encode(key.to_bytes()).as_bytes())
+    })();
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "the node's key cannot be kept; a new one is made at each start");
+    }
+    key
+}
+
 /// Largest model the agent moves.
 const MAX_BYTES: u64 = 4 << 30;
 

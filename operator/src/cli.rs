@@ -155,6 +155,10 @@ pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> Strin
             c.type_, c.status, c.reason, c.message
         );
     }
+    if let Some(f) = &s.federated {
+        out.push_str(&federated_section(job, f));
+        return out + &events_section(events, now);
+    }
     out.push_str("Shards:\n");
     if !s.shard_pages.is_empty() {
         let slots: u32 = s.shard_pages.iter().map(|p| p.slots).sum();
@@ -199,6 +203,120 @@ pub fn describe_job(job: &ComputeJob, events: &[Event], now: Timestamp) -> Strin
     for line in table(&rows).lines() {
         let _ = writeln!(out, "  {line}");
     }
+    out + &events_section(events, now)
+}
+
+/// The rounds of a Federated job: where the current one stands, each kept round's
+/// updates, accuracy and bytes moved, and the nodes whose updates were rejected.
+fn federated_section(job: &ComputeJob, f: &edgeloom_crds::federated::FederatedStatus) -> String {
+    let mut out = String::new();
+    let fed = job.spec.workload.federation.clone().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Federation:  {:?}, hub every {} round(s), {:?}, {} round(s) of {} local epoch(s)",
+        fed.topology,
+        fed.hub_every,
+        fed.aggregation,
+        job.spec.workload.parameters.rounds,
+        job.spec.workload.parameters.local_epochs
+    );
+    let _ = writeln!(
+        out,
+        "Round:       {} ({}), {} completed; bytes kept in members {}, sent to the hub {}",
+        f.round,
+        f.stage
+            .map(|s| format!("{s:?}"))
+            .unwrap_or_else(|| "-".into()),
+        f.completed_rounds,
+        f.bytes_in_members,
+        f.bytes_to_hub
+    );
+    if let Some(g) = &f.global_model {
+        let _ = writeln!(
+            out,
+            "Model:       round {} {} (sha256 {})",
+            g.round,
+            g.key,
+            g.sha256.chars().take(12).collect::<String>()
+        );
+    }
+    if let Some(a) = f.final_accuracy {
+        let _ = writeln!(
+            out,
+            "Accuracy:    {a:.4} (final model, participants' held-out rows)"
+        );
+    }
+    out.push_str("Rounds:\n");
+    let mut rows = vec![
+        [
+            "ROUND",
+            "PARTICIPANTS",
+            "ACCEPTED",
+            "REJECTED",
+            "MISSING",
+            "HUB",
+            "CLOSED",
+            "ACCURACY",
+            "LOSS",
+            "IN-MEMBERS",
+            "TO-HUB",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let num = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
+    for r in &f.rounds {
+        rows.push(vec![
+            r.round.to_string(),
+            r.participants.to_string(),
+            r.accepted.to_string(),
+            r.rejected.to_string(),
+            r.missing.to_string(),
+            if r.hub { "yes" } else { "no" }.into(),
+            r.closed_by.clone(),
+            num(r.accuracy),
+            num(r.loss),
+            r.bytes_in_members.to_string(),
+            r.bytes_to_hub.to_string(),
+        ]);
+    }
+    for line in table(&rows).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    if !f.participants.is_empty() {
+        out.push_str("Participants (current round):\n");
+        let mut rows = vec![
+            ["INDEX", "MEMBER", "NODE", "STATE", "EXAMPLES", "REASON"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for p in &f.participants {
+            rows.push(vec![
+                p.index.to_string(),
+                p.member.clone(),
+                p.node.clone(),
+                format!("{:?}", p.state),
+                p.examples
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                p.reason.clone().unwrap_or_default(),
+            ]);
+        }
+        for line in table(&rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if !f.rejected_updates.is_empty() {
+        out.push_str("Rejected updates by node:\n");
+        for (node, n) in &f.rejected_updates {
+            let _ = writeln!(out, "  {node}: {n}");
+        }
+    }
+    out
+}
+
+fn events_section(events: &[Event], now: Timestamp) -> String {
+    let mut out = String::new();
     out.push_str("Events:\n");
     let mut evs: Vec<&Event> = events.iter().collect();
     evs.sort_by_key(|e| {

@@ -224,6 +224,7 @@ impl Run<'_> {
                 let inv = &n.inventory;
                 let labels = n.label_map();
                 let ok = inv.agent
+                    && inv.box_key.is_some()
                     && m.node_ready(&n.name, self.now)
                     && dataset.as_ref().is_none_or(|d| inv.datasets.contains(d))
                     && spec.resources.gpus <= inv.gpus
@@ -325,6 +326,15 @@ impl Run<'_> {
         if m.tasks.get(&name).is_some() {
             return Ok(());
         }
+        // The URLs are sealed to the node's key: other agents of the cluster read the task
+        // but cannot use them (see "Who may write what").
+        let key = m
+            .nodes
+            .get(node)
+            .and_then(|n| n.inventory.box_key.clone())
+            .ok_or_else(|| format!("node {node} of {member} publishes no key to seal to"))?;
+        let plain = serde_json::to_vec(&urls).map_err(|e| e.to_string())?;
+        let sealed = edgeloom_crds::commitment::seal_to(&key, &plain)?;
         let spec = &self.job.spec;
         let (pool, cluster) = member.split_once('/').unwrap_or((member, member));
         let expires = self.now
@@ -370,7 +380,8 @@ impl Run<'_> {
                 federated: Some(FederatedTask {
                     round,
                     step,
-                    urls,
+                    urls: FederatedUrls::default(),
+                    sealed_urls: Some(sealed),
                     expires_at: time(expires),
                 }),
             },
@@ -1427,15 +1438,33 @@ async fn finish_round(
     m.federated_bytes
         .with_label_values(&["hub"])
         .inc_by(bytes_to_hub);
+    let why: Vec<String> = st
+        .participants
+        .iter()
+        .filter(|p| p.state == ParticipantState::Rejected)
+        .map(|p| {
+            format!(
+                "{}/{}: {}",
+                p.member,
+                p.node,
+                p.reason.clone().unwrap_or_default()
+            )
+        })
+        .collect();
     event(
         run,
-        if rejected_n > 0 { EventType::Warning } else { EventType::Normal },
+        if rejected_n > 0 {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         "RoundCompleted",
         &format!(
-            "round {round}/{}: {accepted} of {} updates accepted, {rejected_n} rejected, {missing} missing{}",
+            "round {round}/{}: {accepted} of {} updates accepted, {rejected_n} rejected, {missing} missing{}{}",
             run.rounds,
             st.participants.len(),
-            if hub { "; hub aggregated" } else { "" }
+            if hub { "; hub aggregated" } else { "" },
+            if why.is_empty() { String::new() } else { format!("; rejected {}", why.join("; ")) }
         ),
     )
     .await;

@@ -31,63 +31,8 @@ fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The digits as CSV rows (pixels scaled to [0, 1], then the label).
-fn digits() -> Vec<(String, u32)> {
-    use std::io::Read as _;
-    let gz = std::fs::read(edgeloom_e2e::torch_models::digits_csv()).expect("digits");
-    let mut raw = String::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .read_to_string(&mut raw)
-        .expect("gunzip");
-    raw.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let v: Vec<&str> = line.split(',').collect();
-            let (label, px) = v.split_last().expect("row");
-            let scaled: Vec<String> = px
-                .iter()
-                .map(|p| format!("{}", p.parse::<f32>().unwrap_or(0.0) / 16.0))
-                .collect();
-            (
-                format!("{},{label}", scaled.join(",")),
-                label.trim().parse().expect("label"),
-            )
-        })
-        .collect()
-}
-
-/// Gives every node of `nodes` its own label-skewed slice of the digits as the node-local
-/// dataset `digits-slice` (every row of its one or two own labels, a fifth of the others);
-/// every fifth row is the shared test set, held by no node. Returns the datasets and the
-/// test CSV.
 fn slices(dir: &Path, nodes: &[String]) -> (BTreeMap<String, BTreeMap<String, PathBuf>>, PathBuf) {
-    let rows = digits();
-    let n = nodes.len();
-    let mut data = BTreeMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let mine: Vec<&str> = rows
-            .iter()
-            .enumerate()
-            .filter(|(r, _)| r % 5 != 0)
-            .filter(|(r, (_, label))| *label as usize % n == i || (r / 5) % 5 == i % 5)
-            .map(|(_, (line, _))| line.as_str())
-            .collect();
-        let path = dir.join(format!("slice-{node}.csv"));
-        std::fs::write(&path, mine.join("\n")).expect("slice");
-        data.insert(
-            node.clone(),
-            BTreeMap::from([("digits-slice".to_string(), path)]),
-        );
-    }
-    let test: Vec<&str> = rows
-        .iter()
-        .enumerate()
-        .filter(|(r, _)| r % 5 == 0)
-        .map(|(_, (line, _))| line.as_str())
-        .collect();
-    let path = dir.join("test.csv");
-    std::fs::write(&path, test.join("\n")).expect("test");
-    (data, path)
+    edgeloom_e2e::digits::label_skewed_slices(dir, nodes).expect("slices")
 }
 
 fn nodes(fed: &Federation) -> Vec<String> {
@@ -229,6 +174,40 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data() {
     manifests::apply_all(&fed.hub, &job("tree", "Tree", "Mean", 6, ""), &ns, false)
         .await
         .expect("job");
+    // What any agent of the cluster can read of a task: its URLs are sealed to its node.
+    let member = fed
+        .plane
+        .members()
+        .next()
+        .expect("member")
+        .client()
+        .await
+        .expect("client");
+    let tasks: Api<edgeloom_crds::ComputeTask> = Api::namespaced(member, SYSTEM_NAMESPACE);
+    let seen = wait::until(
+        "a federated task in edge-a",
+        Duration::from_secs(120),
+        || async {
+            let list = tasks
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .into_iter()
+                .find_map(|t| t.spec.federated)
+                .ok_or_else(|| "none yet".to_string())
+        },
+    )
+    .await;
+    assert!(
+        seen.urls.output.is_none() && seen.urls.model.is_none() && seen.urls.updates.is_empty(),
+        "{seen:?}"
+    );
+    let sealed = seen.sealed_urls.expect("sealed URLs");
+    assert!(
+        !sealed.contains("http") && !sealed.contains("Signature"),
+        "nothing readable"
+    );
     let done = jobs::wait_phase(
         &fed,
         &ns,
@@ -303,6 +282,28 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data() {
         );
     }
     finished_cleanly(&fed, &ns, "tree").await;
+    // `kubectl edgeloom describe job` shows the rounds.
+    let described = edgeloom_e2e::ledger::plugin(
+        &bin("kubectl-edgeloom"),
+        &fed.plane.hub().kubeconfig,
+        &["describe", "job", "tree", "-n", &ns],
+    );
+    assert_eq!(described.code, Some(0), "{}", described.stderr);
+    let out = described.stdout;
+    assert!(
+        out.contains("Federation:  Tree, hub every 1 round(s), Mean"),
+        "{out}"
+    );
+    assert!(out.contains("ROUND") && out.contains("TO-HUB"), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(
+                |l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains(" yes ")
+            )
+            .count(),
+        6,
+        "a row per round: {out}"
+    );
 }
 
 /// A finished Federated job says so in its conditions and events, and leaves no task in
@@ -448,8 +449,9 @@ async fn rounds_survive_a_poisoner_a_lost_node_and_a_killed_operator() {
     );
     assert!(
         st.rejected_updates.keys().all(|k| k.ends_with(poisoner)),
-        "only the poisoner is rejected: {:?}",
-        st.rejected_updates
+        "only the poisoner is rejected: {:?}; {:?}",
+        st.rejected_updates,
+        jobs::events_of(&fed, &ns, "robust").await
     );
     // The ledger: one receipt per accepted update (round, participant), none for the
     // poisoner's updates, none twice.

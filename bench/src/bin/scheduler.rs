@@ -129,6 +129,7 @@ fn fixture(n: usize) -> Fixture {
                     tflops: 0.5 + rng.unit(),
                     price_factor: 1.0,
                     task_slots: 2,
+                    box_key: None,
                     ..NodeInventory::default()
                 },
             },

@@ -130,7 +130,13 @@ async fn demo(nodes: u32, hold: bool) -> Result<()> {
     println!(
         "== starting one edgeloom-agent per node (each measures its node with libtorch first)"
     );
-    let agents = fed.start_agents(&agent, &runner, "contributor", &Default::default())?;
+    let nodes: Vec<String> = fed.plane.members().flat_map(|m| m.nodes.clone()).collect();
+    let (datasets, _test) = edgeloom_e2e::digits::label_skewed_slices(fed.plane.dir(), &nodes)?;
+    println!(
+        "== each node holds its own label-skewed slice of the digits as the node-local dataset {:?} (it never leaves the node)",
+        edgeloom_e2e::digits::DATASET
+    );
+    let agents = fed.start_agents(&agent, &runner, "contributor", &datasets)?;
     let hub = fed.plane.hub();
     let kubectl = tools::tool("kubectl")?;
     println!(
@@ -146,6 +152,7 @@ async fn demo(nodes: u32, hold: bool) -> Result<()> {
         "job-train-digits.yaml",
         "job-benchmark.yaml",
         "job-inference-digits.yaml",
+        "job-federated-digits.yaml",
     ] {
         println!("== kubectl apply -n {ns} -f manifests/{example}");
         let text = std::fs::read_to_string(repo.join("manifests").join(example))?;
@@ -208,6 +215,36 @@ async fn demo(nodes: u32, hold: bool) -> Result<()> {
             metrics.join(" ")
         );
     }
+    println!("\n== federated learning across both edge clusters: accuracy per round");
+    if let Ok(j) = jobs.get("federated-digits").await
+        && let Some(f) = j.status.and_then(|s| s.federated)
+    {
+        for r in &f.rounds {
+            println!(
+                "  round {:>2}: {} of {} updates accepted, accuracy {}, loss {}, bytes kept in members {}, sent to the hub {}",
+                r.round,
+                r.accepted,
+                r.participants,
+                r.accuracy
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                r.loss
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                r.bytes_in_members,
+                r.bytes_to_hub
+            );
+        }
+        if let Some(a) = f.final_accuracy {
+            println!("  final model: accuracy {a:.4} on the participants' own held-out rows");
+        }
+    }
+    println!("\n== kubectl edgeloom describe job federated-digits -n {ns}");
+    kubectl_run(
+        &plugin,
+        &hub.kubeconfig,
+        &["describe", "job", "federated-digits", "-n", &ns],
+    )?;
     println!("\n== kubectl edgeloom ledger balance   (rewards per contributor account)");
     kubectl_run(&plugin, &hub.kubeconfig, &["ledger", "balance"])?;
     println!("\n== kubectl edgeloom ledger verify    (recomputes every hash of the chain)");
