@@ -477,10 +477,15 @@ fn job_status(
                 generation,
                 run.now,
             );
+            let (complete, failed) = if *ok {
+                (*reason, "Succeeded")
+            } else {
+                ("Failed", *reason)
+            };
             conditions::set(
-                &mut conds, "Complete", *ok, reason, msg, generation, run.now,
+                &mut conds, "Complete", *ok, complete, msg, generation, run.now,
             );
-            conditions::set(&mut conds, "Failed", !*ok, reason, msg, generation, run.now);
+            conditions::set(&mut conds, "Failed", !*ok, failed, msg, generation, run.now);
         }
         None => {
             let placed = !st.participants.is_empty();
