@@ -34,6 +34,26 @@ fn cpu_millis() -> u64 {
 }
 
 fn main() {
+    // `edgeloom-runner simulate`: the federated benchmark's edgeloom arms in one process.
+    if std::env::args().nth(1).as_deref() == Some("simulate") {
+        let mut input = String::new();
+        let cfg: Result<edgeloom_runner::simulate::Config, String> = std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_str(&input).map_err(|e| e.to_string()));
+        match cfg.map(|c| edgeloom_runner::simulate::simulate(&c).map_err(|e| e.to_string())) {
+            Ok(Ok(results)) => {
+                for r in results {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                }
+                return;
+            }
+            Ok(Err(e)) | Err(e) => {
+                eprintln!("simulate: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let mut input = String::new();
     let spec: Spec = match std::io::stdin()
         .read_to_string(&mut input)

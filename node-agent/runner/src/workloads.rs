@@ -423,7 +423,7 @@ fn federated_data(spec: &Spec) -> Result<(Dataset, Dataset, usize, usize), TaskE
 
 /// The job's network, with the round's model loaded when there is one (else the job's
 /// seeded initial weights: every node starts the first round from the same model).
-fn federated_network(
+pub(crate) fn federated_network(
     spec: &Spec,
     features: usize,
     classes: usize,
@@ -644,4 +644,39 @@ fn federated_aggregate(
         vector: verdicts,
     });
     Ok(())
+}
+
+struct Quiet;
+
+impl Sink for Quiet {
+    fn emit(&mut self, _line: Line) {}
+}
+
+/// The Federated train step's local training, for `edgeloom-runner simulate`.
+pub(crate) fn fit_for_simulation(
+    spec: &Spec,
+    vs: &mut nn::VarStore,
+    net: &Net,
+    data: &Dataset,
+    (epochs, shuffle): (u32, u64),
+) -> Result<(), TaskError> {
+    fit_epochs(
+        spec,
+        vs,
+        net,
+        data,
+        &mut Quiet,
+        (0, 100),
+        (epochs, shuffle, None),
+    )?;
+    Ok(())
+}
+
+/// Accuracy and loss on `d`, for `edgeloom-runner simulate`.
+pub(crate) fn evaluate_for_simulation(
+    net: &mut Net,
+    d: &Dataset,
+    device: Device,
+) -> Result<(f64, f64), TaskError> {
+    evaluate(net, d, device)
 }

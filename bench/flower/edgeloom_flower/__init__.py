@@ -1,0 +1,1 @@
+"""edgeloom's federated benchmark: the Flower arm."""
