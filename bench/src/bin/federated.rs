@@ -25,7 +25,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace --bins && cargo build --release -p edgeloom-bench
-//! target/release/federated                       # 5 seeds, 30 rounds, Flower on 1 seed
+//! target/release/federated                       # 5 seeds, 40 rounds, Flower on 1 seed
 //! target/release/federated --seeds 2 --rounds 10 --flower-seeds 0 --wall-rounds 0   # quick
 //! ```
 
@@ -47,7 +47,7 @@ struct Cli {
     #[arg(long, default_value_t = 5)]
     seeds: u64,
     /// Federated rounds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 40)]
     rounds: u32,
     /// Nodes.
     #[arg(long, default_value_t = 12)]
@@ -56,10 +56,10 @@ struct Cli {
     #[arg(long, default_value_t = 3)]
     clusters: usize,
     /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     local_epochs: u32,
     /// Learning rate.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.1)]
     lr: f64,
     /// Batch size.
     #[arg(long, default_value_t = 32)]
@@ -73,6 +73,9 @@ struct Cli {
     /// Seeds on which the Flower arm runs (0: none).
     #[arg(long, default_value_t = 1)]
     flower_seeds: u64,
+    /// Partitions on which the Flower arm runs (default: all).
+    #[arg(long, value_delimiter = ',')]
+    flower_partitions: Vec<String>,
     /// Rounds of the real-system wall-time measurement (0: skip it).
     #[arg(long, default_value_t = 5)]
     wall_rounds: u32,
@@ -475,7 +478,9 @@ async fn main() -> Result<()> {
             for (arm, run) in sims {
                 results.entry((how.clone(), arm)).or_default().push(run);
             }
-            if seed < cli.flower_seeds {
+            if seed < cli.flower_seeds
+                && (cli.flower_partitions.is_empty() || cli.flower_partitions.contains(how))
+            {
                 let started = Instant::now();
                 let f = flower(&cli, &dir, cli.rounds, seed)?;
                 eprintln!(
