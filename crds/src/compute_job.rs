@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.verification) || self.verification.replicas == 1 || !has(self.placement.spread) || self.placement.spread != 'None'").message("verification replicas need distinct nodes: placement.spread must not be None").field_path(".placement.spread"))]
 #[x_kube(validation = Rule::new("!has(self.placement) || !has(self.placement.gang) || !self.placement.gang || self.shards * (has(self.verification) ? self.verification.replicas : 1) <= 500").message("a gang job has at most 500 slots (shards x verification replicas): its attempts are all issued at once").field_path(".placement.gang"))]
-#[x_kube(validation = Rule::new("self.workload.kind != 'Federated' || !has(self.shards) || self.shards <= 1000").message("a Federated job has at most 1000 participants per round").field_path(".shards"))]
+#[x_kube(validation = Rule::new("self.workload.kind != 'Federated' || !has(self.shards) || self.shards <= 500").message("a Federated job has at most 500 participants per round (a member's aggregation task carries a URL for each)").field_path(".shards"))]
 #[x_kube(validation = Rule::new("self.workload.kind != 'Federated' || !has(self.verification)").message("a Federated job is checked by robust aggregation of its updates, not by replicated verification").field_path(".verification"))]
 #[x_kube(validation = Rule::new("self.workload.kind != 'Federated' || !has(self.placement) || !has(self.placement.gang) || !self.placement.gang").message("a Federated job picks its participants round by round: gang placement does not apply").field_path(".placement.gang"))]
 pub struct ComputeJobSpec {

@@ -86,6 +86,8 @@ pub enum RoundStage {
     Training,
     /// Member clusters aggregate their nodes' updates (Tree), or the hub aggregates them (Flat).
     Aggregating,
+    /// The round's verdicts and models are recorded; its accepted updates are being paid.
+    Settling,
     /// The last round's model is evaluated on the participants' held-out data.
     Evaluating,
     /// Every round is complete.
@@ -142,9 +144,13 @@ pub struct Participant {
     /// GPU-milliseconds paid for, bounded likewise.
     #[serde(default)]
     pub gpu_millis: u64,
-    /// Attempt of its task (another node is tried for Init and Evaluate after a failure).
+    /// Attempt of its task (another node is tried for Init after a failure).
     #[serde(default = "one")]
     pub attempt: u32,
+    /// Whether what it did counts against its node's trust (a rejected or missing update,
+    /// a model whose bytes are not what it reported).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blamed: bool,
 }
 
 fn one() -> u32 {
@@ -171,9 +177,17 @@ pub struct MemberModel {
     #[serde(default)]
     pub cpu_core_millis: u64,
     /// Whether the member was left out of the round (its aggregation failed on every
-    /// node tried).
+    /// node tried, or its model could not be used).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dropped: bool,
+    /// The aggregation's verdict on each of the member's updates, in participant order:
+    /// 1 accepted, 0 rejected as misbehaviour, -1 not readable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub verdicts: Vec<i8>,
+    /// Whether its aggregator is to blame (a model not in the store or not what it reported).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blamed: bool,
 }
 
 /// A model kept in the store.
@@ -270,7 +284,9 @@ pub struct FederatedStatus {
     /// example-weighted), once evaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_accuracy: Option<f64>,
-    /// Per-node trust notes: updates rejected by the aggregation, by "cluster/node".
+    /// Updates rejected and counted against their node, by "cluster/node" (at most 1,000
+    /// nodes are listed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 1000))]
     pub rejected_updates: BTreeMap<String, u32>,
 }

@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Agents' node-local datasets, by node: dataset name -> CSV path.
+pub type Datasets = BTreeMap<String, BTreeMap<String, PathBuf>>;
+
 /// The node-local dataset name the slices are declared under.
 pub const DATASET: &str = "digits-slice";
 
@@ -35,10 +38,7 @@ pub fn rows() -> Vec<(String, u32)> {
 /// `label % nodes == i`, and a fifth of the others); every fifth row is the shared test
 /// set, held by no node. Writes the CSVs into `dir`; returns the agents' datasets by node
 /// and the test CSV.
-pub fn label_skewed_slices(
-    dir: &Path,
-    nodes: &[String],
-) -> std::io::Result<(BTreeMap<String, BTreeMap<String, PathBuf>>, PathBuf)> {
+pub fn label_skewed_slices(dir: &Path, nodes: &[String]) -> std::io::Result<(Datasets, PathBuf)> {
     let rows = rows();
     let n = nodes.len().max(1);
     let mut data = BTreeMap::new();

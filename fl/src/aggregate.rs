@@ -84,7 +84,15 @@ pub enum Rejection {
     NotFinite,
     /// Its weight is not a positive finite number.
     Weight,
-    /// Its norm (distance to the round's model) is an outlier.
+    /// Its norm is far below the round's median: it barely moved the model (too little
+    /// data or a free rider; not held against the node, which may be honest and small).
+    Small {
+        /// Its norm.
+        norm: f64,
+        /// The round's median norm.
+        median: f64,
+    },
+    /// Its norm (distance to the round's model) is far above the round's median.
     Norm {
         /// Its norm.
         norm: f64,
@@ -104,7 +112,7 @@ impl Rejection {
     /// Whether this counts against the node's trust: a statistical outlier or a broken
     /// file is the node's doing (an unreadable download may be the store's, and is not).
     pub fn is_misbehaviour(&self) -> bool {
-        !matches!(self, Rejection::Unreadable(_))
+        !matches!(self, Rejection::Unreadable(_) | Rejection::Small { .. })
     }
 }
 
@@ -115,6 +123,12 @@ impl std::fmt::Display for Rejection {
             Rejection::Layout => write!(f, "its tensors differ from the round's model"),
             Rejection::NotFinite => write!(f, "it holds NaN or infinite values"),
             Rejection::Weight => write!(f, "its weight is not a positive number"),
+            Rejection::Small { norm, median } => {
+                write!(
+                    f,
+                    "its norm {norm:.4} is far below the round's (median {median:.4})"
+                )
+            }
             Rejection::Norm { norm, median } => {
                 write!(f, "its norm {norm:.4} is an outlier (median {median:.4})")
             }
@@ -308,7 +322,7 @@ pub fn aggregate(
             "trim {trim} is not in [0, 0.5)"
         )));
     }
-    if !(opts.outlier_cutoff > 1.0) {
+    if opts.outlier_cutoff.is_nan() || opts.outlier_cutoff <= 1.0 {
         return Err(AggregateError::Options(format!(
             "outlier cutoff {} is not greater than 1",
             opts.outlier_cutoff
@@ -358,11 +372,13 @@ pub fn aggregate(
     if opts.rule.robust() {
         let (out_norms, m) = outliers(&candidates, opts.outlier_cutoff, false);
         for i in &out_norms {
+            let (norm, median) = (norms[*i], m);
             rejected.push((
                 *i,
-                Rejection::Norm {
-                    norm: norms[*i],
-                    median: m,
+                if norm < median {
+                    Rejection::Small { norm, median }
+                } else {
+                    Rejection::Norm { norm, median }
                 },
             ));
         }

@@ -58,6 +58,8 @@ const AGGREGATOR_ATTEMPTS: u32 = 3;
 const WEIGHT_CAP: f64 = 3.0;
 /// Elements read from each model at a time when the hub aggregates.
 const CHUNK: usize = 1 << 16;
+/// The largest model the hub reads (the operator holds one in memory to write it).
+const MAX_MODEL_BYTES: u64 = 256 << 20;
 
 /// The receipt replica (and task replica) of each step.
 fn replica_of(step: FederatedStepKind) -> u32 {
@@ -125,16 +127,18 @@ impl Keys {
         self.at(format!("members/{pool}/{cluster}/jobs/{}", self.uid))
     }
 
-    fn init(&self, index: u32) -> String {
-        format!("{}/rounds/0/init-{index}.safetensors", self.hub())
+    /// Init builder `index`'s model (each attempt its own object).
+    fn init(&self, index: u32, attempt: u32) -> String {
+        format!("{}/rounds/0/init-{index}-{attempt}.safetensors", self.hub())
     }
 
+    /// The prefix of round `round`'s global model (its name ends with its digest).
     fn global(&self, round: u32) -> String {
-        format!("{}/rounds/{round}/global.safetensors", self.hub())
+        format!("{}/rounds/{round}/global", self.hub())
     }
 
     fn momentum(&self, round: u32) -> String {
-        format!("{}/rounds/{round}/momentum.safetensors", self.hub())
+        format!("{}/rounds/{round}/momentum", self.hub())
     }
 
     /// Where participant `index` writes its update of `round`.
@@ -148,8 +152,12 @@ impl Keys {
         }
     }
 
-    fn member_model(&self, member: &str, round: u32) -> String {
-        format!("{}/rounds/{round}/model.safetensors", self.member(member))
+    /// A member's model of `round`, by its aggregation's attempt.
+    fn member_model(&self, member: &str, round: u32, attempt: u32) -> String {
+        format!(
+            "{}/rounds/{round}/model-{attempt}.safetensors",
+            self.member(member)
+        )
     }
 }
 
@@ -662,6 +670,7 @@ pub async fn apply(
         Some(RoundStage::Init) => init(&run, st).await,
         Some(RoundStage::Training) => training(&run, st).await,
         Some(RoundStage::Aggregating) => aggregating(&run, st).await,
+        Some(RoundStage::Settling) => settling(&run, st).await,
         Some(RoundStage::Evaluating) => evaluating(&run, st).await,
         Some(RoundStage::Done) => Step::Done(st),
     };
@@ -749,6 +758,7 @@ fn participant(index: u32, member: &str, node: &str) -> Participant {
         cpu_core_millis: 0,
         gpu_millis: 0,
         attempt: 1,
+        blamed: false,
     }
 }
 
@@ -780,7 +790,7 @@ async fn start(run: &Run<'_>, st: FederatedStatus) -> Step {
 }
 
 /// Marks a running participant lost when its node or task is gone or its task failed,
-/// and reported when its task succeeded. Returns whether it changed.
+/// and reported when its task succeeded.
 fn observe(
     run: &Run<'_>,
     p: &mut Participant,
@@ -792,6 +802,10 @@ fn observe(
         return;
     }
     let name = task_name(&run.uid, round, step, p.index, p.attempt);
+    let lost = |p: &mut Participant, why: String| {
+        p.state = ParticipantState::Lost;
+        p.reason = Some(why);
+    };
     match run.task(&p.member, &name) {
         Some(t) => match t.status.as_ref().and_then(|s| s.phase) {
             Some(TaskPhase::Succeeded) => {
@@ -812,70 +826,99 @@ fn observe(
                         p.gpu_millis = gpu;
                         p.state = ParticipantState::Reported;
                     }
-                    None => {
-                        p.state = ParticipantState::Lost;
-                        p.reason = Some("its task succeeded without a result digest".into());
-                    }
+                    None => lost(p, "its task succeeded without a result digest".into()),
                 }
             }
             Some(TaskPhase::Failed | TaskPhase::Cancelled) => {
-                p.state = ParticipantState::Lost;
-                p.reason = Some(format!(
-                    "its task ended: {}",
-                    t.status
-                        .as_ref()
-                        .and_then(|s| s.message.clone())
-                        .unwrap_or_default()
-                ));
+                let msg = t.status.as_ref().and_then(|s| s.message.clone());
+                lost(p, format!("its task ended: {}", msg.unwrap_or_default()))
             }
-            _ if !run.alive(&p.member, &p.node) => {
-                p.state = ParticipantState::Lost;
-                p.reason = Some("its node was lost".into());
-            }
+            _ if !run.alive(&p.member, &p.node) => lost(p, "its node was lost".into()),
             _ => {}
         },
-        None if !run.alive(&p.member, &p.node) => {
-            p.state = ParticipantState::Lost;
-            p.reason = Some("its node was lost".into());
-        }
+        None if !run.alive(&p.member, &p.node) => lost(p, "its node was lost".into()),
         None => {}
+    }
+}
+
+/// A participant that reported an update it never wrote (only it holds the update's PUT
+/// URL, and the agent uploads before it reports) is blamed and left out: a report alone
+/// never counts towards a round's quorum.
+async fn check_uploaded(run: &Run<'_>, p: &mut Participant, key: &str) {
+    if p.state != ParticipantState::Reported {
+        return;
+    }
+    match run.store.head(&ObjectPath::from(key)).await {
+        Ok(m) if m.size > 0 && m.size <= MAX_MODEL_BYTES => {}
+        Ok(m) => {
+            p.state = ParticipantState::Rejected;
+            p.blamed = true;
+            p.reason = Some(format!("its update is {} bytes", m.size));
+        }
+        Err(object_store::Error::NotFound { .. }) => {
+            p.state = ParticipantState::Rejected;
+            p.blamed = true;
+            p.reason = Some("it reported an update that is not in the store".into());
+        }
+        // The store did not answer: look again at the next reconcile.
+        Err(_) => p.state = ParticipantState::Running,
     }
 }
 
 async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let since = started(&st, run.now);
+    let timed_out =
+        run.now >= since + SignedDuration::from_secs(run.fed.round_timeout_seconds as i64);
     for p in &mut st.participants {
         observe(run, p, 0, FederatedStepKind::Init, since);
+        if p.state == ParticipantState::Running && timed_out {
+            p.state = ParticipantState::Lost;
+            p.reason = Some("it did not build the model in time".into());
+        }
+        if p.state == ParticipantState::Reported {
+            // The builder's own object must hold the digest it reported.
+            let m = StoredModel {
+                round: 0,
+                key: run.keys.init(p.index, p.attempt),
+                sha256: p.digest.clone().unwrap_or_default(),
+            };
+            match verify_object(run, &m).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    p.state = ParticipantState::Lost;
+                    p.blamed = true;
+                    p.reason = Some("its model is not what it reported".into());
+                }
+                Err(e) => return Step::Retry(e),
+            }
+        }
     }
-    // A lost builder is replaced by another node (a new attempt).
+    // A lost builder is replaced by another node (a new attempt, its own key).
     let taken: Vec<(String, String)> = st
         .participants
         .iter()
         .map(|p| (p.member.clone(), p.node.clone()))
         .collect();
+    let mut restarted = false;
     for p in st
         .participants
         .iter_mut()
-        .filter(|p| p.state == ParticipantState::Lost)
+        .filter(|p| p.state == ParticipantState::Lost && p.attempt < AGGREGATOR_ATTEMPTS)
     {
-        let fresh = run
+        if let Some((m, n)) = run
             .pick(taken.len() + 1, &taken)
             .into_iter()
-            .find(|c| !taken.contains(c));
-        match fresh {
-            Some((m, n)) if p.attempt < AGGREGATOR_ATTEMPTS => {
-                let attempt = p.attempt + 1;
-                *p = participant(p.index, &m, &n);
-                p.attempt = attempt;
-            }
-            _ => {}
+            .find(|c| !taken.contains(c))
+        {
+            let attempt = p.attempt + 1;
+            *p = participant(p.index, &m, &n);
+            p.attempt = attempt;
+            restarted = true;
         }
     }
-    let reported: Vec<&Participant> = st
-        .participants
-        .iter()
-        .filter(|p| p.state == ParticipantState::Reported)
-        .collect();
+    if restarted {
+        st.stage_started_at = Some(time(run.now));
+    }
     if st
         .participants
         .iter()
@@ -883,6 +926,11 @@ async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     {
         return Step::Wait(st, Duration::from_secs(1));
     }
+    let reported: Vec<&Participant> = st
+        .participants
+        .iter()
+        .filter(|p| p.state == ParticipantState::Reported)
+        .collect();
     let Some(first) = reported.first() else {
         return Step::Fail(
             st,
@@ -913,14 +961,18 @@ async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     }
     let global = StoredModel {
         round: 0,
-        key: run.keys.init(first.index),
+        key: run.keys.init(first.index, first.attempt),
         sha256: first.digest.clone().unwrap_or_default(),
     };
-    match verify_object(run, &global).await {
-        Ok(_) => {}
-        Err(e) => return Step::Retry(e),
-    }
-    if let Err(e) = pay(run, &st.participants, &[], 0, FederatedStepKind::Init).await {
+    // Only builders whose own object verified are paid.
+    let builders: Vec<Participant> = reported.into_iter().cloned().collect();
+    let caught: Vec<Participant> = st
+        .participants
+        .iter()
+        .filter(|p| p.blamed)
+        .cloned()
+        .collect();
+    if let Err(e) = pay(run, &builders, &caught, 0, FederatedStepKind::Init).await {
         return Step::Retry(e);
     }
     st.global_model = Some(global);
@@ -929,7 +981,8 @@ async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     start_round(run, st)
 }
 
-/// Starts `st.round`: picks its participants (last round's accepted ones first).
+/// Starts `st.round`: its stage is Training from now on, with the participants there are
+/// (last round's accepted ones first); with none it waits in Training for some.
 fn start_round(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let prefer: Vec<(String, String)> = st
         .participants
@@ -938,9 +991,6 @@ fn start_round(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         .map(|p| (p.member.clone(), p.node.clone()))
         .collect();
     let picked = run.pick(run.job.spec.shards as usize, &prefer);
-    if picked.is_empty() {
-        return Step::Wait(st, Duration::from_secs(5));
-    }
     st = stage(st, RoundStage::Training, run.now);
     st.participants = picked
         .iter()
@@ -955,21 +1005,27 @@ fn start_round(run: &Run<'_>, mut st: FederatedStatus) -> Step {
 /// or its timeout passed; the updates that arrived then are the round's (later ones are
 /// ignored, their tasks removed).
 async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
+    if st.participants.is_empty() {
+        // No node could take part when the round began: try again (the round's clock
+        // starts when it has participants).
+        return match start_round(run, st) {
+            Step::Advance(st) if st.participants.is_empty() => {
+                Step::Wait(st, Duration::from_secs(5))
+            }
+            other => other,
+        };
+    }
     let since = started(&st, run.now);
     let round = st.round;
     for p in &mut st.participants {
         observe(run, p, round, FederatedStepKind::Train, since);
+        let key = run.keys.update(run.fed.topology, &p.member, round, p.index);
+        check_uploaded(run, p, &key).await;
     }
-    let reported = st
-        .participants
-        .iter()
-        .filter(|p| p.state == ParticipantState::Reported)
-        .count() as u32;
-    let running = st
-        .participants
-        .iter()
-        .filter(|p| p.state == ParticipantState::Running)
-        .count();
+    let count =
+        |s: ParticipantState| st.participants.iter().filter(|p| p.state == s).count() as u32;
+    let reported = count(ParticipantState::Reported);
+    let running = count(ParticipantState::Running);
     let need = run.fed.min_participants_of(st.participants.len() as u32);
     let timed_out =
         run.now >= since + SignedDuration::from_secs(run.fed.round_timeout_seconds as i64);
@@ -1005,6 +1061,12 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     {
         prev.accuracy = Some(acc / w);
     }
+    st.rounds.push(RoundSummary {
+        round,
+        participants: st.participants.len() as u32,
+        closed_by: closed_by.into(),
+        ..RoundSummary::default()
+    });
     if reported == 0 {
         return Step::Fail(
             st,
@@ -1015,12 +1077,6 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             ),
         );
     }
-    st.rounds.push(RoundSummary {
-        round,
-        participants: st.participants.len() as u32,
-        closed_by: closed_by.into(),
-        ..RoundSummary::default()
-    });
     let mut st = stage(st, RoundStage::Aggregating, run.now);
     if run.fed.topology == Topology::Tree {
         let mut members: BTreeMap<String, String> = BTreeMap::new();
@@ -1043,6 +1099,8 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                 weight: 0.0,
                 cpu_core_millis: 0,
                 dropped: false,
+                verdicts: Vec::new(),
+                blamed: false,
             })
             .collect();
     }
@@ -1053,17 +1111,23 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
 /// the round's median claim (a node claiming a billion examples does not outweigh the
 /// rest), at least 1.
 fn weights(st: &FederatedStatus) -> BTreeMap<u32, f64> {
+    let counted = |p: &&Participant| {
+        matches!(
+            p.state,
+            ParticipantState::Reported | ParticipantState::Accepted | ParticipantState::Rejected
+        ) && p.digest.is_some()
+    };
     let mut claims: Vec<u64> = st
         .participants
         .iter()
-        .filter(|p| p.state == ParticipantState::Reported)
+        .filter(counted)
         .map(|p| p.examples.unwrap_or(1).max(1))
         .collect();
     claims.sort_unstable();
     let median = claims.get(claims.len() / 2).copied().unwrap_or(1) as f64;
     st.participants
         .iter()
-        .filter(|p| p.state == ParticipantState::Reported)
+        .filter(counted)
         .map(|p| {
             (
                 p.index,
@@ -1080,12 +1144,37 @@ async fn aggregating(run: &Run<'_>, st: FederatedStatus) -> Step {
     }
 }
 
-/// Tree: one aggregation task per member; once every member's model is in, the hub
-/// aggregates them (every `hubEvery` rounds and at the last) or each member keeps its own.
+/// The participants of member `member` whose updates its aggregation was given, in order.
+fn member_updates(st: &FederatedStatus, member: &str) -> Vec<u32> {
+    st.participants
+        .iter()
+        .filter(|p| {
+            p.member == member
+                && matches!(
+                    p.state,
+                    ParticipantState::Reported
+                        | ParticipantState::Accepted
+                        | ParticipantState::Rejected
+                )
+                && !p.blamed
+        })
+        .map(|p| p.index)
+        .collect()
+}
+
+/// Tree: one aggregation task per member. Each member's result (digest, verdicts) is
+/// recorded in the status as it comes; once every member is resolved, the verdicts are
+/// applied, the hub aggregates the member models (every `hubEvery` rounds and at the
+/// last) or each member keeps its own, and the round goes to Settling.
 async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let round = st.round;
     let since = started(&st, run.now);
     let mut changed = false;
+    let updates: Vec<Vec<u32>> = st
+        .members
+        .iter()
+        .map(|m| member_updates(&st, &m.member))
+        .collect();
     for (i, mm) in st.members.iter_mut().enumerate() {
         if mm.digest.is_some() || mm.dropped {
             continue;
@@ -1101,11 +1190,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             Some(t) => match t.status.as_ref().and_then(|s| s.phase) {
                 Some(TaskPhase::Succeeded) => {
                     let s = t.status.as_ref().expect("status");
-                    let n = st
-                        .participants
-                        .iter()
-                        .filter(|p| p.member == mm.member && p.state == ParticipantState::Reported)
-                        .count();
+                    let n = updates[i].len();
                     if s.result_vector.len() != n || s.result_digest.is_none() {
                         Some(format!(
                             "its aggregation reported {} verdicts for {n} updates",
@@ -1113,7 +1198,19 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                         ))
                     } else {
                         mm.digest = s.result_digest.clone();
-                        mm.weight = s.metrics.get("weight").copied().unwrap_or(0.0);
+                        mm.verdicts = s
+                            .result_vector
+                            .iter()
+                            .map(|v| {
+                                if *v >= 0.5 {
+                                    1
+                                } else if *v > -0.5 {
+                                    0
+                                } else {
+                                    -1
+                                }
+                            })
+                            .collect();
                         mm.cpu_core_millis = run.usage(&t, since).0;
                         changed = true;
                         None
@@ -1153,80 +1250,66 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         let timed_out =
             run.now >= since + SignedDuration::from_secs(run.fed.round_timeout_seconds as i64 * 2);
         if !timed_out {
-            return if changed {
-                Step::Wait(st, Duration::from_millis(100))
-            } else {
-                Step::Wait(st, Duration::from_millis(500))
-            };
+            let wait = if changed { 100 } else { 500 };
+            return Step::Wait(st, Duration::from_millis(wait));
         }
         for m in st.members.iter_mut().filter(|m| m.digest.is_none()) {
             m.dropped = true;
         }
+        // Record the drops before anything depends on them.
+        return Step::Wait(st, Duration::ZERO);
     }
-    // Verdicts per participant, from its member's aggregation.
-    let mut rejected_nodes = Vec::new();
+    if changed {
+        // Every member's result is recorded first: what follows depends only on the
+        // status, so a redo after a crash or a lost write decides the same.
+        return Step::Wait(st, Duration::ZERO);
+    }
+    // Verdicts per participant, from its member's recorded aggregation.
+    let w = weights(&st);
     for (i, mm) in st.members.clone().iter().enumerate() {
-        let ours: Vec<u32> = st
-            .participants
-            .iter()
-            .filter(|p| p.member == mm.member && p.state == ParticipantState::Reported)
-            .map(|p| p.index)
-            .collect();
-        if mm.dropped {
-            for p in st
-                .participants
-                .iter_mut()
-                .filter(|p| ours.contains(&p.index))
-            {
-                p.state = ParticipantState::Lost;
-                p.reason =
-                    Some("its member cluster's aggregation failed on every node tried".into());
-            }
-            continue;
-        }
-        let name = task_name(
-            &run.uid,
-            round,
-            FederatedStepKind::Aggregate,
-            i as u32,
-            mm.attempt,
-        );
-        let verdicts = run
-            .task(&mm.member, &name)
-            .and_then(|t| t.status.as_ref().map(|s| s.result_vector.clone()))
-            .unwrap_or_default();
-        if verdicts.len() != ours.len() {
-            return Step::Retry(format!("the verdicts of {name} are not in the cache"));
-        }
-        for (idx, v) in ours.iter().zip(verdicts) {
+        for (k, idx) in updates[i].iter().enumerate() {
             let p = st
                 .participants
                 .iter_mut()
                 .find(|p| p.index == *idx)
                 .expect("participant");
-            if v >= 0.5 {
-                p.state = ParticipantState::Accepted;
-            } else {
-                p.state = ParticipantState::Rejected;
-                p.reason = Some(if v < -0.5 {
-                    "its update could not be read from the store, or its bytes differ from the digest it reported".into()
-                } else {
-                    "its update was rejected by the aggregation (an outlier or a broken model)"
-                        .into()
-                });
-                if v > -0.5 {
-                    rejected_nodes.push(p.index);
+            if mm.dropped {
+                p.state = ParticipantState::Lost;
+                p.reason =
+                    Some("its member cluster's aggregation failed on every node tried".into());
+                continue;
+            }
+            match mm.verdicts.get(k).copied().unwrap_or(-1) {
+                1 => p.state = ParticipantState::Accepted,
+                0 => {
+                    p.state = ParticipantState::Rejected;
+                    p.blamed = true;
+                    p.reason = Some(
+                        "its update was rejected by its member's aggregation (an outlier or a broken model)"
+                            .into(),
+                    );
+                }
+                _ => {
+                    p.state = ParticipantState::Rejected;
+                    p.reason = Some(
+                        "its member's aggregator could not read its update, or it was far smaller than the round's"
+                            .into(),
+                    );
                 }
             }
         }
-    }
-    let live: Vec<MemberModel> = st.members.iter().filter(|m| !m.dropped).cloned().collect();
-    if live.is_empty() {
-        return Step::Fail(
-            st,
-            "RoundFailed",
-            format!("round {round}: no member cluster's aggregation succeeded"),
-        );
+        // The member's weight is the operator's: the bounded weights of the updates its
+        // aggregation accepted (never the aggregator's own claim).
+        let weight: f64 = updates[i]
+            .iter()
+            .filter(|idx| {
+                st.participants
+                    .iter()
+                    .any(|p| p.index == **idx && p.state == ParticipantState::Accepted)
+            })
+            .filter_map(|idx| w.get(idx))
+            .sum();
+        st.members[i].weight = weight;
     }
     let mut bytes_in_members = 0u64;
     for p in st.participants.iter().filter(|p| {
@@ -1240,17 +1323,21 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     }
     let hub = round.is_multiple_of(run.fed.hub_every) || round >= run.rounds;
     let mut bytes_to_hub = 0u64;
+    let live: Vec<usize> = (0..st.members.len())
+        .filter(|i| !st.members[*i].dropped && st.members[*i].weight > 0.0)
+        .collect();
     if hub {
         let models: Vec<(StoredModel, f64)> = live
             .iter()
-            .map(|m| {
+            .map(|i| {
+                let m = &st.members[*i];
                 (
                     StoredModel {
                         round,
-                        key: run.keys.member_model(&m.member, round),
+                        key: run.keys.member_model(&m.member, round, m.attempt),
                         sha256: m.digest.clone().unwrap_or_default(),
                     },
-                    m.weight.max(0.0),
+                    m.weight,
                 )
             })
             .collect();
@@ -1259,7 +1346,25 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         }
         let base = st.global_model.clone();
         match hub_aggregate(run, &mut st, base, &models, AggregationRule::Mean).await {
-            Ok(_) => {}
+            Ok(verdicts) => {
+                // A member model that is not in the store, or not what its aggregator
+                // reported, is its aggregator's doing: that member is left out.
+                for (i, v) in live.iter().zip(verdicts) {
+                    if let Verdict::Rejected(why, _) = v {
+                        let member = st.members[*i].member.clone();
+                        st.members[*i].dropped = true;
+                        st.members[*i].blamed = true;
+                        for p in st
+                            .participants
+                            .iter_mut()
+                            .filter(|p| p.member == member && p.state == ParticipantState::Accepted)
+                        {
+                            p.state = ParticipantState::Lost;
+                            p.reason = Some(format!("its member's model could not be used: {why}"));
+                        }
+                    }
+                }
+            }
             Err(HubError::Retry(e)) => return Step::Retry(e),
             Err(HubError::Models(e)) => {
                 return Step::Fail(st, "AggregationFailed", format!("round {round}: {e}"));
@@ -1267,34 +1372,33 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         }
         st.bases.clear();
     } else {
-        for m in &live {
+        // Between hub rounds each member starts from its own model; the next round's
+        // participants check its bytes against the recorded digest when they download it.
+        for i in &live {
+            let m = &st.members[*i];
             st.bases.insert(
                 m.member.clone(),
                 StoredModel {
                     round,
-                    key: run.keys.member_model(&m.member, round),
+                    key: run.keys.member_model(&m.member, round, m.attempt),
                     sha256: m.digest.clone().unwrap_or_default(),
                 },
             );
         }
     }
-    // Pay the accepted updates and the aggregations; rejected updates count against
-    // their nodes.
-    let aggregators: Vec<Participant> = live
+    if !st
+        .participants
         .iter()
-        .enumerate()
-        .map(|(i, m)| Participant {
-            cpu_core_millis: m.cpu_core_millis,
-            digest: m.digest.clone(),
-            attempt: m.attempt,
-            state: ParticipantState::Accepted,
-            ..participant(i as u32, &m.member, &m.node)
-        })
-        .collect();
-    if let Err(e) = pay(run, &aggregators, &[], round, FederatedStepKind::Aggregate).await {
-        return Step::Retry(e);
+        .any(|p| p.state == ParticipantState::Accepted)
+    {
+        return Step::Fail(
+            st,
+            "RoundFailed",
+            format!("round {round}: no member cluster's aggregation could be used"),
+        );
     }
-    finish_round(run, st, rejected_nodes, bytes_in_members, bytes_to_hub, hub).await
+    summarize(&mut st, bytes_in_members, bytes_to_hub, hub, run.now);
+    Step::Advance(stage(st, RoundStage::Settling, run.now))
 }
 
 /// Flat: the hub aggregates every update itself.
@@ -1333,7 +1437,6 @@ async fn aggregate_flat(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             return Step::Fail(st, "AggregationFailed", format!("round {round}: {e}"));
         }
     };
-    let mut rejected_nodes = Vec::new();
     for (p, v) in reported.iter().zip(verdicts) {
         let q = st
             .participants
@@ -1345,30 +1448,57 @@ async fn aggregate_flat(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             Verdict::Rejected(why, blame) => {
                 q.state = ParticipantState::Rejected;
                 q.reason = Some(why);
-                if blame {
-                    rejected_nodes.push(q.index);
-                }
+                q.blamed = blame;
             }
         }
     }
-    finish_round(run, st, rejected_nodes, 0, bytes_to_hub, true).await
+    summarize(&mut st, 0, bytes_to_hub, true, run.now);
+    Step::Advance(stage(st, RoundStage::Settling, run.now))
 }
 
-/// Pays the round's accepted updates, counts its rejected ones, records its summary and
-/// starts the next round (or the final evaluation).
-async fn finish_round(
-    run: &Run<'_>,
-    mut st: FederatedStatus,
-    rejected: Vec<u32>,
+/// Fills the round's summary from its recorded verdicts.
+fn summarize(
+    st: &mut FederatedStatus,
     bytes_in_members: u64,
     bytes_to_hub: u64,
     hub: bool,
-) -> Step {
+    now: Timestamp,
+) {
+    let round = st.round;
+    let count =
+        |s: ParticipantState| st.participants.iter().filter(|p| p.state == s).count() as u32;
+    let (accepted, rejected) = (
+        count(ParticipantState::Accepted),
+        count(ParticipantState::Rejected),
+    );
+    let missing = st.participants.len() as u32 - accepted - rejected;
+    let losses: Vec<f64> = st
+        .participants
+        .iter()
+        .filter(|p| p.state == ParticipantState::Accepted)
+        .filter_map(|p| p.loss)
+        .collect();
+    if let Some(s) = st.rounds.iter_mut().find(|r| r.round == round) {
+        s.accepted = accepted;
+        s.rejected = rejected;
+        s.missing = missing;
+        s.hub = hub;
+        s.loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        s.bytes_in_members = bytes_in_members;
+        s.bytes_to_hub = bytes_to_hub;
+        s.closed_at = Some(time(now));
+    }
+}
+
+/// Settling: pays what the recorded verdicts accepted (updates and aggregations), counts
+/// what they blame against its nodes, and starts the next round or the final evaluation.
+/// Everything here comes from the status, so a redo pays the same receipts (idempotent).
+async fn settling(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let round = st.round;
     let caught: Vec<Participant> = st
         .participants
         .iter()
-        .filter(|p| rejected.contains(&p.index))
+        .filter(|p| p.blamed)
         .cloned()
         .collect();
     if let Err(e) = pay(
@@ -1382,47 +1512,62 @@ async fn finish_round(
     {
         return Step::Retry(e);
     }
-    let count =
-        |s: ParticipantState| st.participants.iter().filter(|p| p.state == s).count() as u32;
-    let accepted = count(ParticipantState::Accepted);
-    let rejected_n = count(ParticipantState::Rejected);
-    let missing = st.participants.len() as u32 - accepted - rejected_n;
-    let losses: Vec<f64> = st
-        .participants
+    let aggregators: Vec<Participant> = st
+        .members
         .iter()
-        .filter(|p| p.state == ParticipantState::Accepted)
-        .filter_map(|p| p.loss)
+        .enumerate()
+        .filter(|(_, m)| m.digest.is_some())
+        .map(|(i, m)| Participant {
+            cpu_core_millis: m.cpu_core_millis,
+            digest: m.digest.clone(),
+            attempt: m.attempt,
+            state: if m.blamed {
+                ParticipantState::Rejected
+            } else {
+                ParticipantState::Accepted
+            },
+            blamed: m.blamed,
+            ..participant(i as u32, &m.member, &m.node)
+        })
         .collect();
-    for p in st
-        .participants
-        .iter()
-        .filter(|p| rejected.contains(&p.index))
+    let blamed: Vec<Participant> = aggregators.iter().filter(|a| a.blamed).cloned().collect();
+    if let Err(e) = pay(
+        run,
+        &aggregators,
+        &blamed,
+        round,
+        FederatedStepKind::Aggregate,
+    )
+    .await
     {
-        *st.rejected_updates
-            .entry(format!(
-                "{}/{}",
-                p.member.split_once('/').map_or(p.member.as_str(), |x| x.1),
-                p.node
-            ))
-            .or_default() += 1;
+        return Step::Retry(e);
     }
-    if let Some(s) = st.rounds.iter_mut().find(|r| r.round == round) {
-        s.accepted = accepted;
-        s.rejected = rejected_n;
-        s.missing = missing;
-        s.hub = hub;
-        s.loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
-        s.bytes_in_members = bytes_in_members;
-        s.bytes_to_hub = bytes_to_hub;
-        s.closed_at = Some(time(run.now));
+    let summary = st
+        .rounds
+        .iter()
+        .find(|r| r.round == round)
+        .cloned()
+        .unwrap_or_default();
+    let (accepted, rejected_n, missing, hub) = (
+        summary.accepted,
+        summary.rejected,
+        summary.missing,
+        summary.hub,
+    );
+    for p in st.participants.iter().filter(|p| p.blamed) {
+        let cluster = p.member.split_once('/').map_or(p.member.as_str(), |x| x.1);
+        let key = format!("{cluster}/{}", p.node);
+        if st.rejected_updates.len() < 1000 || st.rejected_updates.contains_key(&key) {
+            *st.rejected_updates.entry(key).or_default() += 1;
+        }
     }
     let keep = run.fed.history.max(1) as usize;
     if st.rounds.len() > keep {
         let drop = st.rounds.len() - keep;
         st.rounds.drain(..drop);
     }
-    st.bytes_in_members += bytes_in_members;
-    st.bytes_to_hub += bytes_to_hub;
+    st.bytes_in_members += summary.bytes_in_members;
+    st.bytes_to_hub += summary.bytes_to_hub;
     st.completed_rounds = round;
     let m = &run.ctx.metrics;
     m.federated_rounds
@@ -1439,10 +1584,10 @@ async fn finish_round(
         .inc_by(missing as u64);
     m.federated_bytes
         .with_label_values(&["member"])
-        .inc_by(bytes_in_members);
+        .inc_by(summary.bytes_in_members);
     m.federated_bytes
         .with_label_values(&["hub"])
-        .inc_by(bytes_to_hub);
+        .inc_by(summary.bytes_to_hub);
     let why: Vec<String> = st
         .participants
         .iter()
@@ -1469,7 +1614,11 @@ async fn finish_round(
             run.rounds,
             st.participants.len(),
             if hub { "; hub aggregated" } else { "" },
-            if why.is_empty() { String::new() } else { format!("; rejected {}", why.join("; ")) }
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; rejected {}", why.join("; "))
+            }
         ),
     )
     .await;
@@ -1498,7 +1647,8 @@ async fn finish_round(
     start_round(run, st)
 }
 
-/// Evaluation of the final model on the last participants' held-out rows.
+/// Evaluation of the final model on the last participants' held-out rows. Its results
+/// are claims that cannot be checked, so evaluations are not paid (they take seconds).
 async fn evaluating(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let since = started(&st, run.now);
     for p in &mut st.participants {
@@ -1525,17 +1675,6 @@ async fn evaluating(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         } else if p.state == ParticipantState::Running {
             p.state = ParticipantState::Late;
         }
-    }
-    if let Err(e) = pay(
-        run,
-        &st.participants,
-        &[],
-        run.rounds,
-        FederatedStepKind::Evaluate,
-    )
-    .await
-    {
-        return Step::Retry(e);
     }
     if w > 0.0 {
         st.final_accuracy = Some(acc / w);
@@ -1569,7 +1708,10 @@ async fn dispatch(run: &Run<'_>, st: &FederatedStatus) -> BTreeSet<String> {
                 }
                 let urls = match step {
                     FederatedStepKind::Init => run
-                        .presign(object_store::signer::Method::PUT, &run.keys.init(p.index))
+                        .presign(
+                            object_store::signer::Method::PUT,
+                            &run.keys.init(p.index, p.attempt),
+                        )
                         .await
                         .map(|out| FederatedUrls {
                             output: Some(out),
@@ -1610,7 +1752,7 @@ async fn dispatch(run: &Run<'_>, st: &FederatedStatus) -> BTreeSet<String> {
                 }
             }
         }
-        RoundStage::Aggregating => {
+        RoundStage::Aggregating | RoundStage::Settling => {
             // The updates the round closed with stay until it is paid; stragglers go.
             for p in st.participants.iter().filter(|p| {
                 matches!(
@@ -1628,7 +1770,7 @@ async fn dispatch(run: &Run<'_>, st: &FederatedStatus) -> BTreeSet<String> {
                     p.attempt,
                 ));
             }
-            if run.fed.topology == Topology::Tree {
+            if run.fed.topology == Topology::Tree && stage == RoundStage::Aggregating {
                 let w = weights(st);
                 for (i, mm) in st.members.iter().enumerate() {
                     let name = task_name(
@@ -1647,11 +1789,8 @@ async fn dispatch(run: &Run<'_>, st: &FederatedStatus) -> BTreeSet<String> {
                     };
                     let mut updates = Vec::new();
                     let mut failed = None;
-                    for p in st
-                        .participants
-                        .iter()
-                        .filter(|p| p.member == mm.member && p.state == ParticipantState::Reported)
-                    {
+                    let ours = member_updates(st, &mm.member);
+                    for p in st.participants.iter().filter(|p| ours.contains(&p.index)) {
                         let m = StoredModel {
                             round,
                             key: run.keys.update(Topology::Tree, &p.member, round, p.index),
@@ -1667,7 +1806,7 @@ async fn dispatch(run: &Run<'_>, st: &FederatedStatus) -> BTreeSet<String> {
                         run.get_url(&base, None).await,
                         run.presign(
                             object_store::signer::Method::PUT,
-                            &run.keys.member_model(&mm.member, round),
+                            &run.keys.member_model(&mm.member, round, mm.attempt),
                         )
                         .await,
                     ) {
@@ -1736,25 +1875,36 @@ async fn size_of(run: &Run<'_>, key: &str) -> Option<u64> {
         .map(|m| m.size)
 }
 
-/// Checks that the object's bytes have its digest.
-async fn verify_object(run: &Run<'_>, m: &StoredModel) -> Result<(), String> {
-    let bytes = run
-        .store
-        .get(&ObjectPath::from(m.key.as_str()))
-        .await
-        .map_err(|e| format!("reading {}: {e}", m.key))?
-        .bytes()
-        .await
-        .map_err(|e| format!("reading {}: {e}", m.key))?;
-    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    if actual != m.sha256 {
-        return Err(format!(
-            "{} has sha256 {actual}, not the reported {}",
-            m.key, m.sha256
-        ));
+/// Whether the object's bytes have its digest (streamed to a scratch file, at most
+/// [`MAX_MODEL_BYTES`]); `Err` when the store did not answer.
+async fn verify_object(run: &Run<'_>, m: &StoredModel) -> Result<bool, String> {
+    let dir = scratch(run, "verify")?;
+    let got = download(run, m, &dir.join("object")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match got {
+        Ok(ok) => Ok(ok),
+        Err(e) if e.contains("not found") || e.contains("NotFound") || e.contains("larger") => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
-    Ok(())
 }
+
+/// A fresh scratch directory of this job (the operator's temporary directory: an
+/// emptyDir under the chart).
+fn scratch(run: &Run<'_>, what: &str) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "edgeloom-{what}-{}-{}-{}",
+        task_prefix(&run.uid),
+        std::process::id(),
+        SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+static SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 enum HubError {
     /// The store did not answer: try again.
@@ -1766,14 +1916,15 @@ enum HubError {
 /// What the hub's aggregation says of one input.
 enum Verdict {
     Accepted,
-    /// Why, and whether its node is to blame.
+    /// Why, and whether its writer is to blame.
     Rejected(String, bool),
 }
 
-/// Downloads `base` and `models` (checking each against its digest) into a scratch
-/// directory, aggregates them under `rule` (streamed, bounded memory), applies the job's
-/// server step and writes the round's global model create-only (a model written before,
-/// by this operator before a restart or by another, must be the same bytes).
+/// Downloads `base` and `models` (checking each against its digest, at most
+/// [`MAX_MODEL_BYTES`] each) into a scratch directory, aggregates them under `rule`
+/// (streamed, bounded memory), applies the job's server step and writes the round's
+/// global model under a name derived from its digest, create-only: a redo writes the same
+/// object, or, had its inputs changed, another one that nothing names.
 async fn hub_aggregate(
     run: &Run<'_>,
     st: &mut FederatedStatus,
@@ -1787,18 +1938,17 @@ async fn hub_aggregate(
             "no global model to aggregate against".into(),
         ));
     };
-    let dir = std::env::temp_dir().join(format!(
-        "edgeloom-hub-{}-{round}-{}",
-        task_prefix(&run.uid),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| HubError::Retry(e.to_string()))?;
+    let dir = scratch(run, "hub").map_err(HubError::Retry)?;
     let result = async {
         let base_path = dir.join("base.safetensors");
         match download(run, &base, &base_path).await {
             Ok(true) => {}
-            Ok(false) => return Err(HubError::Models(format!("the round's model {} differs from its digest", base.key))),
+            Ok(false) => {
+                return Err(HubError::Models(format!(
+                    "the round's model {} differs from its digest",
+                    base.key
+                )));
+            }
             Err(e) => return Err(HubError::Retry(e)),
         }
         let mut updates = Vec::new();
@@ -1810,72 +1960,118 @@ async fn hub_aggregate(
                 Ok(false) => {
                     mismatched.insert(i);
                 }
-                Err(e) if e.contains("not found") || e.contains("NotFound") => {
+                Err(e)
+                    if e.contains("not found")
+                        || e.contains("NotFound")
+                        || e.contains("larger") =>
+                {
                     mismatched.insert(i);
                 }
                 Err(e) => return Err(HubError::Retry(e)),
             }
+            // Inputs whose bytes are not what their writer reported never reach the
+            // aggregation.
+            let path = if mismatched.contains(&i) {
+                dir.join("missing")
+            } else {
+                path
+            };
             updates.push(edgeloom_fl::Update { path, weight: *w });
         }
         let opts = edgeloom_fl::Options {
             rule: match rule {
                 AggregationRule::Mean => edgeloom_fl::Rule::Mean,
-                AggregationRule::TrimmedMean => edgeloom_fl::Rule::TrimmedMean { trim: run.fed.trim_fraction },
+                AggregationRule::TrimmedMean => edgeloom_fl::Rule::TrimmedMean {
+                    trim: run.fed.trim_fraction,
+                },
                 AggregationRule::Median => edgeloom_fl::Rule::Median,
             },
             chunk: CHUNK,
             outlier_cutoff: run.fed.outlier_cutoff,
         };
-        // Inputs whose bytes are not what their node reported never reach the aggregation.
-        let usable: Vec<edgeloom_fl::Update> = updates
-            .iter()
-            .enumerate()
-            .map(|(i, u)| if mismatched.contains(&i) { edgeloom_fl::Update { path: dir.join("missing"), weight: u.weight } } else { u.clone() })
-            .collect();
         let agg_path = dir.join("aggregate.safetensors");
-        let (outcome, base_path2, agg2) = {
+        let outcome = {
             let (b, a) = (base_path.clone(), agg_path.clone());
-            let out = tokio::task::spawn_blocking(move || edgeloom_fl::aggregate(&b, &usable, &opts, &a, Default::default()))
-                .await
-                .map_err(|e| HubError::Retry(e.to_string()))?;
-            (out, base_path, agg_path)
+            tokio::task::spawn_blocking(move || {
+                edgeloom_fl::aggregate(&b, &updates, &opts, &a, Default::default())
+            })
+            .await
+            .map_err(|e| HubError::Retry(e.to_string()))?
         };
         let outcome = outcome.map_err(|e| HubError::Models(e.to_string()))?;
-        let step = edgeloom_fl::ServerStep { lr: run.fed.server_learning_rate, beta: run.fed.server_momentum };
+        let step = edgeloom_fl::ServerStep {
+            lr: run.fed.server_learning_rate,
+            beta: run.fed.server_momentum,
+        };
         let model_path = if step.is_plain() {
-            agg2.clone()
+            agg_path.clone()
         } else {
             let momentum_path = dir.join("momentum-in.safetensors");
             let had_momentum = match &st.momentum {
                 Some(m) => match download(run, m, &momentum_path).await {
                     Ok(true) => true,
-                    Ok(false) => return Err(HubError::Models("the momentum buffer differs from its digest".into())),
+                    Ok(false) => {
+                        return Err(HubError::Models(
+                            "the momentum buffer differs from its digest".into(),
+                        ));
+                    }
                     Err(e) => return Err(HubError::Retry(e)),
                 },
                 None => false,
             };
-            let (out_model, out_momentum) = (dir.join("model.safetensors"), dir.join("momentum.safetensors"));
-            let (b, a, mi, om, ov) = (base_path2.clone(), agg2.clone(), momentum_path.clone(), out_model.clone(), out_momentum.clone());
-            tokio::task::spawn_blocking(move || step.apply(&b, &a, had_momentum.then_some(mi.as_path()), &om, &ov, CHUNK))
-                .await
-                .map_err(|e| HubError::Retry(e.to_string()))?
-                .map_err(|e| HubError::Models(e.to_string()))?;
-            let key = run.keys.momentum(round);
-            let sha = put_create_only(run, &key, &out_momentum).await?;
-            st.momentum = Some(StoredModel { round, key, sha256: sha });
+            let (out_model, out_momentum) = (
+                dir.join("model.safetensors"),
+                dir.join("momentum.safetensors"),
+            );
+            let (b, a, mi, om, ov) = (
+                base_path.clone(),
+                agg_path.clone(),
+                momentum_path.clone(),
+                out_model.clone(),
+                out_momentum.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                step.apply(
+                    &b,
+                    &a,
+                    had_momentum.then_some(mi.as_path()),
+                    &om,
+                    &ov,
+                    CHUNK,
+                )
+            })
+            .await
+            .map_err(|e| HubError::Retry(e.to_string()))?
+            .map_err(|e| HubError::Models(e.to_string()))?;
+            let (key, sha) = put_content_addressed(run, &run.keys.momentum(round), &out_momentum).await?;
+            st.momentum = Some(StoredModel {
+                round,
+                key,
+                sha256: sha,
+            });
             out_model
         };
-        let key = run.keys.global(round);
-        let sha = put_create_only(run, &key, &model_path).await?;
-        st.global_model = Some(StoredModel { round, key, sha256: sha });
+        let (key, sha) = put_content_addressed(run, &run.keys.global(round), &model_path).await?;
+        st.global_model = Some(StoredModel {
+            round,
+            key,
+            sha256: sha,
+        });
         let verdicts = (0..models.len())
             .map(|i| {
                 if mismatched.contains(&i) {
-                    return Verdict::Rejected("its update is not in the store, or its bytes differ from the digest it reported".into(), false);
+                    return Verdict::Rejected(
+                        "its update is not in the store, or its bytes differ from the digest it reported"
+                            .into(),
+                        true,
+                    );
                 }
                 match outcome.rejected.iter().find(|(j, _)| *j == i) {
                     None => Verdict::Accepted,
-                    Some((_, r)) => Verdict::Rejected(format!("its update was rejected: {r}"), r.is_misbehaviour()),
+                    Some((_, r)) => Verdict::Rejected(
+                        format!("its update was rejected: {r}"),
+                        r.is_misbehaviour(),
+                    ),
                 }
             })
             .collect();
@@ -1886,7 +2082,8 @@ async fn hub_aggregate(
     result
 }
 
-/// Downloads `m` to `path`: `Ok(false)` when its bytes are not its digest.
+/// Downloads `m` to `path`: `Ok(false)` when its bytes are not its digest; an object
+/// larger than [`MAX_MODEL_BYTES`] is an error naming it.
 async fn download(run: &Run<'_>, m: &StoredModel, path: &std::path::Path) -> Result<bool, String> {
     use sha2::Digest as _;
     use tokio::io::AsyncWriteExt as _;
@@ -1895,16 +2092,27 @@ async fn download(run: &Run<'_>, m: &StoredModel, path: &std::path::Path) -> Res
         .get(&ObjectPath::from(m.key.as_str()))
         .await
         .map_err(|e| format!("reading {}: {e}", m.key))?;
+    if got.meta.size > MAX_MODEL_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_MODEL_BYTES} bytes, the most the hub aggregates",
+            m.key
+        ));
+    }
     let mut stream = got.into_stream();
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| e.to_string())?;
     let mut h = sha2::Sha256::new();
+    let mut total = 0u64;
     while let Some(chunk) = stream
         .try_next()
         .await
         .map_err(|e| format!("reading {}: {e}", m.key))?
     {
+        total += chunk.len() as u64;
+        if total > MAX_MODEL_BYTES {
+            return Err(format!("{} is larger than {MAX_MODEL_BYTES} bytes", m.key));
+        }
         h.update(&chunk);
         file.write_all(&chunk).await.map_err(|e| e.to_string())?;
     }
@@ -1912,43 +2120,32 @@ async fn download(run: &Run<'_>, m: &StoredModel, path: &std::path::Path) -> Res
     Ok(hex::encode(h.finalize()) == m.sha256)
 }
 
-/// Writes a model create-only; an object already there must hold the same bytes (the
-/// aggregation is deterministic), and its digest is returned either way.
-async fn put_create_only(
+/// Writes a model create-only under `<prefix>-<first 16 hex of its sha256>.safetensors`;
+/// an object already there holds the same bytes. Returns its key and digest.
+async fn put_content_addressed(
     run: &Run<'_>,
-    key: &str,
+    prefix: &str,
     path: &std::path::Path,
-) -> Result<String, HubError> {
+) -> Result<(String, String), HubError> {
     let bytes = tokio::fs::read(path)
         .await
         .map_err(|e| HubError::Retry(e.to_string()))?;
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    let at = ObjectPath::from(key);
+    let key = format!("{prefix}-{}.safetensors", &sha[..16]);
+    let at = ObjectPath::from(key.as_str());
     match run
         .store
         .put_opts(&at, PutPayload::from(bytes), PutMode::Create.into())
         .await
     {
-        Ok(_) => Ok(sha),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            let existing = StoredModel {
-                round: 0,
-                key: key.to_string(),
-                sha256: sha.clone(),
-            };
-            match verify_object(run, &existing).await {
-                Ok(()) => Ok(sha),
-                Err(e) => Err(HubError::Models(format!(
-                    "{key} exists with other bytes: {e}"
-                ))),
-            }
-        }
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok((key, sha)),
         Err(e) => Err(HubError::Retry(format!("writing {key}: {e}"))),
     }
 }
 
-/// Pays the accepted ones of `done` (a step's tasks of `round`) and counts `caught`
-/// against their nodes, through the ledger (idempotent by job, round, participant, step).
+/// Pays the accepted ones of `done` (a step's tasks of `round`; for training only the
+/// accepted updates) and counts `caught` against their nodes, through the ledger
+/// (idempotent by job, round, participant and step).
 async fn pay(
     run: &Run<'_>,
     done: &[Participant],
@@ -1960,11 +2157,12 @@ async fn pay(
     let cluster = |m: &str| m.split_once('/').map_or(m.to_string(), |x| x.1.to_string());
     let accepted: Vec<Accepted> = done
         .iter()
-        .filter(|p| {
-            matches!(
+        .filter(|p| match step {
+            FederatedStepKind::Train => p.state == ParticipantState::Accepted,
+            _ => matches!(
                 p.state,
                 ParticipantState::Accepted | ParticipantState::Reported
-            ) && (step != FederatedStepKind::Train || p.state == ParticipantState::Accepted)
+            ),
         })
         .map(|p| Accepted {
             shard: p.index,
@@ -2036,9 +2234,14 @@ mod tests {
         );
         assert!(!tree.starts_with(&hub));
         assert!(
-            k.member_model("pool/edge-a", 3)
+            k.member_model("pool/edge-a", 3, 1)
                 .starts_with(&k.member("pool/edge-a"))
         );
+        assert_ne!(
+            k.member_model("pool/edge-a", 3, 1),
+            k.member_model("pool/edge-a", 3, 2)
+        );
+        assert_ne!(k.init(0, 1), k.init(0, 2));
         assert!(
             k.update(Topology::Flat, "pool/edge-a", 3, 2)
                 .starts_with(&hub)
@@ -2054,6 +2257,7 @@ mod tests {
             let mut p = participant(i as u32, "p/a", &format!("n{i}"));
             p.state = ParticipantState::Reported;
             p.examples = Some(*e);
+            p.digest = Some("d".repeat(64));
             st.participants.push(p);
         }
         let mut lost = participant(9, "p/a", "n9");

@@ -31,7 +31,7 @@ fn bin(name: &str) -> PathBuf {
     path
 }
 
-fn slices(dir: &Path, nodes: &[String]) -> (BTreeMap<String, BTreeMap<String, PathBuf>>, PathBuf) {
+fn slices(dir: &Path, nodes: &[String]) -> (edgeloom_e2e::digits::Datasets, PathBuf) {
     edgeloom_e2e::digits::label_skewed_slices(dir, nodes).expect("slices")
 }
 

@@ -430,8 +430,8 @@ async fn main() -> Result<()> {
     }
     // One shared stratified test set: every fifth row of each class.
     let mut seen = [0usize; 10];
-    let (mut test, mut train): (Vec<&(String, u32)>, Vec<&(String, u32)>) =
-        (Vec::new(), Vec::new());
+    let mut test: Vec<&(String, u32)> = Vec::new();
+    let mut train: Vec<&(String, u32)> = Vec::new();
     for r in &rows {
         let k = &mut seen[r.1 as usize % 10];
         if *k % 5 == 0 {
