@@ -383,19 +383,26 @@ fn federated_rounds_over_non_iid_nodes_learn_the_digits() {
 fn an_aggregation_step_rejects_broken_and_poisoned_updates_and_carries_on() {
     let dir = temp("federated-attack");
     let (nodes, _) = digits_slices(&dir, 5);
+    // Every update starts from the job's initial model, the base of the aggregation.
+    let init = dir.join("init.safetensors");
+    let r = run(federated(
+        &nodes[0],
+        serde_json::json!({"step": "init", "output": init}),
+    ));
+    assert_eq!(r.code, 0, "{:?}", r.lines);
     let mut updates = Vec::new();
     for (i, data) in nodes.iter().enumerate() {
         let output = dir.join(format!("n{i}.safetensors"));
         let r = run(federated(
             data,
-            serde_json::json!({"step": "train", "round": 1, "output": output}),
+            serde_json::json!({"step": "train", "round": 1, "model": init, "output": output}),
         ));
         assert_eq!(r.code, 0, "{:?}", r.lines);
         updates.push(serde_json::json!({"path": output, "weight": r.result().1["examples"]}));
     }
     // Node 3 scales its update by 100; node 4's file is garbage; a missing one is the store's fault.
     let (layout, mut v) = edgeloom_fl::model::read_flat(&dir.join("n3.safetensors")).expect("n3");
-    let (_, base) = edgeloom_fl::model::read_flat(&dir.join("n0.safetensors")).expect("n0");
+    let (_, base) = edgeloom_fl::model::read_flat(&init).expect("init");
     for (x, b) in v.iter_mut().zip(&base) {
         *x = b + 100.0 * (*x - b);
     }
@@ -416,7 +423,7 @@ fn an_aggregation_step_rejects_broken_and_poisoned_updates_and_carries_on() {
     let output = dir.join("global.safetensors");
     let a = run(federated(
         &nodes[0],
-        serde_json::json!({"step": "aggregate", "model": dir.join("n0.safetensors"), "updates": updates,
+        serde_json::json!({"step": "aggregate", "model": init, "updates": updates,
                            "output": output, "rule": "TrimmedMean", "trim": 0.2}),
     ));
     assert_eq!(a.code, 0, "{:?}", a.lines);
