@@ -57,17 +57,7 @@ mod tests {
 
     fn write(dir: &Path, name: &str, flat: &[f32]) -> PathBuf {
         let path = dir.join(name);
-        let mut at = 0;
-        let tensors: Vec<(Tensor, Vec<f32>)> = layout()
-            .into_iter()
-            .map(|t| {
-                let n = t.elements();
-                let v = flat[at..at + n].to_vec();
-                at += n;
-                (t, v)
-            })
-            .collect();
-        write_model(&path, &tensors, HashMap::new()).expect("written");
+        crate::model::write_flat(&path, &Layout(layout()), flat, HashMap::new()).expect("written");
         path
     }
 

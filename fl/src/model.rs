@@ -241,6 +241,26 @@ pub fn write_model(
     w.finish()
 }
 
+/// Writes a model of `layout` from one flat vector in data order: the inverse of
+/// [`read_flat`] (tests, benchmarks, small models).
+pub fn write_flat(
+    path: &Path,
+    layout: &Layout,
+    values: &[f32],
+    metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    if values.len() != layout.elements() {
+        return Err(ModelError::Format(format!(
+            "{} values for a layout of {}",
+            values.len(),
+            layout.elements()
+        )));
+    }
+    let mut w = ModelWriter::create(path, layout, metadata)?;
+    w.write(values)?;
+    w.finish()
+}
+
 /// Reads a whole model into memory as one flat vector (tests, benchmarks, small models).
 pub fn read_flat(path: &Path) -> Result<(Layout, Vec<f32>), ModelError> {
     let mut r = ModelReader::open(path)?;

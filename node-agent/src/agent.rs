@@ -425,17 +425,10 @@ impl Agent {
                 Some(p) => Some(p.display().to_string()),
                 None => {
                     return self
-                        .finish(
+                        .fail_before_run(
                             &task,
                             status,
-                            Execution {
-                                outcome: Outcome::Failed(format!(
-                                    "node {} holds no dataset {ds}",
-                                    self.config.node
-                                )),
-                                usage: Default::default(),
-                                gpu: false,
-                            },
+                            format!("node {} holds no dataset {ds}", self.config.node),
                         )
                         .await;
                 }
@@ -453,17 +446,7 @@ impl Agent {
             {
                 Ok(path) => path.map(|p| p.display().to_string()),
                 Err(e) => {
-                    return self
-                        .finish(
-                            &task,
-                            status,
-                            Execution {
-                                outcome: Outcome::Failed(e.to_string()),
-                                usage: Default::default(),
-                                gpu: false,
-                            },
-                        )
-                        .await;
+                    return self.fail_before_run(&task, status, e.to_string()).await;
                 }
             },
             None => None,
@@ -497,17 +480,7 @@ impl Agent {
                 match prepared {
                     Ok(p) => Some(p),
                     Err(e) => {
-                        return self
-                            .finish(
-                                &task,
-                                status,
-                                Execution {
-                                    outcome: Outcome::Failed(e),
-                                    usage: Default::default(),
-                                    gpu: false,
-                                },
-                            )
-                            .await;
+                        return self.fail_before_run(&task, status, e).await;
                     }
                 }
             }
@@ -615,6 +588,16 @@ impl Agent {
 
     fn sealed_dir(&self) -> std::path::PathBuf {
         self.config.work_dir.join("sealed")
+    }
+
+    /// Fails a task whose runner never started (its data, model or inputs cannot be had).
+    async fn fail_before_run(&self, task: &ComputeTask, status: ComputeTaskStatus, why: String) {
+        let run = Execution {
+            outcome: Outcome::Failed(why),
+            usage: Default::default(),
+            gpu: false,
+        };
+        self.finish(task, status, run).await
     }
 
     async fn finish(&self, task: &ComputeTask, mut status: ComputeTaskStatus, run: Execution) {

@@ -234,17 +234,7 @@ pub fn poison(model: &Path, output: &Path) -> Result<Option<String>, String> {
     for (x, b) in v.iter_mut().zip(&base) {
         *x = b + factor * (*x - b);
     }
-    let mut at = 0;
-    let tensors: Vec<(edgeloom_fl::Tensor, Vec<f32>)> = layout
-        .0
-        .iter()
-        .map(|t| {
-            let n = t.elements();
-            at += n;
-            (t.clone(), v[at - n..at].to_vec())
-        })
-        .collect();
-    edgeloom_fl::model::write_model(output, &tensors, Default::default())
+    edgeloom_fl::model::write_flat(output, &layout, &v, Default::default())
         .map_err(|e| e.to_string())?;
     tracing::warn!(%how, "TEST ONLY: this agent poisoned its update");
     edgeloom_fl::model::file_sha256(output)

@@ -210,21 +210,12 @@ impl Run<'_> {
             if m.lost(self.now) {
                 continue;
             }
-            if !placement.regions.is_empty()
-                && !m
-                    .spec
-                    .region
-                    .as_ref()
-                    .is_some_and(|r| placement.regions.contains(r))
-            {
-                continue;
-            }
-            if !placement.zones.is_empty()
-                && !m
-                    .spec
-                    .zone
-                    .as_ref()
-                    .is_some_and(|z| placement.zones.contains(z))
+            // An empty list allows any region or zone.
+            let allowed = |list: &[String], v: &Option<String>| {
+                list.is_empty() || v.as_ref().is_some_and(|x| list.contains(x))
+            };
+            if !allowed(&placement.regions, &m.spec.region)
+                || !allowed(&placement.zones, &m.spec.zone)
             {
                 continue;
             }
@@ -1045,21 +1036,13 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     }
     // The accuracy of the model this round started from, on the reporting nodes' own
     // held-out rows, belongs to the previous round.
-    let (mut acc, mut w) = (0.0, 0.0);
-    for p in st
-        .participants
-        .iter()
-        .filter(|p| p.state == ParticipantState::Reported)
+    if let Some(a) = weighted_accuracy(
+        st.participants
+            .iter()
+            .filter(|p| p.state == ParticipantState::Reported),
+    ) && let Some(prev) = st.rounds.iter_mut().find(|r| r.round + 1 == round)
     {
-        if let (Some(a), Some(e)) = (p.start_accuracy, p.examples) {
-            acc += a * e as f64;
-            w += e as f64;
-        }
-    }
-    if w > 0.0
-        && let Some(prev) = st.rounds.iter_mut().find(|r| r.round + 1 == round)
-    {
-        prev.accuracy = Some(acc / w);
+        prev.accuracy = Some(a);
     }
     st.rounds.push(RoundSummary {
         round,
@@ -1105,6 +1088,19 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             .collect();
     }
     Step::Advance(st)
+}
+
+/// The example-weighted mean of the starting-model accuracies `participants` reported
+/// (their claims), if any reported one.
+fn weighted_accuracy<'a>(participants: impl Iterator<Item = &'a Participant>) -> Option<f64> {
+    let (mut acc, mut w) = (0.0, 0.0);
+    for p in participants {
+        if let (Some(a), Some(e)) = (p.start_accuracy, p.examples) {
+            acc += a * e as f64;
+            w += e as f64;
+        }
+    }
+    (w > 0.0).then(|| acc / w)
 }
 
 /// The weights of the reported updates: claimed examples, at most [`WEIGHT_CAP`] times
@@ -1664,22 +1660,22 @@ async fn evaluating(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     {
         return Step::Wait(st, Duration::from_millis(500));
     }
-    let (mut acc, mut w) = (0.0, 0.0);
+    let accuracy = weighted_accuracy(
+        st.participants
+            .iter()
+            .filter(|p| p.state == ParticipantState::Reported),
+    );
     for p in st.participants.iter_mut() {
         if p.state == ParticipantState::Reported {
             p.state = ParticipantState::Accepted;
-            if let (Some(a), Some(e)) = (p.start_accuracy, p.examples) {
-                acc += a * e as f64;
-                w += e as f64;
-            }
         } else if p.state == ParticipantState::Running {
             p.state = ParticipantState::Late;
         }
     }
-    if w > 0.0 {
-        st.final_accuracy = Some(acc / w);
+    if let Some(a) = accuracy {
+        st.final_accuracy = Some(a);
         if let Some(last) = st.rounds.iter_mut().find(|r| r.round == run.rounds) {
-            last.accuracy = Some(acc / w);
+            last.accuracy = Some(a);
         }
     }
     st.stage = Some(RoundStage::Done);

@@ -406,17 +406,7 @@ fn an_aggregation_step_rejects_broken_and_poisoned_updates_and_carries_on() {
     for (x, b) in v.iter_mut().zip(&base) {
         *x = b + 100.0 * (*x - b);
     }
-    let mut at = 0;
-    let tensors: Vec<(edgeloom_fl::Tensor, Vec<f32>)> = layout
-        .0
-        .iter()
-        .map(|t| {
-            let n = t.elements();
-            at += n;
-            (t.clone(), v[at - n..at].to_vec())
-        })
-        .collect();
-    edgeloom_fl::model::write_model(&dir.join("n3.safetensors"), &tensors, Default::default())
+    edgeloom_fl::model::write_flat(&dir.join("n3.safetensors"), &layout, &v, Default::default())
         .expect("poisoned");
     std::fs::write(dir.join("n4.safetensors"), b"garbage").expect("garbage");
     updates.push(serde_json::json!({"path": dir.join("missing.safetensors"), "weight": 10.0}));
