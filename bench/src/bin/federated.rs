@@ -32,7 +32,7 @@
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use edgeloom_crds::ComputeJob;
-use edgeloom_e2e::federation::{AgentSpec, Federation};
+use edgeloom_e2e::federation::Federation;
 use edgeloom_e2e::manifests;
 use kube::api::Api;
 use std::collections::BTreeMap;
@@ -340,27 +340,23 @@ async fn wall(cli: &Cli, dir: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
     );
     let fed = Federation::start_bare(&refs, per).await?;
     fed.apply_pool("edge", 10, 2).await?;
-    let mut agents = Vec::new();
-    let mut i = 0;
-    for m in fed.plane.members() {
-        for node in &m.nodes {
-            let spec = AgentSpec {
-                member: m.name.clone(),
-                node: node.clone(),
-                account: format!("acct-{node}"),
-                datasets: BTreeMap::from([(
-                    "bench-slice".to_string(),
-                    dir.join(format!("node-{i}.csv")),
-                )]),
-                cheat: false,
-                copy_peers: false,
-                inflate_usage: false,
-                poison: None,
-            };
-            agents.push(fed.agent(&bin("edgeloom-agent"), &bin("edgeloom-runner"), &spec)?);
-            i += 1;
-        }
-    }
+    // Node i of the plane (members in order) holds the partition's node-i.csv.
+    let datasets: BTreeMap<String, BTreeMap<String, PathBuf>> = fed
+        .plane
+        .members()
+        .flat_map(|m| m.nodes.clone())
+        .enumerate()
+        .map(|(i, node)| {
+            let csv = dir.join(format!("node-{i}.csv"));
+            (node, BTreeMap::from([("bench-slice".to_string(), csv)]))
+        })
+        .collect();
+    let agents = fed.start_agents(
+        &bin("edgeloom-agent"),
+        &bin("edgeloom-runner"),
+        "acct",
+        &datasets,
+    )?;
     let _op = fed.operator(&bin("edgeloom-operator"), "bench")?;
     let ns = fed.namespace("bench").await?;
     let api: Api<ComputeJob> = Api::namespaced(fed.hub.clone(), &ns);
