@@ -185,9 +185,51 @@ pub struct MemberModel {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub verdicts: Vec<i8>,
-    /// Whether its aggregator is to blame (a model not in the store or not what it reported).
+    /// Whether its aggregator is to blame (a model not in the store or not what it
+    /// reported, or one the hub's audit did not reproduce).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub blamed: bool,
+    /// The hub's audit of this aggregation (`auditRate`), once drawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditResult>,
+    /// Bytes the audit brought up to the hub.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audit_bytes: u64,
+    /// Indices of the member's participants whose update the audit found changed after
+    /// they reported it (they are not paid and count against their nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub tampered: Vec<u32>,
+    /// Where the member's model is when it is not its aggregator's: the hub's
+    /// recomputation, after an audit that did not reproduce the aggregator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub model_key: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The hub's audit of one member aggregation: it recomputes the aggregation from the same
+/// inputs and compares the model's digest and the verdicts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum AuditResult {
+    /// Drawn for an audit, not done yet.
+    Pending,
+    /// Not drawn.
+    Skipped,
+    /// The hub's recomputation gave the same model and verdicts.
+    Matched,
+    /// It did not: the aggregator is caught, and the hub's model is used.
+    Mismatched,
+    /// The inputs were no longer what their writers reported; nothing is concluded of the
+    /// aggregator.
+    Inconclusive,
 }
 
 /// A model kept in the store.
@@ -230,9 +272,19 @@ pub struct RoundSummary {
     /// Bytes of node updates that stayed inside member clusters.
     #[serde(default)]
     pub bytes_in_members: u64,
-    /// Bytes that went up to the hub (node updates in Flat, member models in Tree).
+    /// Bytes that went up to the hub (node updates in Flat, member models in Tree, and in
+    /// Tree the updates of the member aggregations the hub audited).
     #[serde(default)]
     pub bytes_to_hub: u64,
+    /// The part of `bytesToHub` that the hub's audits brought up (Tree).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_audited: u64,
+    /// Member aggregations the hub audited.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub audited: u32,
+    /// Audited aggregations the hub's recomputation did not reproduce.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub audits_failed: u32,
     /// When it closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<Time>,

@@ -114,6 +114,20 @@ pub struct Federation {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("must be at least 0 and less than 1"))]
     pub server_momentum: f64,
+    /// With Tree: the share of member aggregations the hub checks by recomputing them from
+    /// the member's updates (the aggregation is deterministic, so the check is exact). An
+    /// aggregator caught is not paid and counts against its node; the hub's recomputation
+    /// replaces its model. Each check brings that member's updates up to the hub. From 0
+    /// (none) to 1 (every one); default 0.1. Ignored under Flat, where the hub aggregates.
+    #[serde(default = "default_audit_rate")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("must be from 0 to 1"))]
+    pub audit_rate: f64,
+    /// FedProx: each node trains with `proximalMu / 2 * |w - g|^2` added to its loss, `g`
+    /// the latest global model, which keeps member models from drifting apart between hub
+    /// rounds on skewed data. From 0 (default: plain FedAvg) to 10.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 10.0").message("must be from 0 to 10"))]
+    pub proximal_mu: f64,
     /// Completed rounds kept in the job's status (the newest).
     #[serde(default = "default_history")]
     #[schemars(range(min = 1, max = 100))]
@@ -132,6 +146,8 @@ impl Default for Federation {
             outlier_cutoff: default_outlier_cutoff(),
             server_learning_rate: default_server_lr(),
             server_momentum: 0.0,
+            audit_rate: default_audit_rate(),
+            proximal_mu: 0.0,
             history: default_history(),
         }
     }
@@ -168,6 +184,9 @@ fn default_outlier_cutoff() -> f64 {
 }
 fn default_server_lr() -> f64 {
     1.0
+}
+fn default_audit_rate() -> f64 {
+    0.1
 }
 fn default_history() -> u32 {
     20

@@ -423,6 +423,44 @@ mod tests {
         );
     }
 
+    /// The hub's audit of a member aggregation (docs/ARCHITECTURE.md, "The audit of member
+    /// aggregations") recomputes it and compares digests: the same inputs and options
+    /// must give the same bytes, and a changed input or weight other bytes.
+    #[test]
+    fn an_aggregation_is_reproduced_byte_for_byte_and_a_change_shows() {
+        let d = dir("reproduce");
+        let base = write(&d, "base", &values(1, N, 1.0));
+        let ups: Vec<Update> = (0..5)
+            .map(|i| Update {
+                path: write(&d, &format!("u{i}"), &values(10 + i, N, 2.0)),
+                weight: 1.0 + i as f64,
+            })
+            .collect();
+        for rule in [Rule::Mean, Rule::TrimmedMean { trim: 0.2 }, Rule::Median] {
+            let opts = Options {
+                rule,
+                chunk: 7,
+                ..Options::default()
+            };
+            let run = |ups: &[Update], name: &str| {
+                aggregate(&base, ups, &opts, &d.join(name), HashMap::new())
+                    .expect("aggregated")
+                    .sha256
+            };
+            let first = run(&ups, "a");
+            assert_eq!(first, run(&ups, "b"), "{rule:?}");
+            let mut other = ups.clone();
+            other[1].path = write(&d, "u1-changed", &values(99, N, 2.0));
+            assert_ne!(first, run(&other, "c"), "{rule:?}");
+            if rule == Rule::Mean {
+                let mut reweighed = ups.clone();
+                reweighed[0].weight = 7.0;
+                assert_ne!(first, run(&reweighed, "d"));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     proptest::proptest! {
         #[test]
         fn every_rule_stays_within_the_updates_range(seeds in proptest::collection::vec(0u64..1000, 1..8), rule in 0..3u8) {

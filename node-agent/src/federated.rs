@@ -5,8 +5,9 @@
 //! runner never touches the network.
 //!
 //! For the attack tests only, `EDGELOOM_TEST_POISON` makes an agent a poisoner: `scale:<f>`
-//! multiplies its update's change by `f`, `flip` reverses it. The poisoned bytes are what
-//! it uploads and reports, consistently, as a real attacker would.
+//! multiplies its update's change by `f`, `flip` reverses it; `aggregate:scale:<f>` and
+//! `aggregate:flip` do the same to the member models it aggregates instead. The poisoned
+//! bytes are what it uploads and reports, consistently, as a real attacker would.
 
 use edgeloom_crds::federated::{FederatedStepKind, FederatedTask, ModelObject};
 use edgeloom_crds::runner_protocol::{FederatedStep, UpdateFile};
@@ -214,10 +215,22 @@ pub fn prepare(
 
 /// Test-only: poisons the update at `output` relative to `model` as
 /// `EDGELOOM_TEST_POISON` says, returning its new digest.
-pub fn poison(model: &Path, output: &Path) -> Result<Option<String>, String> {
+pub fn poison(
+    step: FederatedStepKind,
+    model: &Path,
+    output: &Path,
+) -> Result<Option<String>, String> {
     let Ok(how) = std::env::var("EDGELOOM_TEST_POISON") else {
         return Ok(None);
     };
+    // `aggregate:<how>` poisons this node's member aggregations instead of its updates.
+    let (target, how) = match how.strip_prefix("aggregate:") {
+        Some(rest) => (FederatedStepKind::Aggregate, rest.to_string()),
+        None => (FederatedStepKind::Train, how),
+    };
+    if step != target {
+        return Ok(None);
+    }
     let factor: f32 = match how.as_str() {
         "flip" => -1.0,
         s => match s.strip_prefix("scale:").and_then(|f| f.parse().ok()) {
@@ -236,7 +249,7 @@ pub fn poison(model: &Path, output: &Path) -> Result<Option<String>, String> {
     }
     edgeloom_fl::model::write_flat(output, &layout, &v, Default::default())
         .map_err(|e| e.to_string())?;
-    tracing::warn!(%how, "TEST ONLY: this agent poisoned its update");
+    tracing::warn!(%how, ?step, "TEST ONLY: this agent poisoned what it wrote");
     edgeloom_fl::model::file_sha256(output)
         .map(Some)
         .map_err(|e| e.to_string())
@@ -264,9 +277,9 @@ pub async fn finish(
             } => {
                 let result = (|| {
                     if let Some((path, url)) = &prepared.output {
-                        if step == Some(edgeloom_crds::federated::FederatedStepKind::Train)
+                        if let Some(step) = step
                             && let Some(model) = &prepared.model
-                            && let Some(d) = poison(model, path)?
+                            && let Some(d) = poison(step, model, path)?
                         {
                             digest = d;
                         }

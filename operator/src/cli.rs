@@ -213,12 +213,13 @@ fn federated_section(job: &ComputeJob, f: &edgeloom_crds::federated::FederatedSt
     let fed = job.spec.workload.federation.clone().unwrap_or_default();
     let _ = writeln!(
         out,
-        "Federation:  {:?}, hub every {} round(s), {:?}, {} round(s) of {} local epoch(s)",
+        "Federation:  {:?}, hub every {} round(s), {:?}, {} round(s) of {} local epoch(s), audit rate {}",
         fed.topology,
         fed.hub_every,
         fed.aggregation,
         job.spec.workload.parameters.rounds,
-        job.spec.workload.parameters.local_epochs
+        job.spec.workload.parameters.local_epochs,
+        fed.audit_rate
     );
     let _ = writeln!(
         out,
@@ -260,6 +261,7 @@ fn federated_section(job: &ComputeJob, f: &edgeloom_crds::federated::FederatedSt
             "LOSS",
             "IN-MEMBERS",
             "TO-HUB",
+            "AUDITS",
         ]
         .map(String::from)
         .to_vec(),
@@ -278,6 +280,12 @@ fn federated_section(job: &ComputeJob, f: &edgeloom_crds::federated::FederatedSt
             num(r.loss),
             r.bytes_in_members.to_string(),
             r.bytes_to_hub.to_string(),
+            // Audited member aggregations, and how many of them failed.
+            if r.audited == 0 {
+                "-".into()
+            } else {
+                format!("{} ({} failed)", r.audited, r.audits_failed)
+            },
         ]);
     }
     for line in table(&rows).lines() {

@@ -31,8 +31,8 @@ use edgeloom_crds::compute_task::{
     NODE_LABEL, TaskLimits,
 };
 use edgeloom_crds::federated::{
-    FederatedStatus, FederatedStepKind, FederatedTask, FederatedUrls, MemberModel, ModelObject,
-    Participant, ParticipantState, RoundStage, RoundSummary, StoredModel,
+    AuditResult, FederatedStatus, FederatedStepKind, FederatedTask, FederatedUrls, MemberModel,
+    ModelObject, Participant, ParticipantState, RoundStage, RoundSummary, StoredModel,
 };
 use edgeloom_crds::workload::{AggregationRule, Federation, Topology};
 use edgeloom_crds::{ComputeJob, ComputeJobStatus, JobPhase, TaskPhase};
@@ -1084,6 +1084,10 @@ async fn training(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                 dropped: false,
                 verdicts: Vec::new(),
                 blamed: false,
+                audit: None,
+                audit_bytes: 0,
+                tampered: Vec::new(),
+                model_key: None,
             })
             .collect();
     }
@@ -1260,7 +1264,33 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         // status, so a redo after a crash or a lost write decides the same.
         return Step::Wait(st, Duration::ZERO);
     }
-    // Verdicts per participant, from its member's recorded aggregation.
+    // The hub's audit (`auditRate`). The draw is made once every member has reported, so
+    // an aggregator cannot know whether it will be checked, and recorded before it is
+    // acted on; each audit's outcome is recorded before the next.
+    let undrawn = |m: &MemberModel| m.audit.is_none() && m.digest.is_some() && !m.dropped;
+    if st.members.iter().any(undrawn) {
+        for m in st.members.iter_mut().filter(|m| undrawn(m)) {
+            m.audit = Some(if draw() < run.fed.audit_rate {
+                AuditResult::Pending
+            } else {
+                AuditResult::Skipped
+            });
+        }
+        return Step::Wait(st, Duration::ZERO);
+    }
+    if let Some(i) = st
+        .members
+        .iter()
+        .position(|m| m.audit == Some(AuditResult::Pending))
+    {
+        match audit(run, &st, i, &updates[i]).await {
+            Ok(outcome) => record_audit(run, &mut st, i, outcome).await,
+            Err(e) => return Step::Retry(e),
+        }
+        return Step::Wait(st, Duration::ZERO);
+    }
+    // Verdicts per participant, from its member's recorded aggregation (or the hub's
+    // recomputation of it).
     let w = weights(&st);
     for (i, mm) in st.members.clone().iter().enumerate() {
         for (k, idx) in updates[i].iter().enumerate() {
@@ -1271,8 +1301,21 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                 .expect("participant");
             if mm.dropped {
                 p.state = ParticipantState::Lost;
-                p.reason =
-                    Some("its member cluster's aggregation failed on every node tried".into());
+                p.reason = Some(if mm.blamed {
+                    "its member's aggregation was caught by the hub's audit and could not be redone"
+                        .into()
+                } else {
+                    "its member cluster's aggregation failed on every node tried".into()
+                });
+                continue;
+            }
+            if mm.tampered.contains(idx) {
+                p.state = ParticipantState::Rejected;
+                p.blamed = true;
+                p.reason = Some(
+                    "its update in the store changed after it reported it (found by the hub's audit)"
+                        .into(),
+                );
                 continue;
             }
             match mm.verdicts.get(k).copied().unwrap_or(-1) {
@@ -1308,6 +1351,22 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         st.members[i].weight = weight;
     }
     let mut bytes_in_members = 0u64;
+    let audited = st
+        .members
+        .iter()
+        .filter(|m| {
+            matches!(
+                m.audit,
+                Some(AuditResult::Matched | AuditResult::Mismatched | AuditResult::Inconclusive)
+            )
+        })
+        .count() as u32;
+    let audits_failed = st
+        .members
+        .iter()
+        .filter(|m| m.audit == Some(AuditResult::Mismatched))
+        .count() as u32;
+    let audit_bytes: u64 = st.members.iter().map(|m| m.audit_bytes).sum();
     for p in st.participants.iter().filter(|p| {
         matches!(
             p.state,
@@ -1318,7 +1377,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         bytes_in_members += size_of(run, &key).await.unwrap_or(0);
     }
     let hub = round.is_multiple_of(run.fed.hub_every) || round >= run.rounds;
-    let mut bytes_to_hub = 0u64;
+    let mut bytes_to_hub = audit_bytes;
     let live: Vec<usize> = (0..st.members.len())
         .filter(|i| !st.members[*i].dropped && st.members[*i].weight > 0.0)
         .collect();
@@ -1330,7 +1389,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                 (
                     StoredModel {
                         round,
-                        key: run.keys.member_model(&m.member, round, m.attempt),
+                        key: member_model_key(run, m, round),
                         sha256: m.digest.clone().unwrap_or_default(),
                     },
                     m.weight,
@@ -1376,7 +1435,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                 m.member.clone(),
                 StoredModel {
                     round,
-                    key: run.keys.member_model(&m.member, round, m.attempt),
+                    key: member_model_key(run, m, round),
                     sha256: m.digest.clone().unwrap_or_default(),
                 },
             );
@@ -1394,7 +1453,269 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         );
     }
     summarize(&mut st, bytes_in_members, bytes_to_hub, hub, run.now);
+    if let Some(s) = st.rounds.iter_mut().find(|r| r.round == round) {
+        s.audited = audited;
+        s.audits_failed = audits_failed;
+        s.bytes_audited = audit_bytes;
+    }
     Step::Advance(stage(st, RoundStage::Settling, run.now))
+}
+
+/// Where member `m`'s model of `round` is: its aggregator's object, or the hub's
+/// recomputation after a failed audit.
+fn member_model_key(run: &Run<'_>, m: &MemberModel, round: u32) -> String {
+    m.model_key
+        .clone()
+        .unwrap_or_else(|| run.keys.member_model(&m.member, round, m.attempt))
+}
+
+/// A uniform draw in [0, 1) from the operator's random source (not predictable by nodes).
+fn draw() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No random source: audit (the safe side).
+        return 0.0;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What the hub's audit of one member aggregation found.
+enum Audit {
+    /// Same model, same verdicts.
+    Matched { bytes: u64 },
+    /// Not what the aggregator reported: the hub's model (key, digest) and verdicts, or
+    /// `None` when the hub's own aggregation of those inputs fails (the aggregator
+    /// reported a model where there can be none).
+    Mismatched {
+        model: Option<(String, String, Vec<i8>)>,
+        bytes: u64,
+        why: String,
+    },
+    /// An input no longer has its reported digest (`tampered`: the participants whose
+    /// update changed), so nothing is concluded of the aggregator.
+    Inconclusive {
+        tampered: Vec<u32>,
+        bytes: u64,
+        why: String,
+    },
+}
+
+/// Recomputes member `i`'s aggregation at the hub from the inputs its aggregator was given
+/// (the member's base, its updates with the operator's weights, the job's rule; the
+/// updates the aggregator said it could not read are left out as it left them out), with
+/// the same code the runner runs (`edgeloom-fl`), and compares digest and verdicts. `Err`
+/// when the store did not answer.
+async fn audit(
+    run: &Run<'_>,
+    st: &FederatedStatus,
+    i: usize,
+    ours: &[u32],
+) -> Result<Audit, String> {
+    let round = st.round;
+    let mm = &st.members[i];
+    let Some(base) = run.base_of(st, &mm.member) else {
+        return Ok(Audit::Inconclusive {
+            tampered: Vec::new(),
+            bytes: 0,
+            why: "no base model".into(),
+        });
+    };
+    let w = weights(st);
+    let dir = scratch(run, "audit")?;
+    let result = async {
+        let mut bytes = 0u64;
+        let base_path = dir.join("base.safetensors");
+        match download(run, &base, &base_path).await {
+            Ok(true) => bytes += size_of(run, &base.key).await.unwrap_or(0),
+            Ok(false) => {
+                return Ok(Audit::Inconclusive {
+                    tampered: Vec::new(),
+                    bytes,
+                    why: format!("the member's base {} differs from its digest", base.key),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        let mut updates = Vec::new();
+        let mut tampered = Vec::new();
+        for (k, idx) in ours.iter().enumerate() {
+            let p = st
+                .participants
+                .iter()
+                .find(|p| p.index == *idx)
+                .ok_or_else(|| format!("participant {idx} is not in the round"))?;
+            let mut path = dir.join(format!("u{k}.safetensors"));
+            if mm.verdicts.get(k).copied() == Some(-1) {
+                path = dir.join("missing");
+            } else {
+                let m = StoredModel {
+                    round,
+                    key: run.keys.update(Topology::Tree, &p.member, round, p.index),
+                    sha256: p.digest.clone().unwrap_or_default(),
+                };
+                match download(run, &m, &path).await {
+                    Ok(true) => bytes += size_of(run, &m.key).await.unwrap_or(0),
+                    Ok(false) => tampered.push(*idx),
+                    Err(e)
+                        if e.contains("not found")
+                            || e.contains("NotFound")
+                            || e.contains("larger") =>
+                    {
+                        tampered.push(*idx)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            updates.push(edgeloom_fl::Update {
+                path,
+                weight: w.get(idx).copied().unwrap_or(1.0),
+            });
+        }
+        if !tampered.is_empty() {
+            return Ok(Audit::Inconclusive {
+                why: format!(
+                    "{} update(s) changed after they were reported",
+                    tampered.len()
+                ),
+                tampered,
+                bytes,
+            });
+        }
+        let opts = fl_options(run, run.fed.aggregation);
+        let out = dir.join("member.safetensors");
+        let computed = {
+            let (b, o) = (base_path.clone(), out.clone());
+            tokio::task::spawn_blocking(move || {
+                edgeloom_fl::aggregate(&b, &updates, &opts, &o, Default::default())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        let outcome = match computed {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(Audit::Mismatched {
+                    model: None,
+                    bytes,
+                    why: format!("the hub's aggregation of the same inputs fails: {e}"),
+                });
+            }
+        };
+        let verdicts: Vec<i8> = (0..ours.len())
+            .map(|k| match outcome.rejected.iter().find(|(j, _)| *j == k) {
+                None => 1,
+                Some((_, r)) if r.is_misbehaviour() => 0,
+                Some(_) => -1,
+            })
+            .collect();
+        if Some(&outcome.sha256) == mm.digest.as_ref() && verdicts == mm.verdicts {
+            return Ok(Audit::Matched { bytes });
+        }
+        let why = if Some(&outcome.sha256) != mm.digest.as_ref() {
+            "its model differs from the hub's recomputation".to_string()
+        } else {
+            format!(
+                "its verdicts {:?} differ from the hub's {:?}",
+                mm.verdicts, verdicts
+            )
+        };
+        let prefix = format!("{}/rounds/{round}/audited", run.keys.member(&mm.member));
+        let (key, sha) = put_content_addressed(run, &prefix, &out)
+            .await
+            .map_err(|e| match e {
+                HubError::Retry(e) | HubError::Models(e) => e,
+            })?;
+        Ok(Audit::Mismatched {
+            model: Some((key, sha, verdicts)),
+            bytes,
+            why,
+        })
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Records the audit of member `i` in the status, with an event and a metric.
+async fn record_audit(run: &Run<'_>, st: &mut FederatedStatus, i: usize, outcome: Audit) {
+    let round = st.round;
+    let m = &mut st.members[i];
+    let (result, note) = match outcome {
+        Audit::Matched { bytes } => {
+            m.audit = Some(AuditResult::Matched);
+            m.audit_bytes = bytes;
+            ("matched", None)
+        }
+        Audit::Mismatched { model, bytes, why } => {
+            m.audit = Some(AuditResult::Mismatched);
+            m.audit_bytes = bytes;
+            m.blamed = true;
+            match model {
+                Some((key, sha, verdicts)) => {
+                    m.model_key = Some(key);
+                    m.digest = Some(sha);
+                    m.verdicts = verdicts;
+                }
+                None => m.dropped = true,
+            }
+            let note = format!(
+                "round {round}: the aggregation of member {} by node {} was not reproduced by the hub ({why}); the node is caught and not paid{}",
+                m.member,
+                m.node,
+                if m.dropped {
+                    ", and the member is left out of the round"
+                } else {
+                    ", and the hub's recomputation is used"
+                }
+            );
+            (
+                "mismatched",
+                Some((EventType::Warning, "AggregationAuditFailed", note)),
+            )
+        }
+        Audit::Inconclusive {
+            tampered,
+            bytes,
+            why,
+        } => {
+            m.audit = Some(AuditResult::Inconclusive);
+            m.audit_bytes = bytes;
+            m.tampered = tampered;
+            let note = format!(
+                "round {round}: the audit of member {}'s aggregation is inconclusive: {why}",
+                m.member
+            );
+            (
+                "inconclusive",
+                Some((EventType::Warning, "AggregationAuditInconclusive", note)),
+            )
+        }
+    };
+    run.ctx
+        .metrics
+        .federated_audits
+        .with_label_values(&[result])
+        .inc();
+    if let Some((t, reason, note)) = note {
+        tracing::warn!(job = %run.job.name_any(), %note, "federated audit");
+        event(run, t, reason, &note).await;
+    }
+}
+
+/// The `edgeloom-fl` settings of the job under `rule`: those the runner's aggregation
+/// uses too, so that the hub's recomputation of a member's aggregation is exact.
+fn fl_options(run: &Run<'_>, rule: AggregationRule) -> edgeloom_fl::Options {
+    edgeloom_fl::Options {
+        rule: match rule {
+            AggregationRule::Mean => edgeloom_fl::Rule::Mean,
+            AggregationRule::TrimmedMean => edgeloom_fl::Rule::TrimmedMean {
+                trim: run.fed.trim_fraction,
+            },
+            AggregationRule::Median => edgeloom_fl::Rule::Median,
+        },
+        chunk: CHUNK,
+        outlier_cutoff: run.fed.outlier_cutoff,
+    }
 }
 
 /// Flat: the hub aggregates every update itself.
@@ -1974,17 +2295,7 @@ async fn hub_aggregate(
             };
             updates.push(edgeloom_fl::Update { path, weight: *w });
         }
-        let opts = edgeloom_fl::Options {
-            rule: match rule {
-                AggregationRule::Mean => edgeloom_fl::Rule::Mean,
-                AggregationRule::TrimmedMean => edgeloom_fl::Rule::TrimmedMean {
-                    trim: run.fed.trim_fraction,
-                },
-                AggregationRule::Median => edgeloom_fl::Rule::Median,
-            },
-            chunk: CHUNK,
-            outlier_cutoff: run.fed.outlier_cutoff,
-        };
+        let opts = fl_options(run, rule);
         let agg_path = dir.join("aggregate.safetensors");
         let outcome = {
             let (b, a) = (base_path.clone(), agg_path.clone());

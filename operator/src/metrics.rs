@@ -67,6 +67,9 @@ pub struct Metrics {
     /// Bytes of federated models moved, by level: member (node updates kept inside their
     /// member cluster) and hub (what went up to the hub).
     pub federated_bytes: IntCounterVec,
+    /// The hub's audits of member aggregations, by result: matched, mismatched (the
+    /// aggregator caught), inconclusive (an input changed after it was reported).
+    pub federated_audits: IntCounterVec,
 }
 
 /// Errors registering metrics (a programming error: duplicate names).
@@ -271,7 +274,18 @@ impl Metrics {
         )?;
         registry.register(Box::new(federated_rounds.clone()))?;
         registry.register(Box::new(federated_updates.clone()))?;
+        let federated_audits = IntCounterVec::new(
+            Opts::new(
+                "edgeloom_operator_federated_audits_total",
+                "The hub's audits of member aggregations, by result: matched, mismatched (the aggregator caught), inconclusive",
+            ),
+            &["result"],
+        )?;
         registry.register(Box::new(federated_bytes.clone()))?;
+        registry.register(Box::new(federated_audits.clone()))?;
+        for result in ["matched", "mismatched", "inconclusive"] {
+            federated_audits.with_label_values(&[result]).inc_by(0);
+        }
         for topology in ["Tree", "Flat"] {
             federated_rounds.with_label_values(&[topology]).inc_by(0);
         }
@@ -309,6 +323,7 @@ impl Metrics {
             federated_rounds,
             federated_updates,
             federated_bytes,
+            federated_audits,
         })
     }
 

@@ -158,22 +158,35 @@ async fn federated_status(fed: &Federation, ns: &str, name: &str) -> FederatedSt
 /// model, read from the store and evaluated on rows no node holds, reaches 90%. The store
 /// holds only models (every object of the job parses as a safetensors model), node
 /// updates stay under their member's prefix, and accepted updates are paid.
+///
+/// The attack: edge-a-node-0, the first node of edge-a and so its aggregator, writes
+/// and reports a poisoned member model (scaled change) while training honestly. The hub
+/// audits every aggregation (`auditRate: 1`): each of its aggregations is caught, the
+/// hub's recomputation is used instead, and the job still learns.
 #[tokio::test]
-async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data() {
+async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past_a_lying_aggregator()
+ {
     let _serial = SERIAL.lock().await;
     let fed = Federation::start_bare(&["edge-a", "edge-b"], 3)
         .await
         .expect("federation");
     fed.apply_pool("edge", 10, 2).await.expect("pool");
     let (data, test) = slices(fed.plane.dir(), &nodes(&fed));
-    let _agents = agents(&fed, &data, None);
+    let liar = "edge-a-node-0";
+    let _agents = agents(&fed, &data, Some((liar, "aggregate:scale:-4")));
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
     let ns = fed.namespace("fl-tree").await.expect("ns");
-    manifests::apply_all(&fed.hub, &job("tree", "Tree", "Mean", 6, ""), &ns, false)
-        .await
-        .expect("job");
+    let audit_all = "      auditRate: 1\n";
+    manifests::apply_all(
+        &fed.hub,
+        &job("tree", "Tree", "Mean", 6, audit_all),
+        &ns,
+        false,
+    )
+    .await
+    .expect("job");
     // What any agent of the cluster can read of a task: its URLs are sealed to its node.
     let member = fed
         .plane
@@ -226,16 +239,45 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data() {
         (1..=6).collect::<Vec<_>>(),
         "every round once, in order"
     );
+    // The liar is caught on its first aggregation (quarantined after quarantineAfter
+    // catches, it then takes no part); every honest node's update is accepted.
     assert!(
         st.rounds.iter().all(|r| r.hub && r.accepted >= 5),
         "{:?}",
         st.rounds
     );
+    assert!(
+        st.rounds.iter().all(|r| r.audited == 2),
+        "both members' aggregations audited every round: {:?}",
+        st.rounds
+    );
+    let caught: u32 = st.rounds.iter().map(|r| r.audits_failed).sum();
+    assert!(
+        caught >= 1 && st.rounds[0].audits_failed == 1,
+        "the lying aggregator is caught from round 1: {:?}",
+        st.rounds
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(fed.hub.clone(), &ns);
+    let failed: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("AggregationAuditFailed"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        !failed.is_empty() && failed.iter().all(|m| m.contains(liar)),
+        "each failed audit names the liar: {failed:?}"
+    );
     assert!(st.bytes_in_members > 0 && st.bytes_to_hub > 0, "{st:?}");
-    // Per round the hub receives two member models where flat would receive six updates.
+    // Per round the hub receives two member models where flat would receive six updates
+    // (besides what its audits bring up: here every update, as every aggregation is
+    // audited).
     let r = &st.rounds[2];
     assert!(
-        r.bytes_to_hub * 2 <= r.bytes_in_members,
+        r.bytes_audited > 0 && (r.bytes_to_hub - r.bytes_audited) * 2 <= r.bytes_in_members,
         "the tree sends less to the hub: {r:?}"
     );
     assert!(
@@ -290,6 +332,7 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data() {
     );
     assert_eq!(described.code, Some(0), "{}", described.stderr);
     let out = described.stdout;
+    eprintln!("{out}");
     assert!(
         out.contains("Federation:  Tree, hub every 1 round(s), Mean"),
         "{out}"

@@ -13,7 +13,10 @@ use kube::api::{Api, DeleteParams, ListParams};
 use std::path::Path;
 use std::time::Duration;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Federations running at once in this file: each is a hub and its members (etcd, API
+/// servers, an operator, agents), mostly waiting on timeouts, so two at a time halve the
+/// file's wall time on 2 cores without starving either.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 fn operator_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_edgeloom-operator"))
@@ -59,7 +62,7 @@ async fn tasks_in(fed: &Federation, member: &str, uid: &str) -> Vec<ComputeTask>
 
 #[tokio::test]
 async fn a_job_spread_over_two_member_clusters_completes() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -215,7 +218,7 @@ async fn all_tasks(fed: &Federation, uid: &str) -> Vec<ComputeTask> {
 
 #[tokio::test]
 async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -263,7 +266,7 @@ async fn a_gang_job_that_cannot_fit_fails_after_its_timeout_with_the_reason() {
 
 #[tokio::test]
 async fn a_lost_heartbeat_mid_task_is_replaced_and_completes_exactly_once() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(8))
         .await
         .expect("federation");
@@ -411,7 +414,7 @@ async fn wait_receipts(fed: &Federation, uid: &str, n: usize) -> Vec<Paid> {
 
 #[tokio::test]
 async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -552,7 +555,7 @@ async fn an_operator_killed_between_a_result_and_its_receipt_pays_exactly_once()
 
 #[tokio::test]
 async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -644,7 +647,7 @@ async fn an_altered_ledger_entry_is_named_by_ledger_verify() {
 
 #[tokio::test]
 async fn a_job_stops_placing_when_its_budget_would_be_exceeded() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 1, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -698,7 +701,7 @@ async fn a_job_stops_placing_when_its_budget_would_be_exceeded() {
 
 #[tokio::test]
 async fn a_killed_member_apiserver_fails_over_and_is_cleaned_when_it_returns() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(12))
         .await
         .expect("federation");
@@ -784,7 +787,7 @@ async fn a_killed_member_apiserver_fails_over_and_is_cleaned_when_it_returns() {
 
 #[tokio::test]
 async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(5))
         .await
         .expect("federation");
@@ -840,7 +843,7 @@ async fn an_operator_killed_mid_job_restarts_without_duplicate_tasks() {
 
 #[tokio::test]
 async fn deleting_a_job_cleans_every_member_even_one_unreachable_since_an_operator_restart() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(300))
         .await
         .expect("federation");
@@ -937,7 +940,7 @@ fn without_colours(text: &str) -> String {
 /// its edge-a shard still runs.
 #[tokio::test]
 async fn an_operator_taking_over_judges_a_job_only_once_every_member_is_connected() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -1016,7 +1019,7 @@ async fn an_operator_taking_over_judges_a_job_only_once_every_member_is_connecte
 
 #[tokio::test]
 async fn of_two_operator_replicas_only_the_leader_acts() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -1124,7 +1127,7 @@ async fn of_two_operator_replicas_only_the_leader_acts() {
 
 #[tokio::test]
 async fn a_bad_kubeconfig_is_a_pool_condition_and_fixing_the_secret_reconnects() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -1230,7 +1233,7 @@ async fn a_bad_kubeconfig_is_a_pool_condition_and_fixing_the_secret_reconnects()
 /// within one determinism class, so the quorum agrees and no honest node is caught.
 #[tokio::test]
 async fn replicas_stay_in_one_determinism_class_so_no_honest_node_is_outvoted() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
         .await
         .expect("federation");
@@ -1305,7 +1308,7 @@ async fn replicas_stay_in_one_determinism_class_so_no_honest_node_is_outvoted() 
 /// about the median, not ten times the base rate.
 #[tokio::test]
 async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 3, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -1373,7 +1376,7 @@ async fn an_inflated_speed_claim_is_paid_only_as_far_as_verified_work_shows() {
 #[tokio::test]
 async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() {
     use edgeloom_operator::rewards::ledger::{Entry, entry_hash};
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -1503,7 +1506,7 @@ async fn a_rewritten_or_truncated_ledger_is_named_against_a_signed_checkpoint() 
 /// own ledger entry, the account's balance drops, and the job's total with it.
 #[tokio::test]
 async fn a_node_caught_cheating_forfeits_its_receipts_still_in_escrow() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 3, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -1615,7 +1618,7 @@ async fn events_of_namespace(fed: &Federation, ns: &str) -> Vec<(String, String)
 /// node ever holds more tasks than its agent runs.
 #[tokio::test]
 async fn shards_use_every_idle_node_and_never_exceed_what_an_agent_runs() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
         .await
         .expect("federation");
@@ -1732,7 +1735,7 @@ async fn shards_use_every_idle_node_and_never_exceed_what_an_agent_runs() {
 /// it repeatedly for BENCHMARKS.md. The test asserts only that it arrives.
 #[tokio::test]
 async fn a_healthy_members_status_reaches_the_hub_while_another_member_is_down() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -1796,7 +1799,7 @@ async fn a_healthy_members_status_reaches_the_hub_while_another_member_is_down()
 
 #[tokio::test]
 async fn a_task_without_progress_is_failed_on_its_node_and_completes_elsewhere() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -1872,7 +1875,7 @@ async fn a_task_without_progress_is_failed_on_its_node_and_completes_elsewhere()
 
 #[tokio::test]
 async fn a_node_whose_clock_runs_ahead_is_lost_once_it_stops_renewing() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(20))
         .await
         .expect("federation");
@@ -1948,7 +1951,7 @@ async fn a_node_whose_clock_runs_ahead_is_lost_once_it_stops_renewing() {
 
 #[tokio::test]
 async fn a_slot_that_keeps_losing_its_node_fails_the_job_when_its_attempts_run_out() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(30))
         .await
         .expect("federation");
@@ -2019,7 +2022,7 @@ async fn a_slot_that_keeps_losing_its_node_fails_the_job_when_its_attempts_run_o
 
 #[tokio::test]
 async fn an_attempt_cut_off_between_its_creation_and_its_watch_event_is_never_issued_twice() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start(&["edge-a", "edge-b"], 1, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -2121,7 +2124,7 @@ async fn an_attempt_cut_off_between_its_creation_and_its_watch_event_is_never_is
 #[tokio::test]
 async fn a_member_that_answers_but_cannot_be_watched_is_a_pool_condition_and_work_goes_elsewhere() {
     use k8s_openapi::api::rbac::v1::RoleBinding;
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -2198,7 +2201,7 @@ async fn a_member_that_answers_but_cannot_be_watched_is_a_pool_condition_and_wor
 /// set to an hour here, would be its only rescue).
 #[tokio::test]
 async fn a_task_created_while_its_job_is_being_deleted_is_cleaned_with_the_job() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(30))
         .await
         .expect("federation");
@@ -2266,7 +2269,7 @@ async fn a_task_created_while_its_job_is_being_deleted_is_cleaned_with_the_job()
 #[tokio::test]
 async fn a_big_jobs_shard_status_is_paged_and_survives_an_operator_restart() {
     use k8s_openapi::api::core::v1::ConfigMap;
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 6, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -2400,7 +2403,7 @@ async fn a_big_jobs_shard_status_is_paged_and_survives_an_operator_restart() {
 
 #[tokio::test]
 async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(300))
         .await
         .expect("federation");
@@ -2530,7 +2533,7 @@ async fn orphaned_tasks_are_swept_and_a_deleted_pool_cancels_its_tasks() {
 
 #[tokio::test]
 async fn a_task_of_another_job_under_the_same_name_is_never_taken_for_ones_own() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -2614,7 +2617,7 @@ async fn a_task_of_another_job_under_the_same_name_is_never_taken_for_ones_own()
 
 #[tokio::test]
 async fn a_configmap_model_job_runs_in_the_members_that_answer_while_another_is_down() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start(&["edge-a", "edge-b"], 2, Duration::from_secs(2))
         .await
         .expect("federation");
@@ -2675,7 +2678,7 @@ async fn a_configmap_model_job_runs_in_the_members_that_answer_while_another_is_
 
 #[tokio::test]
 async fn an_agent_filling_every_status_field_to_the_limit_leaves_the_hub_status_bounded() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(1))
         .await
         .expect("federation");
@@ -2741,7 +2744,7 @@ async fn an_agent_filling_every_status_field_to_the_limit_leaves_the_hub_status_
 
 #[tokio::test]
 async fn a_job_deleted_while_its_ledger_is_unavailable_is_paid_when_the_ledger_returns() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start(&["edge-a"], 2, Duration::from_secs(2))
         .await
         .expect("federation");

@@ -70,6 +70,17 @@ struct Cli {
     /// Server momentum of the `tree-k5-m` arm.
     #[arg(long, default_value_t = 0.9)]
     server_momentum: f64,
+    /// FedProx weights of the `tree-k5-prox` arms (one arm per value; the nodes' proximal
+    /// term anchors on the latest global model).
+    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    proximal_mu: Vec<f64>,
+    /// The share of member aggregations the hub recomputes (`federation.auditRate`) in the
+    /// Tree arms; their inputs count in the bytes sent to the hub.
+    #[arg(long, default_value_t = 0.1)]
+    audit_rate: f64,
+    /// Run only these of edgeloom's arms (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Seeds on which the Flower arm runs (0: none).
     #[arg(long, default_value_t = 1)]
     flower_seeds: u64,
@@ -209,6 +220,33 @@ fn simulate(cli: &Cli, dir: &Path, seed: u64) -> Result<BTreeMap<String, Run>> {
         .map(|i| dir.join(format!("node-{i}.csv")))
         .collect();
     let per = cli.nodes.div_ceil(cli.clusters);
+    let audit = cli.audit_rate;
+    let mut arms = vec![
+        serde_json::json!({"name": "central", "topology": "Central"}),
+        serde_json::json!({"name": "flat", "topology": "Flat"}),
+        serde_json::json!({"name": "tree-k1", "topology": "Tree", "hubEvery": 1, "auditRate": audit}),
+        serde_json::json!({"name": "tree-k5", "topology": "Tree", "hubEvery": 5, "auditRate": audit}),
+        serde_json::json!({"name": "tree-k5-m", "topology": "Tree", "hubEvery": 5, "auditRate": audit,
+                           "serverMomentum": cli.server_momentum}),
+    ];
+    for mu in &cli.proximal_mu {
+        let name = if cli.proximal_mu.len() == 1 {
+            "tree-k5-prox".to_string()
+        } else {
+            format!("tree-k5-prox{mu}")
+        };
+        arms.push(
+            serde_json::json!({"name": name, "topology": "Tree", "hubEvery": 5,
+                                     "auditRate": audit, "proximalMu": mu}),
+        );
+    }
+    arms.retain(|a| {
+        cli.only.is_empty()
+            || cli
+                .only
+                .iter()
+                .any(|o| a["name"].as_str() == Some(o.as_str()))
+    });
     let cfg = serde_json::json!({
         "workload": workload(cli, seed),
         "nodes": nodes,
@@ -216,13 +254,7 @@ fn simulate(cli: &Cli, dir: &Path, seed: u64) -> Result<BTreeMap<String, Run>> {
         "test": dir.join("test.csv"),
         "rounds": cli.rounds,
         "dir": dir.join("sim"),
-        "arms": [
-            {"name": "central", "topology": "Central"},
-            {"name": "flat", "topology": "Flat"},
-            {"name": "tree-k1", "topology": "Tree", "hubEvery": 1},
-            {"name": "tree-k5", "topology": "Tree", "hubEvery": 5},
-            {"name": "tree-k5-m", "topology": "Tree", "hubEvery": 5, "serverMomentum": cli.server_momentum},
-        ],
+        "arms": arms,
     });
     let mut child = Command::new(bin("edgeloom-runner"))
         .arg("simulate")
@@ -503,14 +535,20 @@ async fn main() -> Result<()> {
             .and_then(|r| r.first())
             .map(|r| r.bytes_to_hub)
             .unwrap_or(0);
-        for arm in [
+        let mut arms: Vec<&str> = vec![
             "central",
             "flower",
             "flat",
             "tree-k1",
             "tree-k5",
             "tree-k5-m",
-        ] {
+        ];
+        for (h, a) in results.keys() {
+            if h == how && !arms.contains(&a.as_str()) {
+                arms.push(a);
+            }
+        }
+        for arm in arms {
             let Some(runs) = results.get(&(how.clone(), arm.to_string())) else {
                 continue;
             };

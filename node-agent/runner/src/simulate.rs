@@ -52,6 +52,14 @@ pub struct Arm {
     /// FedAvgM at the hub.
     #[serde(default)]
     pub server_momentum: f64,
+    /// FedProx: nodes train with `mu / 2 * |w - g|^2` added to their loss, `g` the latest
+    /// global model (0: none).
+    #[serde(default)]
+    pub proximal_mu: f64,
+    /// Tree: the share of member aggregations the hub recomputes (its audit), whose inputs
+    /// go up to the hub; counted in the bytes as their expected value.
+    #[serde(default)]
+    pub audit_rate: f64,
 }
 
 fn one() -> u32 {
@@ -96,9 +104,11 @@ impl Sim<'_> {
     }
 
     /// Trains from `base` on `data` for the job's local epochs; writes the update.
+    #[allow(clippy::too_many_arguments)]
     fn train(
         &self,
         base: &Path,
+        anchor: (&Path, f64),
         data: &Dataset,
         round: u32,
         node: usize,
@@ -106,9 +116,26 @@ impl Sim<'_> {
     ) -> Result<(), TaskError> {
         let (mut vs, net) = self.net()?;
         vs.load(base)?;
+        let prox = if anchor.1 > 0.0 {
+            let (mut a, _) = self.net()?;
+            a.load(anchor.0)?;
+            Some(workloads::Prox {
+                anchor: a.trainable_variables(),
+                mu: anchor.1,
+            })
+        } else {
+            None
+        };
         let p = &self.spec.workload.parameters;
         let shuffle = p.seed ^ 0xFEDA ^ ((round as u64) << 32) ^ node as u64;
-        workloads::fit_for_simulation(&self.spec, &mut vs, &net, data, (p.local_epochs, shuffle))?;
+        workloads::fit_for_simulation(
+            &self.spec,
+            &mut vs,
+            &net,
+            data,
+            (p.local_epochs, shuffle),
+            prox.as_ref(),
+        )?;
         vs.save(out)?;
         Ok(())
     }
@@ -166,6 +193,7 @@ impl Sim<'_> {
                     &net,
                     &union,
                     (p.local_epochs, shuffle),
+                    None,
                 )?;
                 let m = dir.join("central.safetensors");
                 vs.save(&m)?;
@@ -189,7 +217,7 @@ impl Sim<'_> {
             for (i, d) in self.data.iter().enumerate() {
                 let c = self.cfg.clusters[i];
                 let out = rd.join(format!("u{i}.safetensors"));
-                self.train(&bases[c], d, r, i, &out)?;
+                self.train(&bases[c], (&global, arm.proximal_mu), d, r, i, &out)?;
                 ups[c].push(edgeloom_fl::Update {
                     path: out,
                     weight: d.rows() as f64,
@@ -208,6 +236,9 @@ impl Sim<'_> {
                         continue;
                     }
                     let m = rd.join(format!("member{c}.safetensors"));
+                    // The audit's expected bytes: the member's updates and its base.
+                    bytes_to_hub +=
+                        (arm.audit_rate * (size * (u.len() as u64 + 1)) as f64).round() as u64;
                     let w = self.aggregate(&bases[c], u, &m)?;
                     members.push((c, edgeloom_fl::Update { path: m, weight: w }));
                 }

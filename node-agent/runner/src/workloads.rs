@@ -163,8 +163,18 @@ fn fit(
         train,
         out,
         progress_span,
-        (p.epochs, p.seed ^ 0xC0FFEE, checkpoint),
+        (p.epochs, p.seed ^ 0xC0FFEE, checkpoint, None),
     )
+}
+
+/// A proximal term (FedProx): training minimises its loss plus `mu / 2 * |w - anchor|^2`,
+/// which keeps a member's model near the last global one between hub rounds
+/// (docs/ARCHITECTURE.md, "Federated learning in a tree").
+pub(crate) struct Prox {
+    /// The anchor's trainable tensors, in the order of `VarStore::trainable_variables`.
+    pub anchor: Vec<Tensor>,
+    /// Its weight.
+    pub mu: f64,
 }
 
 /// [`fit`] for `epochs` epochs shuffled from `shuffle_seed`, with an optional checkpoint
@@ -176,7 +186,7 @@ fn fit_epochs(
     train: &Dataset,
     out: &mut dyn Sink,
     progress_span: (u8, u8),
-    (epochs, shuffle_seed, checkpoint): (u32, u64, Option<&Path>),
+    (epochs, shuffle_seed, checkpoint, prox): (u32, u64, Option<&Path>, Option<&Prox>),
 ) -> Result<(f64, f64), TaskError> {
     let p = &spec.workload.parameters;
     let device = vs.device();
@@ -204,6 +214,7 @@ fn fit_epochs(
         }
     }
     let mut rng = Rng::new(shuffle_seed);
+    let weights = vs.trainable_variables();
     let mut last_loss = f64::NAN;
     let started = Instant::now();
     let mut samples = 0usize;
@@ -221,7 +232,16 @@ fn fit_epochs(
             let loss = net
                 .forward(&xs.index_select(0, &idx))?
                 .cross_entropy_for_logits(&ys.index_select(0, &idx));
-            opt.backward_step(&loss);
+            match prox {
+                Some(px) if px.mu > 0.0 => {
+                    let mut reg = Tensor::zeros([], (Kind::Float, device));
+                    for (w, a) in weights.iter().zip(&px.anchor) {
+                        reg += (w - a).square().sum(Kind::Float);
+                    }
+                    opt.backward_step(&(&loss + reg * (px.mu / 2.0)));
+                }
+                _ => opt.backward_step(&loss),
+            }
             sum += loss.double_value(&[]);
             batches += 1;
             samples += len as usize;
@@ -525,7 +545,7 @@ fn federated_train(
         &train,
         out,
         (0, 95),
-        (p.local_epochs, shuffle, None),
+        (p.local_epochs, shuffle, None, None),
     )?;
     vs.save(output)?;
     let (val_acc, val_loss) = evaluate(&mut net, &held_out, vs.device())?;
@@ -659,6 +679,7 @@ pub(crate) fn fit_for_simulation(
     net: &Net,
     data: &Dataset,
     (epochs, shuffle): (u32, u64),
+    prox: Option<&Prox>,
 ) -> Result<(), TaskError> {
     fit_epochs(
         spec,
@@ -667,7 +688,7 @@ pub(crate) fn fit_for_simulation(
         data,
         &mut Quiet,
         (0, 100),
-        (epochs, shuffle, None),
+        (epochs, shuffle, None, prox),
     )?;
     Ok(())
 }
