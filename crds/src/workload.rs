@@ -122,12 +122,6 @@ pub struct Federation {
     #[serde(default = "default_audit_rate")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("must be from 0 to 1"))]
     pub audit_rate: f64,
-    /// FedProx: each node trains with `proximalMu / 2 * |w - g|^2` added to its loss, `g`
-    /// the latest global model, which keeps member models from drifting apart between hub
-    /// rounds on skewed data. From 0 (default: plain FedAvg) to 10.
-    #[serde(default)]
-    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 10.0").message("must be from 0 to 10"))]
-    pub proximal_mu: f64,
     /// Completed rounds kept in the job's status (the newest).
     #[serde(default = "default_history")]
     #[schemars(range(min = 1, max = 100))]
@@ -147,7 +141,6 @@ impl Default for Federation {
             server_learning_rate: default_server_lr(),
             server_momentum: 0.0,
             audit_rate: default_audit_rate(),
-            proximal_mu: 0.0,
             history: default_history(),
         }
     }

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Federations running at once in this file: each is a hub and its members with real
+/// agents, mostly waiting on them, so two at a time shorten the file on 2 cores.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// A one-shard training job of about 16 s on this machine: long enough to outlive a
 /// heartbeat timeout or a shutdown grace period.
@@ -39,7 +41,7 @@ async fn federation(heartbeat: u32) -> (Federation, Vec<AgentProcess>) {
 
 #[tokio::test]
 async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let (fed, agents) = federation(10).await;
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
@@ -126,7 +128,7 @@ async fn train_and_inference_jobs_run_on_real_agents_in_two_members() {
 
 #[tokio::test]
 async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let (fed, mut agents) = federation(5).await;
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
@@ -161,7 +163,7 @@ async fn a_killed_agent_mid_task_is_replaced_and_the_job_completes() {
 
 #[tokio::test]
 async fn a_runner_over_its_memory_limit_fails_its_task_and_the_agents_keep_serving() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let (fed, _agents) = federation(10).await;
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
@@ -302,7 +304,7 @@ async fn failure_of(fed: &Federation, ns: &str, name: &str) -> String {
 
 #[tokio::test]
 async fn torchscript_models_from_a_url_and_from_a_configmap_run_on_real_agents() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let (fed, _agents) = federation(10).await;
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
@@ -494,7 +496,7 @@ async fn agents_with(
 
 #[tokio::test]
 async fn node_local_data_stays_on_its_node_and_replicas_on_two_agents_agree() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start_bare(&["edge-a", "edge-b"], 1)
         .await
         .expect("federation");
@@ -618,7 +620,7 @@ async fn receipts(
 
 #[tokio::test]
 async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let (fed, mut agents) = federation(10).await;
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
@@ -674,7 +676,7 @@ async fn sigterm_cancels_a_long_task_after_the_grace_period_and_it_is_replaced()
 
 #[tokio::test]
 async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
         .await
         .expect("federation");
@@ -936,7 +938,7 @@ async fn a_cheating_agent_is_outvoted_by_an_extra_replica() {
 /// than it used is paid only for what the operator observed.
 #[tokio::test]
 async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid_as_observed() {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     // One member: agents see the tasks of their own cluster, so a copier and its victim
     // share one.
     let fed = Federation::start_bare(&["edge-a"], 3)
@@ -1177,7 +1179,7 @@ async fn a_copying_replica_is_caught_by_commit_reveal_and_inflated_usage_is_paid
 #[tokio::test]
 async fn prometheus_scrapes_operator_and_agents_and_every_dashboard_query_and_alert_evaluates() {
     use edgeloom_e2e::prometheus::{self, Prometheus};
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     let mut fed = Federation::start_bare(&["edge-a", "edge-b"], 2)
         .await
         .expect("federation");
@@ -1404,7 +1406,7 @@ fn the_charts_agent_configuration_is_one_the_agent_accepts() {
 #[tokio::test]
 async fn a_result_finished_while_its_api_server_was_down_is_reported_after_an_agent_restart_and_paid_once()
  {
-    let _serial = SERIAL.lock().await;
+    let _slot = SLOTS.acquire().await.expect("slot");
     // A heartbeat timeout longer than the outage: the attempt stays current throughout.
     let (mut fed, mut agents) = federation(120).await;
     let _op = fed

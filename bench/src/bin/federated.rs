@@ -14,7 +14,11 @@
 //! - `flat`, `tree-k1`, `tree-k5`, `tree-k5-m`: edgeloom Flat, Tree with the hub
 //!   aggregating every round or every 5 rounds, and Tree k = 5 with server momentum at the
 //!   hub (FedAvgM, `--server-momentum`), run by `edgeloom-runner simulate` (the runner's
-//!   local training and edgeloom-fl's aggregation, without the control plane).
+//!   local training and edgeloom-fl's aggregation, without the control plane). The Tree
+//!   arms count the expected bytes of the hub's audits (`--audit-rate`, the API's default
+//!   0.1) in their bytes sent to the hub;
+//! - `tree-k5-prox`: a research arm, not offered by the API: Tree k = 5 with FedProx
+//!   (`--proximal-mu`, anchored on the latest global model) against member drift.
 //!
 //! It prints, for each partition and arm: final test accuracy (mean and sample sd over
 //! the seeds), rounds to reach 90%, bytes sent to the hub, and the wall time of a round.
@@ -70,9 +74,9 @@ struct Cli {
     /// Server momentum of the `tree-k5-m` arm.
     #[arg(long, default_value_t = 0.9)]
     server_momentum: f64,
-    /// FedProx weights of the `tree-k5-prox` arms (one arm per value; the nodes' proximal
-    /// term anchors on the latest global model).
-    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    /// FedProx weights of the `tree-k5-prox` research arms (one arm per value; the nodes'
+    /// proximal term anchors on the latest global model; empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "0.003")]
     proximal_mu: Vec<f64>,
     /// The share of member aggregations the hub recomputes (`federation.auditRate`) in the
     /// Tree arms; their inputs count in the bytes sent to the hub.

@@ -52,8 +52,8 @@ pub struct Arm {
     /// FedAvgM at the hub.
     #[serde(default)]
     pub server_momentum: f64,
-    /// FedProx: nodes train with `mu / 2 * |w - g|^2` added to their loss, `g` the latest
-    /// global model (0: none).
+    /// FedProx, a research arm the API does not offer: nodes train with
+    /// `mu / 2 * |w - g|^2` added to their loss, `g` the latest global model (0: none).
     #[serde(default)]
     pub proximal_mu: f64,
     /// Tree: the share of member aggregations the hub recomputes (its audit), whose inputs

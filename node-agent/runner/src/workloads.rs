@@ -168,8 +168,9 @@ fn fit(
 }
 
 /// A proximal term (FedProx): training minimises its loss plus `mu / 2 * |w - anchor|^2`,
-/// which keeps a member's model near the last global one between hub rounds
-/// (docs/ARCHITECTURE.md, "Federated learning in a tree").
+/// which keeps a member's model near the last global one between hub rounds. Used by
+/// `edgeloom-runner simulate`'s research arm only (BENCHMARKS.md, "Federated learning
+/// beside Flower": it did not close the alpha = 0.1 gap, so the API does not offer it).
 pub(crate) struct Prox {
     /// The anchor's trainable tensors, in the order of `VarStore::trainable_variables`.
     pub anchor: Vec<Tensor>,
