@@ -181,7 +181,8 @@ pub struct MemberModel {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dropped: bool,
     /// The aggregation's verdict on each of the member's updates, in participant order:
-    /// 1 accepted, 0 rejected as misbehaviour, -1 not readable.
+    /// 1 accepted, 0 rejected as misbehaviour, -1 not readable, -2 far smaller than the
+    /// round's (neither of the last two held against the node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub verdicts: Vec<i8>,
@@ -227,6 +228,9 @@ pub enum AuditResult {
     Matched,
     /// It did not: the aggregator is caught, and the hub's model is used.
     Mismatched,
+    /// The aggregator computed honestly from what it had, but left out updates it could
+    /// not read that the hub could: the hub's model with them is used, nobody is blamed.
+    Corrected,
     /// The inputs were no longer what their writers reported; nothing is concluded of the
     /// aggregator.
     Inconclusive,

@@ -115,10 +115,11 @@ pub struct Federation {
     #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("must be at least 0 and less than 1"))]
     pub server_momentum: f64,
     /// With Tree: the share of member aggregations the hub checks by recomputing them from
-    /// the member's updates (the aggregation is deterministic, so the check is exact). An
+    /// the member's updates (the aggregation is deterministic, so the check is exact), on
+    /// top of every aggregation that rejects an update, which is always checked. An
     /// aggregator caught is not paid and counts against its node; the hub's recomputation
     /// replaces its model. Each check brings that member's updates up to the hub. From 0
-    /// (none) to 1 (every one); default 0.1. Ignored under Flat, where the hub aggregates.
+    /// to 1 (every one); default 0.1. Ignored under Flat, where the hub aggregates.
     #[serde(default = "default_audit_rate")]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("must be from 0 to 1"))]
     pub audit_rate: f64,

@@ -6,8 +6,10 @@
 //!
 //! For the attack tests only, `EDGELOOM_TEST_POISON` makes an agent a poisoner: `scale:<f>`
 //! multiplies its update's change by `f`, `flip` reverses it; `aggregate:scale:<f>` and
-//! `aggregate:flip` do the same to the member models it aggregates instead. The poisoned
-//! bytes are what it uploads and reports, consistently, as a real attacker would.
+//! `aggregate:flip` do the same to the member models it aggregates instead, and
+//! `aggregate:hide` makes its aggregations claim they could not read their last update.
+//! The poisoned bytes are what it uploads and reports, consistently, as a real attacker
+//! would.
 
 use edgeloom_crds::federated::{FederatedStepKind, FederatedTask, ModelObject};
 use edgeloom_crds::runner_protocol::{FederatedStep, UpdateFile};
@@ -184,9 +186,16 @@ pub fn prepare(
             // reported, is handed over as a missing file: the aggregation rejects it as
             // unreadable (not its node's fault as far as this node can tell).
             let mut updates = Vec::new();
+            let hide = hides_an_update();
+            let n = task.urls.updates.len();
             for (i, u) in task.urls.updates.iter().enumerate() {
                 let p = dir.join(format!("update-{i}.safetensors"));
-                if let Err(e) = download(u, &p) {
+                if hide && i + 1 == n {
+                    tracing::warn!(
+                        update = i,
+                        "TEST ONLY: this agent claims it could not read an update"
+                    );
+                } else if let Err(e) = download(u, &p) {
                     tracing::warn!(update = i, error = %e, "update left out of the aggregation");
                     let _ = std::fs::remove_file(&p);
                 }
@@ -213,6 +222,12 @@ pub fn prepare(
     })
 }
 
+/// Test-only: whether `EDGELOOM_TEST_POISON=aggregate:hide` makes this agent's member
+/// aggregations leave out their last update as if it could not be read.
+fn hides_an_update() -> bool {
+    std::env::var("EDGELOOM_TEST_POISON").is_ok_and(|v| v == "aggregate:hide")
+}
+
 /// Test-only: poisons the update at `output` relative to `model` as
 /// `EDGELOOM_TEST_POISON` says, returning its new digest.
 pub fn poison(
@@ -228,7 +243,7 @@ pub fn poison(
         Some(rest) => (FederatedStepKind::Aggregate, rest.to_string()),
         None => (FederatedStepKind::Train, how),
     };
-    if step != target {
+    if step != target || how == "hide" {
         return Ok(None);
     }
     let factor: f32 = match how.as_str() {

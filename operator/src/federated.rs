@@ -950,10 +950,16 @@ async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
             ),
         );
     }
-    let global = StoredModel {
+    let built = StoredModel {
         round: 0,
         key: run.keys.init(first.index, first.attempt),
         sha256: first.digest.clone().unwrap_or_default(),
+    };
+    // The builder's object stays writable through its URL until that expires: the round
+    // starts from a write-once copy named by its digest, which nobody can change.
+    let global = match write_once_copy(run, &built, &run.keys.global(0)).await {
+        Ok(m) => m,
+        Err(e) => return Step::Retry(e),
     };
     // Only builders whose own object verified are paid.
     let builders: Vec<Participant> = reported.into_iter().cloned().collect();
@@ -970,6 +976,36 @@ async fn init(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     st.round = 1;
     st.participants.clear();
     start_round(run, st)
+}
+
+/// Copies `m` (checked against its digest) to a create-only object named by its digest
+/// under `prefix`.
+async fn write_once_copy(
+    run: &Run<'_>,
+    m: &StoredModel,
+    prefix: &str,
+) -> Result<StoredModel, String> {
+    let dir = scratch(run, "copy")?;
+    let path = dir.join("model.safetensors");
+    let result = async {
+        if !download(run, m, &path).await? {
+            return Err(format!("{} changed after it was checked", m.key));
+        }
+        let (key, sha256) =
+            put_content_addressed(run, prefix, &path)
+                .await
+                .map_err(|e| match e {
+                    HubError::Retry(e) | HubError::Models(e) => e,
+                })?;
+        Ok(StoredModel {
+            round: m.round,
+            key,
+            sha256,
+        })
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Starts `st.round`: its stage is Training from now on, with the participants there are
@@ -1198,19 +1234,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                         ))
                     } else {
                         mm.digest = s.result_digest.clone();
-                        mm.verdicts = s
-                            .result_vector
-                            .iter()
-                            .map(|v| {
-                                if *v >= 0.5 {
-                                    1
-                                } else if *v > -0.5 {
-                                    0
-                                } else {
-                                    -1
-                                }
-                            })
-                            .collect();
+                        mm.verdicts = s.result_vector.iter().map(|v| verdict_of(*v)).collect();
                         mm.cpu_core_millis = run.usage(&t, since).0;
                         changed = true;
                         None
@@ -1270,7 +1294,7 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
     let undrawn = |m: &MemberModel| m.audit.is_none() && m.digest.is_some() && !m.dropped;
     if st.members.iter().any(undrawn) {
         for m in st.members.iter_mut().filter(|m| undrawn(m)) {
-            m.audit = Some(if draw() < run.fed.audit_rate {
+            m.audit = Some(if must_audit(m) || draw() < run.fed.audit_rate {
                 AuditResult::Pending
             } else {
                 AuditResult::Skipped
@@ -1328,12 +1352,15 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
                             .into(),
                     );
                 }
-                _ => {
+                -2 => {
                     p.state = ParticipantState::Rejected;
                     p.reason = Some(
-                        "its member's aggregator could not read its update, or it was far smaller than the round's"
-                            .into(),
+                        "its update was far smaller than the round's (not held against it)".into(),
                     );
+                }
+                _ => {
+                    p.state = ParticipantState::Rejected;
+                    p.reason = Some("its member's aggregator could not read its update".into());
                 }
             }
         }
@@ -1357,7 +1384,12 @@ async fn aggregate_tree(run: &Run<'_>, mut st: FederatedStatus) -> Step {
         .filter(|m| {
             matches!(
                 m.audit,
-                Some(AuditResult::Matched | AuditResult::Mismatched | AuditResult::Inconclusive)
+                Some(
+                    AuditResult::Matched
+                        | AuditResult::Mismatched
+                        | AuditResult::Corrected
+                        | AuditResult::Inconclusive
+                )
             )
         })
         .count() as u32;
@@ -1469,6 +1501,29 @@ fn member_model_key(run: &Run<'_>, m: &MemberModel, round: u32) -> String {
         .unwrap_or_else(|| run.keys.member_model(&m.member, round, m.attempt))
 }
 
+/// A verdict of the runner's aggregation result vector: 1 accepted, 0 rejected as
+/// misbehaviour, -1 unreadable (not held against the node), -2 far smaller than the
+/// round's (not held against it either).
+fn verdict_of(v: f64) -> i8 {
+    if v >= 0.5 {
+        1
+    } else if v > -0.5 {
+        0
+    } else if v > -1.5 {
+        -1
+    } else {
+        -2
+    }
+}
+
+/// Whether member aggregation `m` is audited whatever the draw: one that rejected any
+/// update. A rejection costs an honest node its pay (and, for an outlier, a trust strike),
+/// so no aggregator may reject unchecked; honest rounds rarely reject, so this costs
+/// little.
+fn must_audit(m: &MemberModel) -> bool {
+    m.verdicts.iter().any(|v| *v != 1)
+}
+
 /// A uniform draw in [0, 1) from the operator's random source (not predictable by nodes).
 fn draw() -> f64 {
     let mut b = [0u8; 8];
@@ -1483,9 +1538,16 @@ fn draw() -> f64 {
 enum Audit {
     /// Same model, same verdicts.
     Matched { bytes: u64 },
+    /// The aggregator computed honestly from what it had, but left out as unreadable
+    /// updates the hub could read: the hub's model (key, digest) and verdicts replace its
+    /// own, and nobody is blamed.
+    Corrected {
+        model: (String, String, Vec<i8>),
+        bytes: u64,
+    },
     /// Not what the aggregator reported: the hub's model (key, digest) and verdicts, or
-    /// `None` when the hub's own aggregation of those inputs fails (the aggregator
-    /// reported a model where there can be none).
+    /// `None` when the hub's own aggregation of those inputs accepts no update (the
+    /// aggregator reported a model where there can be none).
     Mismatched {
         model: Option<(String, String, Vec<i8>)>,
         bytes: u64,
@@ -1501,10 +1563,12 @@ enum Audit {
 }
 
 /// Recomputes member `i`'s aggregation at the hub from the inputs its aggregator was given
-/// (the member's base, its updates with the operator's weights, the job's rule; the
-/// updates the aggregator said it could not read are left out as it left them out), with
-/// the same code the runner runs (`edgeloom-fl`), and compares digest and verdicts. `Err`
-/// when the store did not answer.
+/// (the member's base, its updates with the operator's weights, the job's rule), with the
+/// same code the runner runs (`edgeloom-fl`), and compares digest and verdicts; on a match
+/// it also checks that the aggregator's stored model has the digest it reported. An update
+/// the aggregator said it could not read is included when the hub can read it (and, if
+/// that alone explains the difference, the hub's model is used without blame). `Err` when
+/// the store did not answer or the hub itself failed: the audit is retried.
 async fn audit(
     run: &Run<'_>,
     st: &FederatedStatus,
@@ -1536,7 +1600,11 @@ async fn audit(
             }
             Err(e) => return Err(e),
         }
-        let mut updates = Vec::new();
+        let missing = dir.join("missing");
+        // (path, weight) of each update as the hub has it, and which of the updates the
+        // aggregator called unreadable the hub could read.
+        let mut inputs = Vec::new();
+        let mut recovered = Vec::new();
         let mut tampered = Vec::new();
         for (k, idx) in ours.iter().enumerate() {
             let p = st
@@ -1544,89 +1612,157 @@ async fn audit(
                 .iter()
                 .find(|p| p.index == *idx)
                 .ok_or_else(|| format!("participant {idx} is not in the round"))?;
-            let mut path = dir.join(format!("u{k}.safetensors"));
-            if mm.verdicts.get(k).copied() == Some(-1) {
-                path = dir.join("missing");
-            } else {
-                let m = StoredModel {
-                    round,
-                    key: run.keys.update(Topology::Tree, &p.member, round, p.index),
-                    sha256: p.digest.clone().unwrap_or_default(),
-                };
-                match download(run, &m, &path).await {
-                    Ok(true) => bytes += size_of(run, &m.key).await.unwrap_or(0),
-                    Ok(false) => tampered.push(*idx),
-                    Err(e)
-                        if e.contains("not found")
-                            || e.contains("NotFound")
-                            || e.contains("larger") =>
-                    {
-                        tampered.push(*idx)
-                    }
-                    Err(e) => return Err(e),
+            let claimed_unreadable = mm.verdicts.get(k).copied() == Some(-1);
+            let m = StoredModel {
+                round,
+                key: run.keys.update(Topology::Tree, &p.member, round, p.index),
+                sha256: p.digest.clone().unwrap_or_default(),
+            };
+            let path = dir.join(format!("u{k}.safetensors"));
+            let ok = match download(run, &m, &path).await {
+                Ok(true) => {
+                    bytes += size_of(run, &m.key).await.unwrap_or(0);
+                    true
                 }
+                Ok(false) => false,
+                Err(e)
+                    if e.contains("not found")
+                        || e.contains("NotFound")
+                        || e.contains("larger") =>
+                {
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            if !ok {
+                // Its object is not what its participant reported. If the aggregator
+                // could not read it either, that is consistent; if it used it, the bytes
+                // it saw are gone and nothing can be concluded of it.
+                tampered.push(*idx);
+                if !claimed_unreadable {
+                    return Ok(Audit::Inconclusive {
+                        why: format!("update {idx} changed after it was reported"),
+                        tampered,
+                        bytes,
+                    });
+                }
+            } else if claimed_unreadable {
+                recovered.push(k);
             }
-            updates.push(edgeloom_fl::Update {
-                path,
-                weight: w.get(idx).copied().unwrap_or(1.0),
-            });
-        }
-        if !tampered.is_empty() {
-            return Ok(Audit::Inconclusive {
-                why: format!(
-                    "{} update(s) changed after they were reported",
-                    tampered.len()
-                ),
-                tampered,
-                bytes,
-            });
+            let weight = w.get(idx).copied().unwrap_or(1.0);
+            inputs.push((if ok { path } else { missing.clone() }, weight));
         }
         let opts = fl_options(run, run.fed.aggregation);
-        let out = dir.join("member.safetensors");
-        let computed = {
-            let (b, o) = (base_path.clone(), out.clone());
-            tokio::task::spawn_blocking(move || {
-                edgeloom_fl::aggregate(&b, &updates, &opts, &o, Default::default())
-            })
-            .await
-            .map_err(|e| e.to_string())?
+        let aggregate = |inputs: Vec<(std::path::PathBuf, f64)>, name: &str| {
+            let (b, o) = (base_path.clone(), dir.join(name));
+            async move {
+                let ups = inputs
+                    .into_iter()
+                    .map(|(path, weight)| edgeloom_fl::Update { path, weight })
+                    .collect::<Vec<_>>();
+                let out = o.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    edgeloom_fl::aggregate(&b, &ups, &opts, &out, Default::default())
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok::<_, String>((r, o))
+            }
         };
-        let outcome = match computed {
+        let verdicts_of = |o: &edgeloom_fl::Outcome| -> Vec<i8> {
+            (0..ours.len())
+                .map(|k| match o.rejected.iter().find(|(j, _)| *j == k) {
+                    None => 1,
+                    Some((_, edgeloom_fl::Rejection::Small { .. })) => -2,
+                    Some((_, r)) if r.is_misbehaviour() => 0,
+                    Some(_) => -1,
+                })
+                .collect()
+        };
+        let (full, full_path) = aggregate(inputs.clone(), "full.safetensors").await?;
+        let full = match full {
             Ok(o) => o,
-            Err(e) => {
+            Err(edgeloom_fl::AggregateError::NoUpdates(_)) => {
                 return Ok(Audit::Mismatched {
                     model: None,
                     bytes,
-                    why: format!("the hub's aggregation of the same inputs fails: {e}"),
+                    why: "the hub's aggregation of the same inputs accepts no update".into(),
                 });
             }
+            Err(e) => return Err(format!("the hub's aggregation failed: {e}")),
         };
-        let verdicts: Vec<i8> = (0..ours.len())
-            .map(|k| match outcome.rejected.iter().find(|(j, _)| *j == k) {
-                None => 1,
-                Some((_, r)) if r.is_misbehaviour() => 0,
-                Some(_) => -1,
-            })
-            .collect();
-        if Some(&outcome.sha256) == mm.digest.as_ref() && verdicts == mm.verdicts {
-            return Ok(Audit::Matched { bytes });
+        let full_verdicts = verdicts_of(&full);
+        let reported = |sha: &str, v: &[i8]| Some(sha) == mm.digest.as_deref() && v == mm.verdicts;
+        let put = |path: std::path::PathBuf| async move {
+            let prefix = format!("{}/rounds/{round}/audited", run.keys.member(&mm.member));
+            put_content_addressed(run, &prefix, &path)
+                .await
+                .map_err(|e| match e {
+                    HubError::Retry(e) | HubError::Models(e) => e,
+                })
+        };
+        if reported(&full.sha256, &full_verdicts) {
+            // The aggregator's stored model must be what it reported.
+            let stored = StoredModel {
+                round,
+                key: member_model_key(run, mm, round),
+                sha256: mm.digest.clone().unwrap_or_default(),
+            };
+            let held = dir.join("stored.safetensors");
+            return match download(run, &stored, &held).await {
+                Ok(true) => Ok(Audit::Matched {
+                    bytes: bytes + size_of(run, &stored.key).await.unwrap_or(0),
+                }),
+                Ok(false) => {
+                    let (key, sha) = put(full_path).await?;
+                    Ok(Audit::Mismatched {
+                        model: Some((key, sha, full_verdicts)),
+                        bytes,
+                        why: "its stored model is not the one it reported".into(),
+                    })
+                }
+                Err(e)
+                    if e.contains("not found")
+                        || e.contains("NotFound")
+                        || e.contains("larger") =>
+                {
+                    let (key, sha) = put(full_path).await?;
+                    Ok(Audit::Mismatched {
+                        model: Some((key, sha, full_verdicts)),
+                        bytes,
+                        why: format!("its stored model cannot be used: {e}"),
+                    })
+                }
+                Err(e) => Err(e),
+            };
         }
-        let why = if Some(&outcome.sha256) != mm.digest.as_ref() {
+        if !recovered.is_empty() {
+            // Did it compute honestly from what it says it had?
+            let mut claimed = inputs.clone();
+            for k in &recovered {
+                claimed[*k].0 = missing.clone();
+            }
+            if let (Ok(o), _) = aggregate(claimed, "claimed.safetensors").await?
+                && reported(&o.sha256, &verdicts_of(&o))
+            {
+                let (key, sha) = put(full_path).await?;
+                return Ok(Audit::Corrected {
+                    model: (key, sha, full_verdicts),
+                    bytes,
+                });
+            }
+        }
+        let why = if Some(&full.sha256) != mm.digest.as_ref() {
             "its model differs from the hub's recomputation".to_string()
         } else {
             format!(
                 "its verdicts {:?} differ from the hub's {:?}",
-                mm.verdicts, verdicts
+                mm.verdicts, full_verdicts
             )
         };
-        let prefix = format!("{}/rounds/{round}/audited", run.keys.member(&mm.member));
-        let (key, sha) = put_content_addressed(run, &prefix, &out)
-            .await
-            .map_err(|e| match e {
-                HubError::Retry(e) | HubError::Models(e) => e,
-            })?;
+        let (key, sha) = put(full_path).await?;
         Ok(Audit::Mismatched {
-            model: Some((key, sha, verdicts)),
+            model: Some((key, sha, full_verdicts)),
             bytes,
             why,
         })
@@ -1645,6 +1781,24 @@ async fn record_audit(run: &Run<'_>, st: &mut FederatedStatus, i: usize, outcome
             m.audit = Some(AuditResult::Matched);
             m.audit_bytes = bytes;
             ("matched", None)
+        }
+        Audit::Corrected {
+            model: (key, sha, verdicts),
+            bytes,
+        } => {
+            m.audit = Some(AuditResult::Corrected);
+            m.audit_bytes = bytes;
+            m.model_key = Some(key);
+            m.digest = Some(sha);
+            m.verdicts = verdicts;
+            let note = format!(
+                "round {round}: member {}'s aggregator {} left out updates it said it could not read, which the hub could: the hub's aggregation with them is used",
+                m.member, m.node
+            );
+            (
+                "corrected",
+                Some((EventType::Normal, "AggregationAuditCorrected", note)),
+            )
         }
         Audit::Mismatched { model, bytes, why } => {
             m.audit = Some(AuditResult::Mismatched);
@@ -2576,6 +2730,38 @@ mod tests {
         assert_eq!(w[&0], 100.0);
         // The median of (90, 100, 120, 1e9) taken as the upper middle: 120.
         assert_eq!(w[&3], 360.0);
+    }
+
+    #[test]
+    fn a_member_aggregation_that_rejects_anything_is_always_audited() {
+        let member = |verdicts: Vec<i8>| MemberModel {
+            member: "edge/a".into(),
+            node: "n".into(),
+            attempt: 1,
+            digest: Some("d".into()),
+            weight: 0.0,
+            cpu_core_millis: 0,
+            dropped: false,
+            verdicts,
+            blamed: false,
+            audit: None,
+            audit_bytes: 0,
+            tampered: Vec::new(),
+            model_key: None,
+        };
+        assert!(!must_audit(&member(vec![1, 1, 1])));
+        for v in [0, -1, -2] {
+            assert!(must_audit(&member(vec![1, v, 1])), "{v}");
+        }
+        // The runner's result vector, as the operator reads it.
+        assert_eq!([1.0, 0.0, -1.0, -2.0].map(verdict_of), [1, 0, -1, -2]);
+        let draws: Vec<f64> = (0..1000).map(|_| draw()).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        let share = draws.iter().filter(|d| **d < 0.1).count();
+        assert!(
+            (40..=170).contains(&share),
+            "{share} of 1000 draws below 0.1"
+        );
     }
 
     #[test]

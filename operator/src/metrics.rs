@@ -277,13 +277,13 @@ impl Metrics {
         let federated_audits = IntCounterVec::new(
             Opts::new(
                 "edgeloom_operator_federated_audits_total",
-                "The hub's audits of member aggregations, by result: matched, mismatched (the aggregator caught), inconclusive",
+                "The hub's audits of member aggregations, by result: matched, mismatched (the aggregator caught), corrected (updates it could not read restored), inconclusive",
             ),
             &["result"],
         )?;
         registry.register(Box::new(federated_bytes.clone()))?;
         registry.register(Box::new(federated_audits.clone()))?;
-        for result in ["matched", "mismatched", "inconclusive"] {
+        for result in ["matched", "mismatched", "corrected", "inconclusive"] {
             federated_audits.with_label_values(&[result]).inc_by(0);
         }
         for topology in ["Tree", "Flat"] {

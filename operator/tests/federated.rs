@@ -42,7 +42,7 @@ fn nodes(fed: &Federation) -> Vec<String> {
 fn agents(
     fed: &Federation,
     data: &BTreeMap<String, BTreeMap<String, PathBuf>>,
-    poisoner: Option<(&str, &str)>,
+    poisoners: &[(&str, &str)],
 ) -> BTreeMap<String, AgentProcess> {
     let mut out = BTreeMap::new();
     for m in fed.plane.members() {
@@ -55,8 +55,9 @@ fn agents(
                 cheat: false,
                 copy_peers: false,
                 inflate_usage: false,
-                poison: poisoner
-                    .filter(|(n, _)| n == node)
+                poison: poisoners
+                    .iter()
+                    .find(|(n, _)| n == node)
                     .map(|(_, how)| how.to_string()),
             };
             out.insert(
@@ -159,10 +160,12 @@ async fn federated_status(fed: &Federation, ns: &str, name: &str) -> FederatedSt
 /// holds only models (every object of the job parses as a safetensors model), node
 /// updates stay under their member's prefix, and accepted updates are paid.
 ///
-/// The attack: edge-a-node-0, the first node of edge-a and so its aggregator, writes
+/// The attacks: edge-a-node-0, the first node of edge-a and so its aggregator, writes
 /// and reports a poisoned member model (scaled change) while training honestly. The hub
 /// audits every aggregation (`auditRate: 1`): each of its aggregations is caught, the
-/// hub's recomputation is used instead, and the job still learns.
+/// hub's recomputation is used instead, and the job still learns. edge-b-node-0, edge-b's
+/// aggregator, claims every round that it could not read its member's last update: the
+/// hub reads it and restores it, so every honest update is still accepted.
 #[tokio::test]
 async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past_a_lying_aggregator()
  {
@@ -173,7 +176,12 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past
     fed.apply_pool("edge", 10, 2).await.expect("pool");
     let (data, test) = slices(fed.plane.dir(), &nodes(&fed));
     let liar = "edge-a-node-0";
-    let _agents = agents(&fed, &data, Some((liar, "aggregate:scale:-4")));
+    let hider = "edge-b-node-0";
+    let _agents = agents(
+        &fed,
+        &data,
+        &[(liar, "aggregate:scale:-4"), (hider, "aggregate:hide")],
+    );
     let _op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");
@@ -270,6 +278,22 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past
     assert!(
         !failed.is_empty() && failed.iter().all(|m| m.contains(liar)),
         "each failed audit names the liar: {failed:?}"
+    );
+    // The hider's claim that it could not read an update is always checked (a member
+    // aggregation that rejects anything is audited whatever the draw): the hub reads the
+    // update, uses its own aggregation with it, and blames nobody.
+    let corrected = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("AggregationAuditCorrected"))
+        .filter_map(|e| e.message)
+        .collect::<Vec<_>>();
+    assert!(
+        !corrected.is_empty() && corrected.iter().all(|m| m.contains(hider)),
+        "the hidden update is restored: {corrected:?}"
     );
     assert!(st.bytes_in_members > 0 && st.bytes_to_hub > 0, "{st:?}");
     // Per round the hub receives two member models where flat would receive six updates
@@ -414,7 +438,7 @@ async fn rounds_survive_a_poisoner_a_lost_node_and_a_killed_operator() {
     fed.apply_pool("edge", 6, 2).await.expect("pool");
     let (data, test) = slices(fed.plane.dir(), &nodes(&fed));
     let poisoner = "edge-b-node-2";
-    let mut agents = agents(&fed, &data, Some((poisoner, "scale:50")));
+    let mut agents = agents(&fed, &data, &[(poisoner, "scale:50")]);
     let mut op = fed
         .operator(&bin("edgeloom-operator"), "op-1")
         .expect("operator");

@@ -85,9 +85,13 @@ struct Cli {
     /// Run only these of edgeloom's arms (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Seeds on which the Flower arm runs (0: none).
+    /// The Flower arm runs on the seeds from `--flower-from-seed` up to (not including)
+    /// this one (0: none).
     #[arg(long, default_value_t = 1)]
     flower_seeds: u64,
+    /// The first seed on which the Flower arm runs (to add seeds to an earlier run).
+    #[arg(long, default_value_t = 0)]
+    flower_from_seed: u64,
     /// Partitions on which the Flower arm runs (default: all).
     #[arg(long, value_delimiter = ',')]
     flower_partitions: Vec<String>,
@@ -510,7 +514,7 @@ async fn main() -> Result<()> {
             for (arm, run) in sims {
                 results.entry((how.clone(), arm)).or_default().push(run);
             }
-            if seed < cli.flower_seeds
+            if (cli.flower_from_seed..cli.flower_seeds).contains(&seed)
                 && (cli.flower_partitions.is_empty() || cli.flower_partitions.contains(how))
             {
                 let started = Instant::now();

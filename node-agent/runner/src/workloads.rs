@@ -644,10 +644,12 @@ fn federated_aggregate(
     )
     .map_err(|e| TaskError::Unsupported(e.to_string()))?;
     // One verdict per update, in order: 1 accepted, 0 rejected as misbehaviour, -1
-    // rejected as unreadable (not held against the node).
+    // rejected as unreadable, -2 far smaller than the round's (the last two not held
+    // against the node).
     let verdicts: Vec<f64> = (0..updates.len())
         .map(|i| match o.rejected.iter().find(|(j, _)| *j == i) {
             None => 1.0,
+            Some((_, edgeloom_fl::Rejection::Small { .. })) => -2.0,
             Some((_, r)) if r.is_misbehaviour() => 0.0,
             Some(_) => -1.0,
         })
