@@ -520,8 +520,9 @@ async fn main() -> Result<()> {
                 let started = Instant::now();
                 let f = flower(&cli, &dir, cli.rounds, seed)?;
                 eprintln!(
-                    "partition {how} seed {seed}: flower in {:.0}s",
-                    started.elapsed().as_secs_f64()
+                    "partition {how} seed {seed}: flower in {:.0}s, final accuracy {:.4}",
+                    started.elapsed().as_secs_f64(),
+                    f.accuracy.last().copied().unwrap_or(f64::NAN)
                 );
                 results
                     .entry((how.clone(), "flower".into()))
