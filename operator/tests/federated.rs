@@ -266,15 +266,19 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past
         st.rounds
     );
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(fed.hub.clone(), &ns);
-    let failed: Vec<String> = events
+    let events = events
         .list(&Default::default())
         .await
         .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("AggregationAuditFailed"))
-        .filter_map(|e| e.message)
-        .collect();
+        .items;
+    let messages = |reason: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.message.clone())
+            .collect()
+    };
+    let failed = messages("AggregationAuditFailed");
     assert!(
         !failed.is_empty() && failed.iter().all(|m| m.contains(liar)),
         "each failed audit names the liar: {failed:?}"
@@ -282,15 +286,7 @@ async fn a_tree_federated_job_learns_one_model_from_node_local_non_iid_data_past
     // The hider's claim that it could not read an update is always checked (a member
     // aggregation that rejects anything is audited whatever the draw): the hub reads the
     // update, uses its own aggregation with it, and blames nobody.
-    let corrected = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("AggregationAuditCorrected"))
-        .filter_map(|e| e.message)
-        .collect::<Vec<_>>();
+    let corrected = messages("AggregationAuditCorrected");
     assert!(
         !corrected.is_empty() && corrected.iter().all(|m| m.contains(hider)),
         "the hidden update is restored: {corrected:?}"
