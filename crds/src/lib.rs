@@ -14,6 +14,7 @@ pub mod federated;
 pub mod inventory;
 pub mod runner_protocol;
 pub mod schema;
+pub mod serving;
 pub mod workload;
 
 pub use compute_job::{ComputeJob, ComputeJobSpec, ComputeJobStatus, JobPhase, TaskPhase};

@@ -56,3 +56,55 @@ fn script_mlp(out: &Path, steps: u32) -> Result<(), String> {
         Err(format!("python exited with {status}"))
     }
 }
+
+const FORWARD: &str = r#"
+import json, sys, torch
+m = torch.jit.load(sys.argv[1]); m.eval()
+rows = json.load(sys.stdin)
+with torch.no_grad():
+    print(json.dumps(m(torch.tensor(rows, dtype=torch.float32)).tolist()))
+"#;
+
+/// `model`'s outputs for `rows` as Python torch computes them (the reference a served
+/// model is compared with).
+pub fn python_forward(model: &Path, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, String> {
+    use std::io::Write;
+    let python = python()
+        .ok_or("LIBTORCH must point into the torch virtualenv (scripts/install-torch.sh)")?;
+    let mut child = Command::new(python)
+        .args(["-c", FORWARD])
+        .arg(model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let input = serde_json::to_vec(rows).map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(&input)
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("python exited with {}", out.status));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// The first `n` rows of the digits' 64 features, scaled as the models above were trained.
+pub fn digits_rows(n: usize) -> Vec<Vec<f32>> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(digits_csv()).expect("digits CSV");
+    std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .take(n)
+        .map(|l| {
+            l.expect("a line")
+                .split(',')
+                .take(64)
+                .map(|v| v.parse::<f32>().expect("a number") / 16.0)
+                .collect()
+        })
+        .collect()
+}

@@ -12,3 +12,4 @@ pub mod model_source;
 pub mod outbox;
 pub mod probe;
 pub mod sealed;
+pub mod serving;

@@ -16,6 +16,8 @@ use std::sync::Arc;
     about = "Runs edgeloom ComputeTasks on this node"
 )]
 struct Flags {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Kubeconfig of this node's cluster (default: in-cluster, or $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -36,6 +38,44 @@ struct Flags {
     log_json: bool,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Serves one replica of an inference endpoint: runs `edgeloom-runner serve` and dials
+    /// out to the gateway (no listening socket on this node).
+    Serve {
+        /// The gateway's connect URL, e.g. ws://gateway.example:8080/v2/connect.
+        #[arg(long)]
+        gateway: String,
+        /// File holding the replica credential the operator issued.
+        #[arg(long)]
+        credential_file: PathBuf,
+        /// The TorchScript model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Shape of one input row, comma-separated (e.g. 64 or 3,224,224).
+        #[arg(long, value_delimiter = ',')]
+        input_shape: Vec<u32>,
+        /// Most rows in one forward pass.
+        #[arg(long, default_value_t = 32)]
+        max_batch: u32,
+        /// Longest a request waits for a batch to fill, in microseconds.
+        #[arg(long, default_value_t = 1000)]
+        max_delay_micros: u64,
+        /// libtorch threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+        /// cpu or cuda (default: CUDA when present).
+        #[arg(long)]
+        device: Option<String>,
+        /// fp32, fp16 or bf16 (fp16/bf16 only on CUDA).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Seconds a drain waits for requests in flight.
+        #[arg(long, default_value_t = 30)]
+        drain_grace_secs: u64,
+    },
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse();
@@ -48,6 +88,48 @@ async fn main() -> Result<()> {
             .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    if let Some(Command::Serve {
+        gateway,
+        credential_file,
+        model,
+        input_shape,
+        max_batch,
+        max_delay_micros,
+        threads,
+        device,
+        precision,
+        drain_grace_secs,
+    }) = flags.command
+    {
+        let credential = std::fs::read_to_string(&credential_file)
+            .with_context(|| format!("reading {}", credential_file.display()))?;
+        let runner = flags.runner.unwrap_or_else(|| Config::default().runner);
+        let opts = edgeloom_agent::serving::ServeOptions {
+            gateway,
+            credential: credential.trim().to_string(),
+            runner,
+            config: edgeloom_crds::serving::ServeConfig {
+                model: model.display().to_string(),
+                input_shape,
+                max_batch,
+                max_delay_micros,
+                threads,
+                device,
+                precision,
+            },
+            drain_grace: std::time::Duration::from_secs(drain_grace_secs),
+        };
+        edgeloom_agent::serving::run(opts, async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        })
+        .await;
+        return Ok(());
     }
     let mut config = match &flags.config {
         Some(path) => Config::from_file(path)?,
@@ -83,9 +165,8 @@ async fn main() -> Result<()> {
         metrics,
         agent.ready.clone(),
     ));
-    // Registered now, so a SIGTERM during start-up is also a clean shutdown.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    // `term` was registered at the start, so a SIGTERM during start-up is also a clean
+    // shutdown.
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},

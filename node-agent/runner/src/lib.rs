@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod model;
+pub mod serve;
 pub mod simulate;
 /// The protocol, defined in the API crate so the agent reads what the runner writes.
 pub use edgeloom_crds::runner_protocol as protocol;

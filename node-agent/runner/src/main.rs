@@ -34,6 +34,20 @@ fn cpu_millis() -> u64 {
 }
 
 fn main() {
+    // `edgeloom-runner serve <config JSON>`: a long-lived serving process on stdin/stdout.
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        let cfg: Result<edgeloom_crds::serving::ServeConfig, String> = std::env::args()
+            .nth(2)
+            .ok_or_else(|| "usage: edgeloom-runner serve <config JSON>".to_string())
+            .and_then(|a| serde_json::from_str(&a).map_err(|e| format!("serve config: {e}")));
+        let result = cfg
+            .and_then(|c| edgeloom_runner::serve::serve(&c, std::io::stdin(), std::io::stdout()));
+        if let Err(e) = result {
+            eprintln!("edgeloom-runner serve: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // `edgeloom-runner simulate`: the federated benchmark's edgeloom arms in one process.
     if std::env::args().nth(1).as_deref() == Some("simulate") {
         let mut input = String::new();

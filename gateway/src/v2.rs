@@ -1,0 +1,321 @@
+//! The HTTP surface: the KServe Open Inference Protocol (v2 REST), a plain JSON form,
+//! the agents' dial-out WebSocket, health and metrics.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v2/health/live`, `GET /v2/health/ready` | the gateway itself |
+//! | `GET /v2/models/{name}.{namespace}` | model metadata and its replicas |
+//! | `GET /v2/models/{name}.{namespace}/ready` | 200 when a replica is ready, else 503 |
+//! | `POST /v2/models/{name}.{namespace}/infer` | v2 inference (one FP32 input) |
+//! | `POST /v1/endpoints/{namespace}/{name}/predict` | `{"instances": [[..], ..]}` → `{"predictions": [[..], ..]}` |
+//! | `GET /v2/connect` | an agent's replica connection (WebSocket, `Authorization: Bearer`) |
+//! | `GET /metrics` | Prometheus |
+
+use crate::registry::{Endpoint, Gateway, InferError, Output};
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// The header a caller names its region in (LeastLoaded prefers replicas there).
+pub const REGION_HEADER: &str = "x-edgeloom-region";
+
+/// The gateway's routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route("/v2/health/ready", get(|| async { Json(json!({"ready": true})) }))
+        .route("/v2", get(|| async {
+            Json(json!({"name": "edgeloom-gateway", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+        }))
+        .route("/v2/models/{model}", get(metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer_v2))
+        .route("/v1/endpoints/{namespace}/{name}/predict", post(predict))
+        .route("/v2/connect", get(connect))
+        .route(
+            "/metrics",
+            get(|State(gw): State<Arc<Gateway>>| async move { gw.metrics.render() }),
+        )
+        .layer(DefaultBodyLimit::max(edgeloom_crds::serving::MAX_FRAME))
+        .with_state(gw)
+}
+
+fn error(status: u16, message: impl Into<String>) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(json!({"error": message.into()})),
+    )
+        .into_response()
+}
+
+fn from_infer(e: InferError) -> Response {
+    error(e.status(), e.message())
+}
+
+/// The endpoint a v2 model name stands for, or the 404 to answer.
+fn find(gw: &Gateway, model: &str) -> Result<Arc<Endpoint>, Box<Response>> {
+    gw.endpoint_by_model(model).ok_or_else(|| {
+        Box::new(error(
+            404,
+            format!("no model {model:?}: models are named <endpoint>.<namespace>"),
+        ))
+    })
+}
+
+async fn metadata(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> Response {
+    let ep = match find(&gw, &model) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    let mut shape: Vec<i64> = vec![-1];
+    shape.extend(ep.cfg.input_shape.iter().map(|d| i64::from(*d)));
+    Json(json!({
+        "name": model,
+        "platform": "pytorch_torchscript",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": shape}],
+        "outputs": [{"name": "output", "datatype": "FP32"}],
+        "replicas": gw.replicas(&ep),
+    }))
+    .into_response()
+}
+
+async fn model_ready(State(gw): State<Arc<Gateway>>, Path(model): Path<String>) -> Response {
+    let ep = match find(&gw, &model) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    let ready = gw.ready(&ep);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"name": model, "ready": ready}))).into_response()
+}
+
+fn region(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(REGION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V2Request {
+    #[serde(default)]
+    id: Option<String>,
+    inputs: Vec<V2Tensor>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    outputs: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct V2Tensor {
+    #[allow(dead_code)]
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    data: Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<Value>,
+}
+
+/// Flattens a v2 `data` (flat or nested, row-major) into `out`; errors name the element.
+fn flatten(v: &Value, path: &mut String, out: &mut Vec<f32>) -> Result<(), String> {
+    match v {
+        Value::Number(n) => {
+            let f = n
+                .as_f64()
+                .ok_or_else(|| format!("{path} is not a number"))?;
+            out.push(f as f32);
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                flatten(item, path, out)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "{path} must be a number or an array of numbers, not {}",
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::String(_) => "a string",
+                _ => "an object",
+            }
+        )),
+    }
+}
+
+async fn infer_v2(
+    State(gw): State<Arc<Gateway>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ep = match find(&gw, &model) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    let bad = |m: String| {
+        gw.count(&ep, 400);
+        from_infer(InferError::BadRequest(m))
+    };
+    let req: V2Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "the request body is not a v2 inference request: {e}"
+            ));
+        }
+    };
+    let [input] = &req.inputs[..] else {
+        return bad(format!(
+            "inputs must hold exactly one tensor, it holds {}",
+            req.inputs.len()
+        ));
+    };
+    if input.datatype != "FP32" {
+        return bad(format!(
+            "inputs[0].datatype must be \"FP32\", not {:?}",
+            input.datatype
+        ));
+    }
+    let Ok(shape) = input
+        .shape
+        .iter()
+        .map(|d| u32::try_from(*d))
+        .collect::<Result<Vec<u32>, _>>()
+    else {
+        return bad(format!(
+            "inputs[0].shape {:?} must hold non-negative sizes",
+            input.shape
+        ));
+    };
+    let mut data = Vec::new();
+    if let Err(e) = flatten(&input.data, &mut "inputs[0].data".to_string(), &mut data) {
+        return bad(e);
+    }
+    if let Err(e) = crate::registry::check_shape(&ep.cfg, &shape, data.len()) {
+        return bad(format!("inputs[0].{}", e.message()));
+    }
+    match gw
+        .infer(&ep, shape, data, region(&headers).as_deref())
+        .await
+    {
+        Ok(Output {
+            shape,
+            data,
+            replica,
+        }) => {
+            let mut body = json!({
+                "model_name": model,
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": shape, "data": data}],
+                "parameters": {"replica": replica},
+            });
+            if let Some(id) = req.id {
+                body["id"] = Value::String(id);
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(e) => from_infer(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainRequest {
+    instances: Vec<Value>,
+}
+
+async fn predict(
+    State(gw): State<Arc<Gateway>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(ep) = gw.endpoint(&namespace, &name) else {
+        return error(404, format!("no endpoint {namespace}/{name}"));
+    };
+    let bad = |m: String| {
+        gw.count(&ep, 400);
+        from_infer(InferError::BadRequest(m))
+    };
+    let req: PlainRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "the request body must be {{\"instances\": [row, ...]}}: {e}"
+            ));
+        }
+    };
+    let mut data = Vec::new();
+    for (i, row) in req.instances.iter().enumerate() {
+        if let Err(e) = flatten(row, &mut format!("instances[{i}]"), &mut data) {
+            return bad(e);
+        }
+    }
+    let rows = req.instances.len() as u32;
+    let row_len: usize = ep.cfg.input_shape.iter().map(|d| *d as usize).product();
+    if rows == 0 || data.len() != rows as usize * row_len {
+        return bad(format!(
+            "instances must hold 1 or more rows of {row_len} numbers each ({:?}); {} rows hold {} numbers",
+            ep.cfg.input_shape,
+            rows,
+            data.len()
+        ));
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(&ep.cfg.input_shape);
+    match gw
+        .infer(&ep, shape, data, region(&headers).as_deref())
+        .await
+    {
+        Ok(out) => {
+            let per_row = out.data.len() / (out.shape[0].max(1) as usize);
+            let predictions: Vec<&[f32]> = out.data.chunks(per_row.max(1)).collect();
+            Json(json!({"predictions": predictions})).into_response()
+        }
+        Err(e) => from_infer(e),
+    }
+}
+
+async fn connect(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (claims, ep) = match gw.authenticate(auth) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a replica connection");
+            return error(401, e);
+        }
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
+    ws.max_message_size(edgeloom_crds::serving::MAX_FRAME)
+        .on_upgrade(move |socket| gw.run_replica(socket, claims, ep))
+}
