@@ -13,6 +13,9 @@ step "prerequisites (libtorch 2.11.0 from PyPI, for edgeloom-runner)"
 LIBTORCH=$(scripts/install-torch.sh | tail -n 1)
 export LIBTORCH
 
+step "prerequisites (FastAPI + uvicorn from PyPI, the serving benchmark's reference arm)"
+scripts/install-fastapi.sh > /dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_DIMS: usize = 8;
 /// Largest frame accepted (64 MiB): a length prefix above it is a broken peer, not a tensor.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest status frame (its reason is cut by [`brief`] long before this).
+pub const MAX_STATUS: usize = 4096;
+/// Bytes of a tensor frame besides its values: kind, id, ndim and up to [`MAX_DIMS`] dims.
+pub const FRAME_HEADER: usize = 1 + 8 + 1 + 4 * MAX_DIMS;
 
 /// Why a request failed, as the runner or the agent reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +122,21 @@ impl Frame {
         }
     }
 
+    /// A request's bytes, straight from borrowed rows (no copy into a [`Frame`]).
+    pub fn request_bytes(id: u64, shape: &[u32], data: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 8 + 1 + 4 * shape.len() + 4 * data.len());
+        out.push(REQUEST);
+        out.extend_from_slice(&id.to_le_bytes());
+        out.push(shape.len() as u8);
+        for d in shape {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        for v in data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
     /// The frame's bytes (without a length prefix).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -159,9 +178,22 @@ impl Frame {
             return err("empty frame");
         };
         if kind == STATUS {
-            return serde_json::from_slice(rest)
-                .map(Frame::Status)
-                .map_err(|e| WireError(format!("status frame: {e}")));
+            if rest.len() > MAX_STATUS {
+                return Err(WireError(format!(
+                    "a status frame holds at most {MAX_STATUS} bytes, this one {}",
+                    rest.len()
+                )));
+            }
+            let s: ReplicaStatus = serde_json::from_slice(rest)
+                .map_err(|e| WireError(format!("status frame: {e}")))?;
+            if s.output_shape.len() >= MAX_DIMS {
+                return Err(WireError(format!(
+                    "outputShape has {} dimensions; a row has at most {}",
+                    s.output_shape.len(),
+                    MAX_DIMS - 1
+                )));
+            }
+            return Ok(Frame::Status(s));
         }
         if rest.len() < 8 {
             return err("frame shorter than its id");
@@ -458,6 +490,33 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(Frame::decode(&huge).unwrap_err().0.contains("too large"));
+        // A status is small and its row shape has at most 7 dimensions.
+        let mut big = vec![4u8];
+        big.extend_from_slice(
+            &serde_json::to_vec(&ReplicaStatus {
+                ready: true,
+                output_shape: vec![0; 3000],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        assert!(
+            Frame::decode(&big)
+                .unwrap_err()
+                .0
+                .contains("at most 4096 bytes")
+        );
+        let wide = Frame::Status(ReplicaStatus {
+            ready: true,
+            output_shape: vec![1; 8],
+            ..Default::default()
+        });
+        assert!(
+            Frame::decode(&wide.encode())
+                .unwrap_err()
+                .0
+                .contains("at most 7")
+        );
         // An oversized length prefix is an I/O error, not an allocation.
         let mut r = &(u32::MAX.to_le_bytes())[..];
         assert!(Frame::read_from(&mut r).is_err());

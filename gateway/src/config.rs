@@ -25,6 +25,9 @@ pub struct EndpointConfig {
     pub name: String,
     /// The shape of one input row; a request is `[rows, ..inputShape]`.
     pub input_shape: Vec<u32>,
+    /// The shape of one output row: a replica whose model answers another shape is not
+    /// ready, and a reply of another shape is a failure.
+    pub output_shape: Vec<u32>,
     #[serde(default)]
     pub routing: Routing,
     /// Longest a request may take, queueing, retries and all.
@@ -66,6 +69,13 @@ pub struct GatewayConfig {
     /// Consecutive failed requests that eject a replica.
     #[serde(default = "default_failures")]
     pub eject_after_failures: u32,
+    /// How long an ejected replica may not connect again.
+    #[serde(default = "default_cooldown")]
+    pub eject_cooldown_millis: u64,
+    /// Inference requests the gateway works on at once; beyond it a request gets 503 at
+    /// once (bounds the memory a burst of large requests can take).
+    #[serde(default = "default_concurrent")]
+    pub max_concurrent_requests: u32,
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -74,6 +84,12 @@ fn default_heartbeat() -> u64 {
 }
 fn default_failures() -> u32 {
     3
+}
+fn default_cooldown() -> u64 {
+    30_000
+}
+fn default_concurrent() -> u32 {
+    4096
 }
 
 impl GatewayConfig {
@@ -99,6 +115,9 @@ impl GatewayConfig {
         if self.heartbeat_millis == 0 {
             return Err("heartbeatMillis must be at least 1".into());
         }
+        if self.max_concurrent_requests == 0 {
+            return Err("maxConcurrentRequests must be at least 1".into());
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, e) in self.endpoints.iter().enumerate() {
             let at = format!("endpoints[{i}]");
@@ -115,20 +134,33 @@ impl GatewayConfig {
                     ));
                 }
             }
-            if e.input_shape.is_empty()
-                || e.input_shape.len() >= edgeloom_crds::serving::MAX_DIMS
-                || e.input_shape.contains(&0)
-            {
-                return Err(format!(
-                    "{at}.inputShape {:?} must have 1 to {} dimensions, none zero",
-                    e.input_shape,
-                    edgeloom_crds::serving::MAX_DIMS - 1
-                ));
-            }
+            use edgeloom_crds::serving::{FRAME_HEADER, MAX_DIMS, MAX_FRAME};
             if e.timeout_millis == 0 || e.max_rows == 0 {
                 return Err(format!(
                     "{at}: timeoutMillis and maxRows must be at least 1"
                 ));
+            }
+            for (field, shape) in [
+                ("inputShape", &e.input_shape),
+                ("outputShape", &e.output_shape),
+            ] {
+                if shape.is_empty() || shape.len() >= MAX_DIMS || shape.contains(&0) {
+                    return Err(format!(
+                        "{at}.{field} {shape:?} must have 1 to {} dimensions, none zero",
+                        MAX_DIMS - 1
+                    ));
+                }
+                // The largest request (or reply) must fit in one frame.
+                let values = shape
+                    .iter()
+                    .try_fold(u64::from(e.max_rows), |n, d| n.checked_mul(u64::from(*d)));
+                if values.is_none_or(|v| v * 4 + FRAME_HEADER as u64 > MAX_FRAME as u64) {
+                    return Err(format!(
+                        "{at}: maxRows {} x {field} {shape:?} float32 values do not fit in one {} MiB frame; lower maxRows",
+                        e.max_rows,
+                        MAX_FRAME >> 20
+                    ));
+                }
             }
             if !seen.insert((e.namespace.clone(), e.name.clone())) {
                 return Err(format!("{at} repeats {}/{}", e.namespace, e.name));
@@ -144,10 +176,14 @@ mod tests {
 
     const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 
+    fn yaml(endpoint: &str) -> String {
+        format!("verifyingKey: {KEY}\nendpoints:\n- namespace: ml\n{endpoint}")
+    }
+
     #[test]
     fn defaults_and_errors_that_name_the_field() {
-        let cfg = GatewayConfig::from_yaml(&format!(
-            "verifyingKey: {KEY}\nendpoints:\n- namespace: ml\n  name: digits\n  inputShape: [64]\n"
+        let cfg = GatewayConfig::from_yaml(&yaml(
+            "  name: digits\n  inputShape: [64]\n  outputShape: [10]\n",
         ))
         .unwrap();
         let e = &cfg.endpoints[0];
@@ -156,29 +192,35 @@ mod tests {
             (e.timeout_millis, e.retries, e.queue_limit),
             (10_000, 1, 64)
         );
-        assert_eq!(cfg.heartbeat_millis, 1_000);
+        assert_eq!(
+            (
+                cfg.heartbeat_millis,
+                cfg.eject_after_failures,
+                cfg.eject_cooldown_millis
+            ),
+            (1_000, 3, 30_000)
+        );
 
         let bad = |yaml: String, want: &str| {
             let err = GatewayConfig::from_yaml(&yaml).unwrap_err();
             assert!(err.contains(want), "{err} does not contain {want}");
         };
         bad(
-            format!(
-                "verifyingKey: {KEY}\nendpoints:\n- namespace: ml\n  name: Digits\n  inputShape: [64]\n"
-            ),
+            yaml("  name: Digits\n  inputShape: [64]\n  outputShape: [10]\n"),
             "endpoints[0].name",
         );
         bad(
-            format!(
-                "verifyingKey: {KEY}\nendpoints:\n- namespace: ml\n  name: d\n  inputShape: []\n"
-            ),
+            yaml("  name: d\n  inputShape: []\n  outputShape: [10]\n"),
             "endpoints[0].inputShape",
+        );
+        bad(yaml("  name: d\n  inputShape: [64]\n"), "outputShape");
+        bad(
+            yaml("  name: d\n  inputShape: [4096, 4096]\n  outputShape: [1]\n"),
+            "do not fit in one 64 MiB frame",
         );
         bad("verifyingKey: abc\nendpoints: []\n".into(), "verifyingKey");
         bad(
-            format!(
-                "verifyingKey: {KEY}\nendpoints:\n- namespace: ml\n  name: d\n  inputShape: [1]\n  rutting: RoundRobin\n"
-            ),
+            yaml("  name: d\n  inputShape: [1]\n  outputShape: [1]\n  rutting: RoundRobin\n"),
             "rutting",
         );
     }

@@ -4,7 +4,7 @@
 use crate::config::{EndpointConfig, GatewayConfig, Routing};
 use crate::metrics::Metrics;
 use axum::extract::ws::{Message, WebSocket};
-use edgeloom_crds::serving::{Claims, FailCode, Frame, ReplicaStatus};
+use edgeloom_crds::serving::{Claims, FailCode, Frame, ReplicaStatus, brief};
 use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -63,7 +63,9 @@ pub struct Replica {
     conn: u64,
     /// Who it is, from the signed credential.
     pub claims: Claims,
-    out: mpsc::UnboundedSender<Message>,
+    /// To the connection's writer; bounded, so a replica that stops reading costs at
+    /// most [`OUT_QUEUE`] messages, then its requests fail over.
+    out: mpsc::Sender<Message>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     in_flight: AtomicU32,
     /// EWMA of the latency the gateway measured, in microseconds (0: none yet).
@@ -73,7 +75,7 @@ pub struct Replica {
     failures: AtomicU32,
     ejected: AtomicBool,
     output_shape: Mutex<Vec<u32>>,
-    /// Milliseconds since the gateway started when the replica was last heard from.
+    /// Milliseconds since the gateway started when the replica last answered a ping.
     last_seen: AtomicU64,
 }
 
@@ -111,10 +113,15 @@ impl Replica {
         timeout: Duration,
     ) -> Result<Frame, CallError> {
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked under the lock that ejection clears the table under, so a request
+            // is never parked on a replica that is already gone.
+            if self.ejected.load(Ordering::Acquire) {
+                return Err(CallError::Lost("the replica was disconnected"));
+            }
+            pending.insert(id, tx);
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         struct Done<'a>(&'a Replica, u64);
         impl Drop for Done<'_> {
@@ -128,17 +135,15 @@ impl Replica {
             }
         }
         let _done = Done(self, id);
-        let frame = Frame::Request {
-            id,
-            shape: shape.to_vec(),
-            data: data.to_vec(),
-        };
-        if self
-            .out
-            .send(Message::Binary(frame.encode().into()))
-            .is_err()
-        {
-            return Err(CallError::Lost("the replica's connection closed"));
+        let bytes = Frame::request_bytes(id, shape, data);
+        match self.out.try_send(Message::Binary(bytes.into())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(CallError::Lost("the replica is not reading its connection"));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(CallError::Lost("the replica's connection closed"));
+            }
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(frame)) => Ok(frame),
@@ -154,6 +159,12 @@ enum CallError {
     Timeout,
 }
 
+/// Messages queued to one replica's connection at most.
+const OUT_QUEUE: usize = 256;
+/// A request with less time than this left is not sent (it could only time out there and
+/// charge an innocent replica).
+const MIN_SEND: Duration = Duration::from_millis(5);
+
 /// One endpoint: its configuration and its connected replicas.
 pub struct Endpoint {
     pub cfg: EndpointConfig,
@@ -162,6 +173,10 @@ pub struct Endpoint {
     rr: AtomicUsize,
     changed: Notify,
     queued: AtomicUsize,
+    /// Replica names ejected recently, and until when they may not connect again.
+    barred: Mutex<HashMap<String, Instant>>,
+    /// Serialises gauge updates, so an older count never overwrites a newer one.
+    gauges: Mutex<()>,
 }
 
 impl Endpoint {
@@ -224,6 +239,7 @@ impl Endpoint {
     }
 
     fn update_gauges(&self, metrics: &Metrics) {
+        let _serial = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
         let reps = self.snapshot();
         let count = |f: &dyn Fn(&Replica) -> bool| reps.iter().filter(|r| f(r)).count() as i64;
         metrics
@@ -267,6 +283,7 @@ pub struct Gateway {
     next_conn: AtomicU64,
     rng: AtomicU64,
     started: Instant,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -286,6 +303,8 @@ impl Gateway {
                         rr: AtomicUsize::new(0),
                         changed: Notify::new(),
                         queued: AtomicUsize::new(0),
+                        barred: Mutex::new(HashMap::new()),
+                        gauges: Mutex::new(()),
                     }),
                 )
             })
@@ -296,7 +315,6 @@ impl Gateway {
             .unwrap_or(1)
             | 1;
         Ok(Arc::new(Gateway {
-            config,
             key,
             metrics,
             endpoints,
@@ -304,7 +322,17 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             rng: AtomicU64::new(seed),
             started: Instant::now(),
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_requests as usize,
+            )),
+            config,
         }))
+    }
+
+    /// A permit to work on one inference request, or `None` when the gateway is at its
+    /// `maxConcurrentRequests` (the caller answers 503).
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
     }
 
     fn now_millis(&self) -> u64 {
@@ -357,25 +385,61 @@ impl Gateway {
         ep.snapshot().iter().any(|r| r.usable())
     }
 
-    /// Checks an agent's credential: `Ok` with its claims when the operator signed it for
-    /// an endpoint this gateway serves.
-    pub fn authenticate(&self, bearer: Option<&str>) -> Result<(Claims, Arc<Endpoint>), String> {
-        let token = bearer
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or("an Authorization: Bearer <replica credential> header is required")?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let claims = edgeloom_crds::serving::Credential::verify(token.trim(), &self.key, now)?;
+    /// Checks an agent's credential: its claims and endpoint when the operator signed it
+    /// for an endpoint this gateway serves, else the HTTP status and why (401: the
+    /// credential; 403: the replica was ejected and is cooling down; 409: another node
+    /// holds that replica's connection).
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+    ) -> Result<(Claims, Arc<Endpoint>), (u16, String)> {
+        let token = bearer.and_then(|h| h.strip_prefix("Bearer ")).ok_or((
+            401,
+            "an Authorization: Bearer <replica credential> header is required".to_string(),
+        ))?;
+        let claims =
+            edgeloom_crds::serving::Credential::verify(token.trim(), &self.key, unix_now())
+                .map_err(|e| (401, e))?;
         let ep = self
             .endpoint(&claims.namespace, &claims.endpoint)
             .ok_or_else(|| {
-                format!(
-                    "this gateway serves no endpoint {}/{}",
-                    claims.namespace, claims.endpoint
+                (
+                    401,
+                    format!(
+                        "this gateway serves no endpoint {}/{}",
+                        claims.namespace, claims.endpoint
+                    ),
                 )
             })?;
+        {
+            let mut barred = ep.barred.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            barred.retain(|_, until| *until > now);
+            if let Some(until) = barred.get(&claims.replica) {
+                return Err((
+                    403,
+                    format!(
+                        "replica {} was ejected; it may connect again in {} s",
+                        claims.replica,
+                        until.saturating_duration_since(now).as_secs() + 1
+                    ),
+                ));
+            }
+        }
+        if let Some(holder) = ep.snapshot().into_iter().find(|r| {
+            r.claims.replica == claims.replica
+                && (r.claims.node != claims.node
+                    || r.claims.account != claims.account
+                    || r.claims.cluster != claims.cluster)
+        }) {
+            return Err((
+                409,
+                format!(
+                    "replica {} is connected from node {} already",
+                    claims.replica, holder.claims.node
+                ),
+            ));
+        }
         Ok((claims, ep))
     }
 
@@ -433,58 +497,90 @@ impl Gateway {
                     })?,
             };
             let left = deadline.saturating_duration_since(Instant::now());
+            if left < MIN_SEND {
+                return Err(InferError::Timeout(format!(
+                    "no answer within the endpoint's {} ms timeout{}",
+                    ep.cfg.timeout_millis,
+                    if last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({last_error})")
+                    }
+                )));
+            }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
-            let failure = match replica.call(id, &shape, &data, left).await {
+            let who = &replica.claims.replica;
+            // What went wrong, and whether it counts towards ejecting the replica.
+            let (failure, charge) = match replica.call(id, &shape, &data, left).await {
                 Ok(Frame::Reply {
                     shape: out_shape,
                     data: out,
                     ..
                 }) => {
-                    let rows_ok = out_shape.first() == shape.first()
-                        && out_shape
-                            .iter()
-                            .try_fold(1usize, |n, d| n.checked_mul(*d as usize))
-                            == Some(out.len());
-                    if rows_ok {
+                    // Decoding checked that the values match the shape; the shape must be
+                    // the request's rows of the endpoint's output rows.
+                    let fits = out_shape.len() == ep.cfg.output_shape.len() + 1
+                        && out_shape[0] == shape[0]
+                        && out_shape[1..] == ep.cfg.output_shape[..];
+                    if fits {
                         replica.record_latency(sent.elapsed().as_micros() as u64);
                         replica.failures.store(0, Ordering::Relaxed);
                         return Ok(Output {
                             shape: out_shape,
                             data: out,
-                            replica: replica.claims.replica.clone(),
+                            replica: who.clone(),
                         });
                     }
-                    format!(
-                        "replica {} answered shape {out_shape:?} for input shape {shape:?}",
-                        replica.claims.replica
+                    (
+                        format!(
+                            "replica {who} answered shape {out_shape:?} for input shape {shape:?}"
+                        ),
+                        true,
                     )
                 }
+                // The gateway checked the request against the endpoint already: a replica
+                // refusing it is misconfigured or lying, and the request goes elsewhere.
                 Ok(Frame::Failed {
                     code: FailCode::BadRequest,
                     message,
                     ..
-                }) => return Err(InferError::BadRequest(message)),
-                Ok(Frame::Failed { code, message, .. }) => {
-                    format!(
-                        "replica {} failed ({code:?}): {message}",
-                        replica.claims.replica
-                    )
-                }
-                Ok(other) => format!(
-                    "replica {} answered with a {other:?} frame",
-                    replica.claims.replica
+                }) => (
+                    format!("replica {who} refused the request: {}", brief(&message)),
+                    true,
                 ),
-                Err(CallError::Lost(why)) => format!("replica {}: {why}", replica.claims.replica),
+                // The model failed on this input: likely on every replica (a poisoned input
+                // must not eject honest replicas), but worth one retry (out of memory).
+                Ok(Frame::Failed {
+                    code: FailCode::Model,
+                    message,
+                    ..
+                }) => (
+                    format!("the model failed on replica {who}: {}", brief(&message)),
+                    false,
+                ),
+                // Unavailable or lost: honest when the replica said it is not ready first.
+                Ok(Frame::Failed { message, .. }) => (
+                    format!("replica {who} is unavailable: {}", brief(&message)),
+                    replica.ready.load(Ordering::Acquire),
+                ),
+                Ok(other) => (
+                    format!("replica {who} answered with a {} frame", kind(&other)),
+                    true,
+                ),
+                Err(CallError::Lost(why)) => (
+                    format!("replica {who}: {why}"),
+                    replica.ready.load(Ordering::Acquire),
+                ),
                 Err(CallError::Timeout) => {
-                    self.failed(ep, &replica);
+                    self.failed(ep, &replica, true);
                     return Err(InferError::Timeout(format!(
-                        "no answer within the endpoint's {} ms timeout (last replica tried: {})",
-                        ep.cfg.timeout_millis, replica.claims.replica
+                        "no answer within the endpoint's {} ms timeout (last replica tried: {who})",
+                        ep.cfg.timeout_millis
                     )));
                 }
             };
-            self.failed(ep, &replica);
+            self.failed(ep, &replica, charge);
             last_error = failure;
             tried.push(replica.conn);
             if tried.len() > ep.cfg.retries as usize || Instant::now() >= deadline {
@@ -505,11 +601,10 @@ impl Gateway {
             .inc();
     }
 
-    /// Counts a failure against a replica; ejects it after too many in a row. A replica
-    /// that has said it is not ready (its runner is restarting) is not counted: it failed
-    /// what it held honestly, and it gets no new requests until it is ready again.
-    fn failed(&self, ep: &Endpoint, replica: &Arc<Replica>) {
-        if !replica.ready.load(Ordering::Acquire) {
+    /// Counts a failure against a replica (when `charge`); ejects it after
+    /// `ejectAfterFailures` in a row.
+    fn failed(&self, ep: &Endpoint, replica: &Arc<Replica>, charge: bool) {
+        if !charge {
             return;
         }
         let n = replica.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -526,21 +621,16 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Arc<Replica>, InferError> {
         let queued = ep.queued.fetch_add(1, Ordering::AcqRel) + 1;
-        struct Leave<'a>(&'a Endpoint, &'a Metrics);
+        let gauge = self.metrics.queued.with_label_values(&[ep.label.as_str()]);
+        gauge.inc();
+        struct Leave<'a>(&'a Endpoint, prometheus::IntGauge);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
-                let n = self.0.queued.fetch_sub(1, Ordering::AcqRel) - 1;
-                self.1
-                    .queued
-                    .with_label_values(&[self.0.label.as_str()])
-                    .set(n as i64);
+                self.0.queued.fetch_sub(1, Ordering::AcqRel);
+                self.1.dec();
             }
         }
-        let _leave = Leave(ep, &self.metrics);
-        self.metrics
-            .queued
-            .with_label_values(&[ep.label.as_str()])
-            .set(queued as i64);
+        let _leave = Leave(ep, gauge);
         if queued > ep.cfg.queue_limit as usize {
             return Err(InferError::Unavailable(format!(
                 "no replica of {} is ready and its hold queue is full ({} requests)",
@@ -567,10 +657,18 @@ impl Gateway {
     }
 
     /// Takes a replica out of rotation and closes its connection; its pending requests fail
-    /// over (their callers retry elsewhere).
+    /// over (their callers retry elsewhere). After failures or missed heartbeats its name
+    /// may not connect again for `ejectCooldownMillis`, so a reconnect does not wipe its
+    /// record.
     pub fn eject(&self, ep: &Endpoint, replica: &Arc<Replica>, reason: &str) {
         if replica.ejected.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if matches!(reason, "failures" | "heartbeat") {
+            ep.barred.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                replica.claims.replica.clone(),
+                Instant::now() + Duration::from_millis(self.config.eject_cooldown_millis),
+            );
         }
         tracing::warn!(endpoint = %ep.label, replica = %replica.claims.replica, node = %replica.claims.node, reason, "ejecting replica");
         self.metrics
@@ -578,7 +676,7 @@ impl Gateway {
             .with_label_values(&[ep.label.as_str(), reason])
             .inc();
         self.remove(ep, replica);
-        let _ = replica.out.send(Message::Close(None));
+        let _ = replica.out.try_send(Message::Close(None));
     }
 
     fn remove(&self, ep: &Endpoint, replica: &Arc<Replica>) {
@@ -586,7 +684,9 @@ impl Gateway {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|r| r.conn != replica.conn);
-        // Dropping the senders fails the requests still waiting on this replica.
+        // Dropping the senders fails the requests still waiting on this replica (`call`
+        // checks `ejected` under this lock, so none is added after).
+        replica.ejected.store(true, Ordering::Release);
         replica
             .pending
             .lock()
@@ -599,7 +699,7 @@ impl Gateway {
     /// Serves one agent's WebSocket until it closes or is ejected.
     pub async fn run_replica(self: Arc<Self>, ws: WebSocket, claims: Claims, ep: Arc<Endpoint>) {
         let (mut sink, mut stream) = ws.split();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        let (out, mut out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
         let replica = Arc::new(Replica {
             conn: self.next_conn.fetch_add(1, Ordering::Relaxed),
             claims,
@@ -614,68 +714,102 @@ impl Gateway {
             output_shape: Mutex::new(Vec::new()),
             last_seen: AtomicU64::new(self.now_millis()),
         });
-        // A replica that connects again (a restarted agent) replaces its old connection.
-        let old: Vec<Arc<Replica>> = {
+        // The same replica connecting again (a restarted agent, a new connection after a
+        // network blip) replaces its old connection; the same replica name from another
+        // node, account or cluster does not (`authenticate` refused it with 409; checked
+        // again here under the lock).
+        let old: Result<Vec<Arc<Replica>>, ()> = {
             let mut reps = ep.replicas.write().unwrap_or_else(|p| p.into_inner());
-            let old = reps
-                .iter()
-                .filter(|r| r.claims.replica == replica.claims.replica)
-                .cloned()
-                .collect();
-            reps.retain(|r| r.claims.replica != replica.claims.replica);
-            reps.push(replica.clone());
-            old
+            let same = |r: &Arc<Replica>| r.claims.replica == replica.claims.replica;
+            if reps.iter().any(|r| {
+                same(r)
+                    && (r.claims.node != replica.claims.node
+                        || r.claims.account != replica.claims.account
+                        || r.claims.cluster != replica.claims.cluster)
+            }) {
+                Err(())
+            } else {
+                let old = reps.iter().filter(|r| same(r)).cloned().collect();
+                reps.retain(|r| !same(r));
+                reps.push(replica.clone());
+                Ok(old)
+            }
+        };
+        let Ok(old) = old else {
+            let _ = sink.send(Message::Close(None)).await;
+            return;
         };
         for o in old {
             o.ejected.store(true, Ordering::Release);
             o.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let _ = o.out.send(Message::Close(None));
+            let _ = o.out.try_send(Message::Close(None));
         }
         ep.update_gauges(&self.metrics);
         tracing::info!(endpoint = %ep.label, replica = %replica.claims.replica, node = %replica.claims.node, cluster = %replica.claims.cluster, "replica connected");
 
-        let writer = tokio::spawn(async move {
+        // A replica that stops reading blocks this writer; after 10 s of a blocked send the
+        // connection is given up (and the queue in front of it is bounded).
+        let mut writer = tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
                 let close = matches!(m, Message::Close(_));
-                if sink.send(m).await.is_err() || close {
-                    break;
+                match tokio::time::timeout(Duration::from_secs(10), sink.send(m)).await {
+                    Ok(Ok(())) if !close => {}
+                    _ => break,
                 }
             }
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         });
         let heartbeat = Duration::from_millis(self.config.heartbeat_millis);
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut writer_done = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     if replica.ejected.load(Ordering::Acquire) {
                         break;
                     }
+                    // Only pongs count as signs of life: a replica that talks but never
+                    // reads (and so never answers) is as dead as a silent one.
                     let silent = self.now_millis().saturating_sub(replica.last_seen.load(Ordering::Relaxed));
                     if silent > 3 * self.config.heartbeat_millis {
                         self.eject(&ep, &replica, "heartbeat");
                         break;
                     }
-                    let _ = replica.out.send(Message::Ping(Vec::new().into()));
+                    if replica.claims.expires <= unix_now() {
+                        self.eject(&ep, &replica, "expired");
+                        break;
+                    }
+                    let _ = replica.out.try_send(Message::Ping(Vec::new().into()));
+                }
+                _ = &mut writer => {
+                    writer_done = true;
+                    break;
                 }
                 msg = stream.next() => {
                     let Some(Ok(msg)) = msg else { break };
-                    replica.last_seen.store(self.now_millis(), Ordering::Relaxed);
                     match msg {
                         Message::Binary(b) => self.on_frame(&ep, &replica, &b),
+                        Message::Pong(_) => replica.last_seen.store(self.now_millis(), Ordering::Relaxed),
                         Message::Close(_) => break,
                         _ => {}
                     }
                 }
             }
         }
-        if !replica.ejected.swap(true, Ordering::AcqRel) {
+        if !replica.ejected.load(Ordering::Acquire) {
             tracing::info!(endpoint = %ep.label, replica = %replica.claims.replica, "replica disconnected");
-            self.remove(&ep, &replica);
         }
-        let _ = replica.out.send(Message::Close(None));
-        let _ = writer.await;
+        self.remove(&ep, &replica);
+        let _ = replica.out.try_send(Message::Close(None));
+        // (A completed JoinHandle must not be polled again.)
+        if !writer_done
+            && tokio::time::timeout(Duration::from_secs(2), &mut writer)
+                .await
+                .is_err()
+        {
+            writer.abort();
+        }
     }
 
     fn on_frame(&self, ep: &Endpoint, replica: &Arc<Replica>, bytes: &[u8]) {
@@ -697,14 +831,24 @@ impl Gateway {
                 output_shape,
                 ..
             }) => {
-                replica.ready.store(ready, Ordering::Release);
-                replica.draining.store(draining, Ordering::Release);
+                // A model that answers rows of another shape than the endpoint's is not
+                // ready, whatever the replica says.
+                let fits = output_shape == ep.cfg.output_shape;
+                if ready && !fits {
+                    tracing::warn!(replica = %replica.claims.replica, ?output_shape, want = ?ep.cfg.output_shape, "replica's model answers another output shape; not routing to it");
+                }
+                let ready = ready && fits;
+                let was_ready = replica.ready.swap(ready, Ordering::AcqRel);
+                let was_draining = replica.draining.swap(draining, Ordering::AcqRel);
                 *replica
                     .output_shape
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = output_shape;
-                ep.update_gauges(&self.metrics);
-                ep.changed.notify_waiters();
+                // Only a change wakes the held requests (a status flood costs no more).
+                if (was_ready, was_draining) != (ready, draining) {
+                    ep.update_gauges(&self.metrics);
+                    ep.changed.notify_waiters();
+                }
             }
             Frame::Reply { id, .. } | Frame::Failed { id, .. } => {
                 // Only a request sent to this very replica can be answered by it.
@@ -733,6 +877,22 @@ impl Gateway {
             }
         }
     }
+}
+
+fn kind(f: &Frame) -> &'static str {
+    match f {
+        Frame::Request { .. } => "request",
+        Frame::Reply { .. } => "reply",
+        Frame::Failed { .. } => "failure",
+        Frame::Status(_) => "status",
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Checks a request's shape against the endpoint before any replica sees it.
@@ -772,7 +932,7 @@ mod tests {
     fn gateway(routing: Routing) -> Arc<Gateway> {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
         let mut cfg = GatewayConfig::from_yaml(&format!(
-            "verifyingKey: {}\nendpoints:\n- namespace: ml\n  name: d\n  inputShape: [2]\n  timeoutMillis: 5000\n",
+            "verifyingKey: {}\nendpoints:\n- namespace: ml\n  name: d\n  inputShape: [2]\n  outputShape: [1]\n  timeoutMillis: 5000\n",
             hex::encode(key.to_bytes())
         ))
         .unwrap();
@@ -780,12 +940,8 @@ mod tests {
         Gateway::new(cfg, Metrics::new().unwrap()).unwrap()
     }
 
-    fn replica(
-        gw: &Gateway,
-        name: &str,
-        region: &str,
-    ) -> (Arc<Replica>, mpsc::UnboundedReceiver<Message>) {
-        let (out, rx) = mpsc::unbounded_channel();
+    fn replica(gw: &Gateway, name: &str, region: &str) -> (Arc<Replica>, mpsc::Receiver<Message>) {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
         let r = Arc::new(Replica {
             conn: gw.next_conn.fetch_add(1, Ordering::Relaxed),
             claims: Claims {

@@ -43,8 +43,20 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/metrics",
             get(|State(gw): State<Arc<Gateway>>| async move { gw.metrics.render() }),
         )
-        .layer(DefaultBodyLimit::max(edgeloom_crds::serving::MAX_FRAME))
+        .layer(DefaultBodyLimit::max(body_limit(&gw.config)))
         .with_state(gw)
+}
+
+/// The largest request body: the largest request of any endpoint written as JSON (up to
+/// 32 bytes a number), plus room for the rest; at most 256 MiB.
+fn body_limit(cfg: &crate::GatewayConfig) -> usize {
+    let values = cfg
+        .endpoints
+        .iter()
+        .map(|e| e.max_rows as usize * e.input_shape.iter().map(|d| *d as usize).product::<usize>())
+        .max()
+        .unwrap_or(0);
+    (values * 32 + (64 << 10)).min(256 << 20)
 }
 
 fn error(status: u16, message: impl Into<String>) -> Response {
@@ -53,6 +65,16 @@ fn error(status: u16, message: impl Into<String>) -> Response {
         Json(json!({"error": message.into()})),
     )
         .into_response()
+}
+
+fn busy(gw: &Gateway) -> Response {
+    error(
+        503,
+        format!(
+            "the gateway is at its limit of {} concurrent requests (maxConcurrentRequests)",
+            gw.config.max_concurrent_requests
+        ),
+    )
 }
 
 fn from_infer(e: InferError) -> Response {
@@ -127,40 +149,80 @@ struct V2Tensor {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    data: Value,
+    data: Flat,
     #[serde(default)]
     #[allow(dead_code)]
     parameters: Option<Value>,
 }
 
-/// Flattens a v2 `data` (flat or nested, row-major) into `out`; errors name the element.
-fn flatten(v: &Value, path: &mut String, out: &mut Vec<f32>) -> Result<(), String> {
-    match v {
-        Value::Number(n) => {
-            let f = n
-                .as_f64()
-                .ok_or_else(|| format!("{path} is not a number"))?;
-            out.push(f as f32);
-            Ok(())
+/// A tensor's numbers, flat or nested (row-major), read straight into float32: never a
+/// JSON tree (which would cost about 8 times the floats' memory), at most as many values
+/// as one frame holds; errors name the element (`data[2]`).
+struct Flat(Vec<f32>);
+
+impl<'de> Deserialize<'de> for Flat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Flat, D::Error> {
+        let mut out = Vec::new();
+        d.deserialize_any(FlatSeed {
+            out: &mut out,
+            path: "data".into(),
+        })?;
+        Ok(Flat(out))
+    }
+}
+
+const MAX_VALUES: usize = edgeloom_crds::serving::MAX_FRAME / 4;
+
+struct FlatSeed<'a> {
+    out: &'a mut Vec<f32>,
+    path: String,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FlatSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl FlatSeed<'_> {
+    fn push<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if self.out.len() >= MAX_VALUES {
+            return Err(E::custom(format!(
+                "data holds more than {MAX_VALUES} values"
+            )));
         }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                flatten(item, path, out)?;
-                path.truncate(len);
+        self.out.push(v as f32);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FlatSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} to be a number or an array of numbers", self.path)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(v)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        loop {
+            let seed = FlatSeed {
+                out: &mut *self.out,
+                path: format!("{}[{i}]", self.path),
+            };
+            if seq.next_element_seed(seed)?.is_none() {
+                return Ok(());
             }
-            Ok(())
+            i += 1;
         }
-        other => Err(format!(
-            "{path} must be a number or an array of numbers, not {}",
-            match other {
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::String(_) => "a string",
-                _ => "an object",
-            }
-        )),
     }
 }
 
@@ -174,6 +236,10 @@ async fn infer_v2(
         Ok(e) => e,
         Err(r) => return *r,
     };
+    let Some(_permit) = gw.admit() else {
+        gw.count(&ep, 503);
+        return busy(&gw);
+    };
     let bad = |m: String| {
         gw.count(&ep, 400);
         from_infer(InferError::BadRequest(m))
@@ -186,11 +252,15 @@ async fn infer_v2(
             ));
         }
     };
-    let [input] = &req.inputs[..] else {
+    if req.inputs.len() != 1 {
         return bad(format!(
             "inputs must hold exactly one tensor, it holds {}",
             req.inputs.len()
         ));
+    }
+    let id = req.id;
+    let Some(input) = req.inputs.into_iter().next() else {
+        return bad("inputs must hold exactly one tensor".into());
     };
     if input.datatype != "FP32" {
         return bad(format!(
@@ -209,10 +279,7 @@ async fn infer_v2(
             input.shape
         ));
     };
-    let mut data = Vec::new();
-    if let Err(e) = flatten(&input.data, &mut "inputs[0].data".to_string(), &mut data) {
-        return bad(e);
-    }
+    let data = input.data.0;
     if let Err(e) = crate::registry::check_shape(&ep.cfg, &shape, data.len()) {
         return bad(format!("inputs[0].{}", e.message()));
     }
@@ -230,7 +297,7 @@ async fn infer_v2(
                 "outputs": [{"name": "output", "datatype": "FP32", "shape": shape, "data": data}],
                 "parameters": {"replica": replica},
             });
-            if let Some(id) = req.id {
+            if let Some(id) = id {
                 body["id"] = Value::String(id);
             }
             (StatusCode::OK, Json(body)).into_response()
@@ -242,7 +309,7 @@ async fn infer_v2(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PlainRequest {
-    instances: Vec<Value>,
+    instances: Vec<Flat>,
 }
 
 async fn predict(
@@ -253,6 +320,10 @@ async fn predict(
 ) -> Response {
     let Some(ep) = gw.endpoint(&namespace, &name) else {
         return error(404, format!("no endpoint {namespace}/{name}"));
+    };
+    let Some(_permit) = gw.admit() else {
+        gw.count(&ep, 503);
+        return busy(&gw);
     };
     let bad = |m: String| {
         gw.count(&ep, 400);
@@ -266,22 +337,22 @@ async fn predict(
             ));
         }
     };
-    let mut data = Vec::new();
+    let row_len: usize = ep.cfg.input_shape.iter().map(|d| *d as usize).product();
+    if req.instances.is_empty() {
+        return bad("instances must hold at least one row".into());
+    }
+    let mut data = Vec::with_capacity(req.instances.len() * row_len);
     for (i, row) in req.instances.iter().enumerate() {
-        if let Err(e) = flatten(row, &mut format!("instances[{i}]"), &mut data) {
-            return bad(e);
+        if row.0.len() != row_len {
+            return bad(format!(
+                "instances[{i}] holds {} numbers; a row of {:?} holds {row_len}",
+                row.0.len(),
+                ep.cfg.input_shape
+            ));
         }
+        data.extend_from_slice(&row.0);
     }
     let rows = req.instances.len() as u32;
-    let row_len: usize = ep.cfg.input_shape.iter().map(|d| *d as usize).product();
-    if rows == 0 || data.len() != rows as usize * row_len {
-        return bad(format!(
-            "instances must hold 1 or more rows of {row_len} numbers each ({:?}); {} rows hold {} numbers",
-            ep.cfg.input_shape,
-            rows,
-            data.len()
-        ));
-    }
     let mut shape = vec![rows];
     shape.extend_from_slice(&ep.cfg.input_shape);
     match gw
@@ -307,9 +378,9 @@ async fn connect(
         .and_then(|v| v.to_str().ok());
     let (claims, ep) = match gw.authenticate(auth) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "refused a replica connection");
-            return error(401, e);
+        Err((status, e)) => {
+            tracing::warn!(error = %e, status, "refused a replica connection");
+            return error(status, e);
         }
     };
     let ws = match ws {
@@ -317,5 +388,6 @@ async fn connect(
         Err(e) => return e.into_response(),
     };
     ws.max_message_size(edgeloom_crds::serving::MAX_FRAME)
+        .max_frame_size(edgeloom_crds::serving::MAX_FRAME)
         .on_upgrade(move |socket| gw.run_replica(socket, claims, ep))
 }

@@ -88,8 +88,8 @@ impl World {
         std::fs::write(
             &config,
             format!(
-                "verifyingKey: {key}\nheartbeatMillis: 200\nendpoints:\n\
-                 - namespace: ml\n  name: digits\n  inputShape: [64]\n  timeoutMillis: 20000\n{extra_endpoints}"
+                "verifyingKey: {key}\nheartbeatMillis: 500\nendpoints:\n\
+                 - namespace: ml\n  name: digits\n  inputShape: [64]\n  outputShape: [10]\n  timeoutMillis: 20000\n{extra_endpoints}"
             ),
         )
         .unwrap();
@@ -128,8 +128,12 @@ impl World {
     }
 
     fn agent(&self, c: &Claims) -> Process {
+        self.agent_with_token(c, &credential(c))
+    }
+
+    fn agent_with_token(&self, c: &Claims, token: &str) -> Process {
         let cred = self.dir.join(format!("{}.credential", c.replica));
-        std::fs::write(&cred, credential(c)).unwrap();
+        std::fs::write(&cred, token).unwrap();
         Process::spawn(
             &format!("agent-{}", c.replica),
             &bin("edgeloom-agent"),
@@ -395,7 +399,7 @@ async fn an_endpoint_over_two_clusters_answers_like_python_and_survives_a_killed
         ),
         (
             json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1, 2, "three"]}]}),
-            "inputs[0].data[2]",
+            "data[2]",
         ),
         (json!({"inputs": []}), "exactly one tensor"),
         (json!({"input": []}), "inputs"),
@@ -406,17 +410,23 @@ async fn an_endpoint_over_two_clusters_answers_like_python_and_survives_a_killed
         let msg = answer["error"].as_str().unwrap_or_default();
         assert!(msg.contains(want), "{msg:?} does not name {want:?}");
     }
-    let (status, answer) = w
-        .post(
-            "/v1/endpoints/ml/digits/predict",
+    for (body, want) in [
+        (
             json!({"instances": [[1.0, 2.0]]}),
-        )
-        .await;
-    assert_eq!(status, 400);
-    assert!(
-        answer["error"].as_str().unwrap().contains("instances"),
-        "{answer}"
-    );
+            "instances[0] holds 2 numbers",
+        ),
+        // 63 + 65 numbers are two rows' worth, but not two rows.
+        (
+            json!({"instances": [vec![0.0; 63], vec![0.0; 65]]}),
+            "instances[0] holds 63",
+        ),
+        (json!({"instances": []}), "at least one row"),
+    ] {
+        let (status, answer) = w.post("/v1/endpoints/ml/digits/predict", body).await;
+        assert_eq!(status, 400, "{answer}");
+        let msg = answer["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{msg:?} does not name {want:?}");
+    }
     let (status, _) = w.post("/v2/models/nope.ml/infer", json!({})).await;
     assert_eq!(status, 404);
 
@@ -436,7 +446,7 @@ async fn an_endpoint_over_two_clusters_answers_like_python_and_survives_a_killed
 
     let metrics = w.metrics().await;
     assert!(
-        metrics.contains(r#"edgeloom_gateway_requests_total{code="400",endpoint="ml/digits"} 7"#),
+        metrics.contains(r#"edgeloom_gateway_requests_total{code="400",endpoint="ml/digits"} 9"#),
         "{metrics}"
     );
     assert!(metrics.contains("edgeloom_gateway_request_duration_seconds_bucket"));
@@ -485,8 +495,8 @@ async fn a_crashed_runner_is_restarted_and_a_draining_agent_loses_no_request() {
 async fn requests_are_held_while_cold_and_refused_clearly_when_the_queue_is_full() {
     let w = World::new(
         "cold",
-        "- namespace: ml\n  name: never\n  inputShape: [64]\n  timeoutMillis: 300\n\
-         - namespace: ml\n  name: full\n  inputShape: [64]\n  queueLimit: 0\n",
+        "- namespace: ml\n  name: never\n  inputShape: [64]\n  outputShape: [10]\n  timeoutMillis: 300\n\
+         - namespace: ml\n  name: full\n  inputShape: [64]\n  outputShape: [10]\n  queueLimit: 0\n",
     )
     .await;
     let (status, _) = w.get("/v2/models/digits.ml/ready").await;
@@ -543,6 +553,36 @@ async fn dial(
     }
 }
 
+type WsSink = futures::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+/// A replica of the test's own making: it says it is ready with `output_shape`, and a
+/// background reader answers the gateway's pings (tungstenite does while reading) and
+/// drops every request. Aborting the reader makes it go silent.
+async fn fake_replica(
+    addr: &str,
+    c: &Claims,
+    output_shape: Vec<u32>,
+) -> (WsSink, tokio::task::JoinHandle<()>) {
+    let ws = dial(addr, Some(&credential(c))).await.expect("accepted");
+    let (mut sink, mut stream) = ws.split();
+    sink.send(Message::Binary(
+        Frame::Status(ReplicaStatus {
+            ready: true,
+            output_shape,
+            ..Default::default()
+        })
+        .encode()
+        .into(),
+    ))
+    .await
+    .unwrap();
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    (sink, reader)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_altered_expired_or_missing_credentials_are_refused() {
     let w = World::new("auth", "").await;
@@ -586,22 +626,55 @@ async fn forged_altered_expired_or_missing_credentials_are_refused() {
             "a {what} credential must be refused"
         );
     }
+    // A real agent with a forged credential says why in its log, and keeps trying.
+    let forger = w.agent_with_token(
+        &Claims {
+            replica: "forger".into(),
+            ..good.clone()
+        },
+        &Credential::issue(&good, &stranger),
+    );
+    wait::until_true(
+        "the agent's refusal in its log",
+        Duration::from_secs(30),
+        || async {
+            forger
+                .log_tail(50)
+                .contains("the gateway refused the replica (401 Unauthorized)")
+        },
+    )
+    .await;
+    assert!(
+        forger.log_tail(50).contains("does not hold"),
+        "{}",
+        forger.log_tail(50)
+    );
+    assert!(w.ready_replicas().await.is_empty());
+    drop(forger);
+
     // The operator's own credential is accepted (so the refusals above are the checks).
-    let mut ws = dial(&w.addr, Some(&credential(&good)))
-        .await
-        .expect("accepted");
-    ws.send(Message::Binary(
-        Frame::Status(ReplicaStatus {
-            ready: true,
-            output_shape: vec![10],
-            ..Default::default()
-        })
-        .encode()
-        .into(),
-    ))
-    .await
-    .unwrap();
+    let (_sink, _reader) = fake_replica(&w.addr, &good, vec![10]).await;
     w.wait_ready(1).await;
+    // The same replica name signed for another node cannot take over its connection.
+    let elsewhere = Claims {
+        node: "another-node".into(),
+        ..good.clone()
+    };
+    assert_eq!(
+        dial(&w.addr, Some(&credential(&elsewhere))).await.err(),
+        Some(409)
+    );
+    // A replica whose model answers rows of another shape is never ready.
+    let (_s2, _r2) = fake_replica(&w.addr, &claims("r9", "edge-b", "us"), vec![11]).await;
+    wait::until_true("r9 connected", Duration::from_secs(10), || async {
+        let (_, meta) = w.get("/v2/models/digits.ml").await;
+        meta["replicas"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .any(|r| r["replica"] == json!("r9") && r["ready"] == json!(false))
+        })
+    })
+    .await;
+    assert_eq!(w.ready_replicas().await, vec!["r0".to_string()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -667,6 +740,13 @@ async fn a_lying_replica_is_ejected_and_cannot_answer_for_another() {
         lies >= 3,
         "the liar got requests before its ejection ({lies} lies)"
     );
+    // Reconnecting does not wipe its record: it is barred for the cool-down.
+    assert_eq!(
+        dial(&w.addr, Some(&credential(&claims("liar", "edge-b", "us"))))
+            .await
+            .err(),
+        Some(403)
+    );
     assert_eq!(w.ready_replicas().await, vec!["honest".to_string()]);
     let metrics = w.metrics().await;
     assert!(
@@ -686,27 +766,11 @@ async fn a_silent_replica_is_ejected_within_three_heartbeats_and_its_requests_re
     let w = World::new("silent", "").await;
     let _honest = w.agent(&claims("honest", "edge-a", "eu"));
     w.wait_ready(1).await;
-    // The silent replica says it is ready, then never reads again (so never answers a
-    // ping or a request), like a node whose network vanished.
-    let mut silent = dial(
-        &w.addr,
-        Some(&credential(&claims("silent", "edge-b", "us"))),
-    )
-    .await
-    .expect("accepted");
-    silent
-        .send(Message::Binary(
-            Frame::Status(ReplicaStatus {
-                ready: true,
-                output_shape: vec![10],
-                ..Default::default()
-            })
-            .encode()
-            .into(),
-        ))
-        .await
-        .unwrap();
+    // The silent replica says it is ready and answers pings; then it stops reading (so
+    // answers no ping and no request), like a node whose network vanished.
+    let (silent, reader) = fake_replica(&w.addr, &claims("silent", "edge-b", "us"), vec![10]).await;
     w.wait_ready(2).await;
+    reader.abort();
     let answers = futures::future::join_all(w.rows.iter().map(|r| w.infer(r))).await;
     for (i, a) in answers.into_iter().enumerate() {
         w.assert_matches_python(i, &a.unwrap_or_else(|e| panic!("row {i}: {e:?}")).0);
@@ -720,4 +784,67 @@ async fn a_silent_replica_is_ejected_within_three_heartbeats_and_its_requests_re
         "{metrics}"
     );
     drop(silent);
+}
+
+#[test]
+fn the_overhead_benchmark_runs_ci_sized() {
+    let out = std::process::Command::new(bin("serving"))
+        .args([
+            "overhead",
+            "--requests",
+            "40",
+            "--rounds",
+            "1",
+            "--warmup",
+            "10",
+        ])
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let round = stdout
+        .lines()
+        .find(|l| l.starts_with("0 | "))
+        .unwrap_or_else(|| panic!("no round line in {stdout}"));
+    // Every answer through the gateway equals the runner's own.
+    assert!(round.ends_with("| 0"), "{round}");
+    assert!(stdout.contains("added by the gateway and the dial-out connection: p50"));
+}
+
+#[test]
+fn the_throughput_benchmark_runs_ci_sized() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(bin("serving"))
+        .current_dir(&root)
+        .args([
+            "throughput",
+            "--seconds",
+            "1",
+            "--rounds",
+            "1",
+            "--clients",
+            "4",
+            "--fastapi-workers",
+            "1",
+        ])
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rounds: Vec<&str> = stdout.lines().filter(|l| l.starts_with("0 | ")).collect();
+    assert_eq!(rounds.len(), 2, "one line per arm: {stdout}");
+    for line in rounds {
+        // requests/s > 0, and no wrong answer or error in either arm.
+        let cols: Vec<&str> = line.split(" | ").collect();
+        assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{line}");
+        assert_eq!(&cols[5..], ["0", "0"], "{line}");
+    }
 }

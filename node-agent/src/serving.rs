@@ -62,6 +62,8 @@ fn supervise(
             if *stop.borrow() {
                 return;
             }
+            // Requests queued for the runner that died were failed as Unavailable already.
+            while requests.try_recv().is_ok() {}
             let started = std::time::Instant::now();
             let child = tokio::process::Command::new(&opts.runner)
                 .arg("serve")
@@ -86,7 +88,7 @@ fn supervise(
             let mut stdin = child.stdin.take().expect("piped stdin");
             let mut stdout = child.stdout.take().expect("piped stdout");
             let reader_events = events.clone();
-            let reader = tokio::spawn(async move {
+            let mut reader = tokio::spawn(async move {
                 loop {
                     let mut len = [0u8; 4];
                     if stdout.read_exact(&mut len).await.is_err() {
@@ -107,17 +109,28 @@ fn supervise(
                             }
                         }
                         Err(e) => {
+                            // The runner is out of step or broken: stop reading, which
+                            // makes the supervisor replace it.
                             tracing::warn!(error = %e, "undecodable frame from the runner");
+                            return;
                         }
                     }
                 }
             });
+            // A JoinHandle must not be polled again once it has completed.
+            let mut reader_done = false;
             let exit = loop {
                 tokio::select! {
                     status = child.wait() => break match status {
                         Ok(s) => format!("the runner exited ({s})"),
                         Err(e) => format!("waiting for the runner: {e}"),
                     },
+                    // Its output ended or broke while it runs: it can answer nothing more.
+                    _ = &mut reader, if !reader_done => {
+                        reader_done = true;
+                        let _ = child.kill().await;
+                        break "the runner's output broke off; it was stopped".to_string();
+                    }
                     req = requests.recv() => match req {
                         Some(bytes) => {
                             let len = (bytes.len() as u32).to_le_bytes();
@@ -133,14 +146,28 @@ fn supervise(
                     _ = stop.changed() => {
                         // Close stdin: the runner answers what it holds and exits.
                         drop(stdin);
-                        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-                        let _ = reader.await;
+                        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                            .await
+                            .is_err()
+                        {
+                            let _ = child.kill().await;
+                        }
+                        if !reader_done {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), &mut reader).await;
+                        }
+                        reader.abort();
                         return;
                     }
                 }
             };
             // Forward what the runner wrote before it died, then say it is gone.
-            let _ = reader.await;
+            if !reader_done
+                && tokio::time::timeout(Duration::from_secs(1), &mut reader)
+                    .await
+                    .is_err()
+            {
+                reader.abort();
+            }
             tracing::warn!(reason = %exit, "serving runner stopped; restarting");
             let _ = events.send(FromRunner::Exited(exit));
             if started.elapsed() > Duration::from_secs(30) {
@@ -170,9 +197,12 @@ async fn dial(opts: &ServeOptions) -> Result<Ws, String> {
             .parse()
             .map_err(|_| "the credential is not a valid header value".to_string())?,
     );
+    let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(edgeloom_crds::serving::MAX_FRAME))
+        .max_frame_size(Some(edgeloom_crds::serving::MAX_FRAME));
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
+        tokio_tungstenite::connect_async_with_config(req, Some(limits), true),
     )
     .await
     .map_err(|_| format!("connecting to {} timed out after 10 s", opts.gateway))?
@@ -223,6 +253,7 @@ pub async fn run(opts: ServeOptions, shutdown: impl std::future::Future<Output =
     let mut drain_until: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     let mut refused_logged = false;
+    let mut connected_at = tokio::time::Instant::now();
 
     loop {
         if let Some(until) = drain_until
@@ -234,11 +265,14 @@ pub async fn run(opts: ServeOptions, shutdown: impl std::future::Future<Output =
             match dial(&opts).await {
                 Ok(mut w) => {
                     tracing::info!(gateway = %opts.gateway, "replica connected to the gateway");
-                    dial_backoff = Duration::from_millis(200);
                     refused_logged = false;
+                    connected_at = tokio::time::Instant::now();
                     let hello = Frame::Status(status.clone()).encode();
                     if w.send(Message::Binary(hello.into())).await.is_ok() {
                         ws = Some(w);
+                    } else {
+                        next_dial = tokio::time::Instant::now() + dial_backoff;
+                        dial_backoff = (dial_backoff * 2).min(Duration::from_secs(5));
                     }
                 }
                 Err(e) => {
@@ -301,14 +335,30 @@ pub async fn run(opts: ServeOptions, shutdown: impl std::future::Future<Output =
                                 message: status.reason.clone().unwrap_or_else(|| "not ready".into()),
                             }).await;
                         }
-                        Ok(_) | Err(_) => {
+                        Ok(_) => {
                             tracing::warn!("ignoring a frame from the gateway that is not a request");
+                        }
+                        Err(e) => {
+                            if let Some(id) = Frame::peek_id(&b) {
+                                send(&mut ws, &Frame::Failed {
+                                    id,
+                                    code: FailCode::BadRequest,
+                                    message: e.0,
+                                }).await;
+                            }
                         }
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                     tracing::warn!("lost the gateway connection; dialling again");
                     ws = None;
+                    // A connection that lived a while resets the backoff; one the gateway
+                    // keeps closing at once (ejected, barred) backs off further.
+                    if connected_at.elapsed() > Duration::from_secs(10) {
+                        dial_backoff = Duration::from_millis(200);
+                    } else {
+                        dial_backoff = (dial_backoff * 2).min(Duration::from_secs(5));
+                    }
                     // The gateway failed what it had sent over this connection over to
                     // other replicas; the runner's late answers are dropped.
                     outstanding.clear();

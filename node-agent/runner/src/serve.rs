@@ -43,6 +43,8 @@ struct Model {
     device: Device,
     kind: Kind,
     input: Vec<i64>,
+    /// One output row's shape, once the warm-up pass told it.
+    output: Option<Vec<i64>>,
 }
 
 impl Model {
@@ -77,6 +79,7 @@ impl Model {
             device,
             kind,
             input: cfg.input_shape.iter().map(|d| *d as i64).collect(),
+            output: None,
         })
     }
 
@@ -98,6 +101,22 @@ impl Model {
                     "the model returned shape {size:?} for {rows} input rows"
                 ));
             }
+            if size.len() > serving::MAX_DIMS {
+                return Err(format!(
+                    "the model returned {} dimensions; at most {} travel",
+                    size.len(),
+                    serving::MAX_DIMS
+                ));
+            }
+            // Every batch's rows must have the warm-up's shape (the answers are cut by it).
+            if let Some(out) = &self.output
+                && size[1..] != out[..]
+            {
+                return Err(format!(
+                    "the model returned rows of shape {:?}, its warm-up rows were {out:?}",
+                    &size[1..]
+                ));
+            }
             let flat = Vec::<f32>::try_from(y.flatten(0, -1)).map_err(|e| e.to_string())?;
             Ok((size, flat))
         };
@@ -117,9 +136,10 @@ where
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let model = Model::load(cfg).and_then(|m| {
+    let model = Model::load(cfg).and_then(|mut m| {
         let row: usize = m.input.iter().product::<i64>() as usize;
         let (shape, _) = m.forward(1, &vec![0.0; row])?;
+        m.output = Some(shape[1..].to_vec());
         Ok((
             m,
             shape[1..].iter().map(|d| *d as u32).collect::<Vec<u32>>(),
@@ -239,6 +259,15 @@ where
         for j in &batch {
             data.extend_from_slice(&j.data);
         }
+        let reply = |j: &Job, y: &[f32]| {
+            let mut shape = vec![j.rows as u32];
+            shape.extend_from_slice(&output_shape);
+            Frame::Reply {
+                id: j.id,
+                shape,
+                data: y.to_vec(),
+            }
+        };
         let frames: Vec<Frame> = match model.forward(rows, &data) {
             Ok((_, y)) => {
                 let mut at = 0;
@@ -246,26 +275,30 @@ where
                     .iter()
                     .map(|j| {
                         let n = j.rows * out_row;
-                        let mut shape = vec![j.rows as u32];
-                        shape.extend_from_slice(&output_shape);
-                        let f = Frame::Reply {
-                            id: j.id,
-                            shape,
-                            data: y[at..at + n].to_vec(),
-                        };
+                        let f = reply(j, &y[at..at + n]);
                         at += n;
                         f
                     })
                     .collect()
             }
-            Err(e) => batch
+            // One request the model fails on must not fail the others batched with it:
+            // run each alone, so only the culprit fails.
+            Err(_) if batch.len() > 1 => batch
                 .iter()
-                .map(|j| Frame::Failed {
-                    id: j.id,
-                    code: FailCode::Model,
-                    message: e.clone(),
+                .map(|j| match model.forward(j.rows, &j.data) {
+                    Ok((_, y)) => reply(j, &y),
+                    Err(e) => Frame::Failed {
+                        id: j.id,
+                        code: FailCode::Model,
+                        message: e,
+                    },
                 })
                 .collect(),
+            Err(e) => vec![Frame::Failed {
+                id: batch[0].id,
+                code: FailCode::Model,
+                message: e,
+            }],
         };
         if !send(&out, &frames) {
             // Nobody reads the answers any more.
