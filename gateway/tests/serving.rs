@@ -74,6 +74,8 @@ struct World {
 
 impl World {
     async fn new(name: &str, extra_endpoints: &str) -> World {
+        // reqwest shares the operator's `rustls-no-provider` in a workspace build.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = temp(name);
         let model = dir.join("digits.pt");
         torch_models::digits_torchscript(&model).expect("the digits model is made");
@@ -88,7 +90,7 @@ impl World {
         std::fs::write(
             &config,
             format!(
-                "verifyingKey: {key}\nheartbeatMillis: 500\nendpoints:\n\
+                "verifyingKey: {key}\nheartbeatMillis: 1000\nendpoints:\n\
                  - namespace: ml\n  name: digits\n  inputShape: [64]\n  outputShape: [10]\n  timeoutMillis: 20000\n{extra_endpoints}"
             ),
         )
