@@ -140,8 +140,23 @@ async fn a_job_spread_over_two_member_clusters_completes() {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let status = plugin(&["status"]);
-    assert!(status.contains("2/2") && status.contains("4/4"), "{status}");
+    // The pool's status is refreshed every few seconds: on a loaded machine the first
+    // refresh after the members connected can come after the job's end.
+    let status = wait::until(
+        "both members reachable in `kubectl edgeloom status`",
+        Duration::from_secs(30),
+        || {
+            let status = plugin(&["status"]);
+            async move {
+                if status.contains("2/2") && status.contains("4/4") {
+                    Ok(status)
+                } else {
+                    Err(status)
+                }
+            }
+        },
+    )
+    .await;
     assert!(
         status
             .lines()
