@@ -1456,7 +1456,9 @@ async fn a_result_finished_while_its_api_server_was_down_is_reported_after_an_ag
         &ns,
         "long",
         JobPhase::Succeeded,
-        Duration::from_secs(120),
+        // The job trains 60 epochs: on a loaded 2-core machine that alone can take
+        // over 2 minutes (a fresh-clone CI run saw epoch 55 at 120 s).
+        Duration::from_secs(300),
     )
     .await;
     jobs::assert_truthful(&fed, &done).await;
