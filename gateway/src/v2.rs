@@ -67,7 +67,9 @@ fn error(status: u16, message: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn busy(gw: &Gateway) -> Response {
+/// 503: the gateway is at `maxConcurrentRequests` (counted for the endpoint).
+fn busy(gw: &Gateway, ep: &Endpoint) -> Response {
+    gw.count(ep, 503);
     error(
         503,
         format!(
@@ -75,6 +77,12 @@ fn busy(gw: &Gateway) -> Response {
             gw.config.max_concurrent_requests
         ),
     )
+}
+
+/// 400 found by the gateway itself (counted for the endpoint).
+fn rejected(gw: &Gateway, ep: &Endpoint, message: String) -> Response {
+    gw.count(ep, 400);
+    from_infer(InferError::BadRequest(message))
 }
 
 fn from_infer(e: InferError) -> Response {
@@ -237,13 +245,9 @@ async fn infer_v2(
         Err(r) => return *r,
     };
     let Some(_permit) = gw.admit() else {
-        gw.count(&ep, 503);
-        return busy(&gw);
+        return busy(&gw, &ep);
     };
-    let bad = |m: String| {
-        gw.count(&ep, 400);
-        from_infer(InferError::BadRequest(m))
-    };
+    let bad = |m: String| rejected(&gw, &ep, m);
     let req: V2Request = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -322,13 +326,9 @@ async fn predict(
         return error(404, format!("no endpoint {namespace}/{name}"));
     };
     let Some(_permit) = gw.admit() else {
-        gw.count(&ep, 503);
-        return busy(&gw);
+        return busy(&gw, &ep);
     };
-    let bad = |m: String| {
-        gw.count(&ep, 400);
-        from_infer(InferError::BadRequest(m))
-    };
+    let bad = |m: String| rejected(&gw, &ep, m);
     let req: PlainRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {

@@ -28,13 +28,12 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use edgeloom_bench::percentile;
+use edgeloom_bench::{percentile, sibling as bin};
 use edgeloom_crds::serving::{Claims, Credential, Frame, ServeConfig};
 use edgeloom_e2e::process::Process;
 use edgeloom_e2e::torch_models;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,18 +72,6 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         fastapi_workers: Vec<u32>,
     },
-}
-
-fn bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} is missing: cargo build --release --workspace --bins",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 const KEY: [u8; 32] = [11; 32];
